@@ -1,0 +1,1 @@
+//! Datasets, chat templates and tokenization, token for token as LLaMA-Factory produces them.

@@ -1,0 +1,1 @@
+//! Rendezvous, process groups (Gloo on CPU) and the torchrun-style launcher.

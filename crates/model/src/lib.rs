@@ -1,0 +1,1 @@
+//! LLaMA-family decoder on candle.

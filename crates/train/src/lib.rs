@@ -1,0 +1,1 @@
+//! The training loop: micro-batches, loss, backward, clipping, optimizer step and schedule.
