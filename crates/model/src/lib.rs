@@ -1,1 +1,24 @@
-//! LLaMA-family decoder on candle.
+//! LLaMA-family decoder on candle: configuration, layers, Linear kinds (dense and LoRA), and
+//! checkpoint I/O (Hugging Face safetensors, sharded indexes, PEFT adapters).
+//!
+//! The model knows nothing about training loops or distribution: it computes a forward pass
+//! layer by layer, and exposes its parameters by name so that others can train or shard them.
+
+pub mod causal_lm;
+pub mod config;
+pub mod dropout;
+pub mod error;
+pub mod finetune;
+pub mod layers;
+pub mod linear;
+pub mod load;
+pub mod param;
+pub mod peft;
+pub mod safetensors_io;
+
+pub use causal_lm::CausalLm;
+pub use config::ModelConfig;
+pub use error::{ModelError, Result};
+pub use finetune::LoraSpec;
+pub use layers::{DecoderLayer, ForwardCtx};
+pub use param::Param;

@@ -1,1 +1,19 @@
-//! The training loop: micro-batches, loss, backward, clipping, optimizer step and schedule.
+//! Training: the step (layer-by-layer forward and backward with gradient checkpointing), the
+//! chunked causal-LM loss, AdamW, clipping and learning-rate schedules.
+
+pub mod batch;
+pub mod loss;
+pub mod optim;
+pub mod schedule;
+pub mod step;
+
+pub use batch::{Batch, IGNORE_INDEX};
+pub use optim::{AdamW, AdamWConfig};
+pub use schedule::{Schedule, ScheduleKind};
+pub use step::{forward_backward, Trainables};
+pub use step::{train_step, StepOptions, StepStats};
+
+/// A distinct dropout seed for each micro-batch of a step.
+pub fn seed_for(step_seed: u64, micro_batch: u64) -> u64 {
+    ff_model::dropout::derive_seed(step_seed, micro_batch)
+}

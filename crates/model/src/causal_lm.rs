@@ -1,0 +1,111 @@
+//! The whole decoder: embeddings, layers, final norm and language-model head.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use crate::config::ModelConfig;
+use crate::layers::{DecoderLayer, ForwardCtx, RmsNorm};
+use crate::param::Param;
+
+#[derive(Clone, Debug)]
+pub struct CausalLm {
+    pub config: ModelConfig,
+    pub embed_tokens: Param,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when the head is tied to `embed_tokens`.
+    pub lm_head: Option<Param>,
+    /// Dtype of activations and frozen weights.
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl CausalLm {
+    /// Hidden states `[batch, seq, hidden]` of `input_ids` `[batch, seq]` (u32).
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = input_ids.dims2()?;
+        let table = self.embed_tokens.in_dtype(self.dtype)?;
+        table.index_select(&input_ids.flatten_all()?, 0)?.reshape((
+            batch,
+            seq,
+            self.config.hidden_size,
+        ))
+    }
+
+    /// The `[vocab, hidden]` matrix that maps normed hidden states to logits.
+    pub fn lm_head_weight(&self) -> &Param {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Logits of every position, all at once: for inference and tests on small inputs. Training
+    /// never materialises these; see the chunked loss in `ff-train`.
+    pub fn forward_logits(&self, input_ids: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let mut x = self.embed(input_ids)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, ctx)?;
+        }
+        let h = self.norm.forward(&x)?;
+        let (batch, seq, hidden) = h.dims3()?;
+        let w = self.lm_head_weight().in_dtype(self.dtype)?;
+        h.reshape((batch * seq, hidden))?
+            .matmul(&w.t()?)?
+            .reshape((batch, seq, ()))
+    }
+
+    /// Every base-model parameter under its Hugging Face name (`model.layers.0.mlp.up_proj.weight`).
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Param)> {
+        let mut out: Vec<(String, &mut Param)> =
+            vec![("model.embed_tokens.weight".into(), &mut self.embed_tokens)];
+        for layer in &mut self.layers {
+            let prefix = format!("model.layers.{}.", layer.index);
+            for (name, p) in layer.params_mut() {
+                out.push((format!("{prefix}{name}"), p));
+            }
+        }
+        out.push(("model.norm.weight".into(), &mut self.norm.weight));
+        if let Some(head) = &mut self.lm_head {
+            out.push(("lm_head.weight".into(), head));
+        }
+        out
+    }
+
+    /// Every trained tensor: base parameters under their Hugging Face names, adapters under PEFT's
+    /// names without the `base_model.model.` prefix (`model.layers.0.self_attn.q_proj.lora_A.weight`).
+    pub fn trainable_params(&mut self) -> Vec<(String, Var)> {
+        let mut out: Vec<(String, Var)> = self
+            .params_mut()
+            .into_iter()
+            .filter_map(|(name, p)| p.var().map(|v| (name, v.clone())))
+            .collect();
+        for layer in &self.layers {
+            for (module, linear) in layer.linears() {
+                if let Some(lora) = &linear.lora {
+                    let prefix = format!("model.layers.{}.{module}", layer.index);
+                    out.push((format!("{prefix}.lora_A.weight"), lora.a.clone()));
+                    out.push((format!("{prefix}.lora_B.weight"), lora.b.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn num_params(&mut self) -> (usize, usize) {
+        let mut total = 0;
+        let mut trainable = 0;
+        for (_, p) in self.params_mut() {
+            total += p.tensor().elem_count();
+            if p.is_trainable() {
+                trainable += p.tensor().elem_count();
+            }
+        }
+        for layer in &self.layers {
+            for (_, linear) in layer.linears() {
+                if let Some(lora) = &linear.lora {
+                    let n = lora.a.elem_count() + lora.b.elem_count();
+                    total += n;
+                    trainable += n;
+                }
+            }
+        }
+        (total, trainable)
+    }
+}

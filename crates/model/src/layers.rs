@@ -1,0 +1,335 @@
+//! The pieces of a llama-family decoder layer. One struct per layer, compute only; loading lives
+//! in `load.rs` and adapters in `finetune.rs`.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+use crate::config::{ModelConfig, RopeScaling};
+use crate::dropout::derive_seed;
+use crate::linear::Linear;
+use crate::param::Param;
+
+/// RMSNorm computed in float32 and cast back, as transformers does.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    pub weight: Param,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?;
+        let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        let normed = x32.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
+        normed.broadcast_mul(&self.weight.in_dtype(dtype)?)
+    }
+}
+
+/// cos and sin tables of rotary position embedding for positions `0..len`.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(config: &ModelConfig, len: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let inv_freq = inverse_frequencies(config);
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half * 2);
+        let mut sin = Vec::with_capacity(len * half * 2);
+        for pos in 0..len {
+            // transformers computes the angles in float32; doing the same keeps logits within 1e-6.
+            let angles: Vec<f32> = inv_freq.iter().map(|&f| pos as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        let shape = (len, half * 2);
+        Ok(Self {
+            cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// `x` is `[batch, heads, seq, head_dim]`.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let half = x.dim(D::Minus1)? / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?
+    }
+}
+
+fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
+    let dim = config.head_dim;
+    let base: Vec<f32> = (0..dim / 2)
+        .map(|i| 1.0 / (config.rope_theta as f32).powf((2 * i) as f32 / dim as f32))
+        .collect();
+    match config.rope_scaling {
+        RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let (factor, low, high, old_len) = (
+                factor as f32,
+                low_freq_factor as f32,
+                high_freq_factor as f32,
+                original_max_position_embeddings as f32,
+            );
+            let low_freq_wavelen = old_len / low;
+            let high_freq_wavelen = old_len / high;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen < high_freq_wavelen {
+                        f
+                    } else if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old_len / wavelen - low) / (high - low);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// What every layer of one forward pass shares: positions, the attention mask, the dropout seed.
+#[derive(Clone, Debug)]
+pub struct ForwardCtx {
+    pub rope: Rope,
+    /// Additive float32 mask `[batch, 1, 1, seq, seq]`: 0 where a query may attend, float32's
+    /// lowest value elsewhere (not -inf, so a fully masked padding row stays finite).
+    pub mask: Tensor,
+    pub dropout_seed: u64,
+}
+
+impl ForwardCtx {
+    /// `attention_mask` is `[batch][seq]` with 1 for real tokens and 0 for padding.
+    pub fn new(
+        config: &ModelConfig,
+        attention_mask: &[Vec<u8>],
+        dtype: DType,
+        dropout_seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let batch = attention_mask.len();
+        let seq = attention_mask.first().map_or(0, Vec::len);
+        let mut mask = vec![0f32; batch * seq * seq];
+        for (b, row) in attention_mask.iter().enumerate() {
+            for i in 0..seq {
+                for j in 0..seq {
+                    if j > i || row[j] == 0 {
+                        mask[(b * seq + i) * seq + j] = f32::MIN;
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            rope: Rope::new(config, seq, dtype, device)?,
+            mask: Tensor::from_vec(mask, (batch, 1, 1, seq, seq), device)?,
+            dropout_seed,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attention {
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx, seed: u64) -> Result<Tensor> {
+        let (batch, seq, _) = x.dims3()?;
+        let (hd, nh, nkv) = (self.head_dim, self.num_heads, self.num_kv_heads);
+        let heads =
+            |proj: &Linear, n: usize, site: u64, norm: &Option<RmsNorm>| -> Result<Tensor> {
+                let mut t = proj
+                    .forward(x, derive_seed(seed, site))?
+                    .reshape((batch, seq, n, hd))?;
+                if let Some(norm) = norm {
+                    t = norm.forward(&t)?;
+                }
+                t.transpose(1, 2)?.contiguous()
+            };
+        let q = ctx.rope.apply(&heads(&self.q_proj, nh, 1, &self.q_norm)?)?;
+        let k = ctx
+            .rope
+            .apply(&heads(&self.k_proj, nkv, 2, &self.k_norm)?)?;
+        let v = heads(&self.v_proj, nkv, 3, &None)?;
+
+        // Grouped-query attention without copying keys: the `groups` query heads that share a
+        // key-value head are stacked along the sequence axis.
+        let groups = nh / nkv;
+        let q = q.reshape((batch, nkv, groups * seq, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = q
+            .matmul(&k.t()?)?
+            .affine(scale, 0.0)?
+            .to_dtype(DType::F32)?
+            .reshape((batch, nkv, groups, seq, seq))?
+            .broadcast_add(&ctx.mask)?;
+        let probs = softmax_last_dim(&scores)?.to_dtype(x.dtype())?.reshape((
+            batch,
+            nkv,
+            groups * seq,
+            seq,
+        ))?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((batch, nh, seq, hd))?
+            .transpose(1, 2)?
+            .reshape((batch, seq, nh * hd))?;
+        self.o_proj.forward(&out, derive_seed(seed, 4))
+    }
+}
+
+/// Softmax from differentiable primitives (candle's fused one has no backward).
+fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let exp = x.broadcast_sub(&max)?.exp()?;
+    let sum = exp.sum_keepdim(D::Minus1)?;
+    exp.broadcast_div(&sum)
+}
+
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor, seed: u64) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, derive_seed(seed, 5))?.silu()?;
+        let up = self.up_proj.forward(x, derive_seed(seed, 6))?;
+        self.down_proj.forward(&(gate * up)?, derive_seed(seed, 7))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    pub index: usize,
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let seed = derive_seed(ctx.dropout_seed, self.index as u64);
+        let h = (x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, ctx, seed)?)?;
+        let m = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h)?, seed)?;
+        h + m
+    }
+
+    /// Every Linear of the layer with its module path inside the layer (`self_attn.q_proj`, ...).
+    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+        [
+            ("self_attn.q_proj", &self.self_attn.q_proj),
+            ("self_attn.k_proj", &self.self_attn.k_proj),
+            ("self_attn.v_proj", &self.self_attn.v_proj),
+            ("self_attn.o_proj", &self.self_attn.o_proj),
+            ("mlp.gate_proj", &self.mlp.gate_proj),
+            ("mlp.up_proj", &self.mlp.up_proj),
+            ("mlp.down_proj", &self.mlp.down_proj),
+        ]
+    }
+
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        linears_of(&mut self.self_attn, &mut self.mlp)
+    }
+
+    /// Every parameter of the layer under its Hugging Face name relative to the layer
+    /// (`self_attn.q_proj.weight`, `input_layernorm.weight`, ...), adapters excluded.
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Param)> {
+        let DecoderLayer {
+            input_layernorm,
+            self_attn,
+            post_attention_layernorm,
+            mlp,
+            ..
+        } = self;
+        let mut out: Vec<(String, &mut Param)> = vec![
+            ("input_layernorm.weight".into(), &mut input_layernorm.weight),
+            (
+                "post_attention_layernorm.weight".into(),
+                &mut post_attention_layernorm.weight,
+            ),
+        ];
+        let Attention {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            q_norm,
+            k_norm,
+            ..
+        } = self_attn;
+        let Mlp {
+            gate_proj,
+            up_proj,
+            down_proj,
+        } = mlp;
+        if let Some(n) = q_norm {
+            out.push(("self_attn.q_norm.weight".into(), &mut n.weight));
+        }
+        if let Some(n) = k_norm {
+            out.push(("self_attn.k_norm.weight".into(), &mut n.weight));
+        }
+        let linears = [
+            ("self_attn.q_proj", q_proj),
+            ("self_attn.k_proj", k_proj),
+            ("self_attn.v_proj", v_proj),
+            ("self_attn.o_proj", o_proj),
+            ("mlp.gate_proj", gate_proj),
+            ("mlp.up_proj", up_proj),
+            ("mlp.down_proj", down_proj),
+        ];
+        for (name, linear) in linears {
+            out.push((format!("{name}.weight"), &mut linear.weight));
+            if let Some(b) = &mut linear.bias {
+                out.push((format!("{name}.bias"), b));
+            }
+        }
+        out
+    }
+}
+
+fn linears_of<'a>(
+    attn: &'a mut Attention,
+    mlp: &'a mut Mlp,
+) -> [(&'static str, &'a mut Linear); 7] {
+    [
+        ("self_attn.q_proj", &mut attn.q_proj),
+        ("self_attn.k_proj", &mut attn.k_proj),
+        ("self_attn.v_proj", &mut attn.v_proj),
+        ("self_attn.o_proj", &mut attn.o_proj),
+        ("mlp.gate_proj", &mut mlp.gate_proj),
+        ("mlp.up_proj", &mut mlp.up_proj),
+        ("mlp.down_proj", &mut mlp.down_proj),
+    ]
+}

@@ -1,0 +1,74 @@
+//! Linear layers: dense, and dense with a LoRA adapter on top.
+
+use candle_core::{DType, Result, Tensor, Var};
+
+use crate::dropout::{derive_seed, dropout};
+use crate::param::Param;
+
+/// `y = x Wᵀ + b`, plus `scale · B(A(dropout(x)))` when an adapter is attached.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Param,
+    pub bias: Option<Param>,
+    pub lora: Option<Lora>,
+}
+
+/// A low-rank adapter as PEFT defines it: `A` is `[r, in]`, `B` is `[out, r]`.
+#[derive(Clone, Debug)]
+pub struct Lora {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f32,
+}
+
+impl Linear {
+    pub fn new(weight: Param, bias: Option<Param>) -> Self {
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.tensor().dims()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.tensor().dims()[0]
+    }
+
+    /// `x` is `[..., in]`; `dropout_seed` must be the same on a recomputation as on the first pass.
+    pub fn forward(&self, x: &Tensor, dropout_seed: u64) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let dims = x.dims().to_vec();
+        let rows = x.elem_count() / self.in_features();
+        let x2 = x.reshape((rows, self.in_features()))?;
+        let mut y = x2.matmul(&self.weight.in_dtype(dtype)?.t()?)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(&bias.in_dtype(dtype)?)?;
+        }
+        if let Some(lora) = &self.lora {
+            y = (y + lora.forward(&x2, dtype, dropout_seed)?)?;
+        }
+        let mut out_dims = dims;
+        *out_dims
+            .last_mut()
+            .expect("linear input has at least one dimension") = self.out_features();
+        y.reshape(out_dims)
+    }
+}
+
+impl Lora {
+    fn forward(&self, x2: &Tensor, dtype: DType, dropout_seed: u64) -> Result<Tensor> {
+        let x = dropout(x2, self.dropout, derive_seed(dropout_seed, 0x10_4A))?;
+        let a = self.a.as_tensor().to_dtype(dtype)?;
+        let b = self.b.as_tensor().to_dtype(dtype)?;
+        x.matmul(&a.t()?)?.matmul(&b.t()?)?.affine(self.scale, 0.0)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+}

@@ -1,0 +1,118 @@
+//! The causal-LM loss and its gradient, computed a chunk of positions at a time.
+//!
+//! Only positions whose next token is a label enter the head at all, and at most
+//! `CHUNK_ELEMENTS` logits exist at once: a 49k or 128k vocabulary would otherwise make the
+//! float32 logits of a batch the largest tensor of the whole step.
+
+use candle_core::{backprop::GradStore, DType, Result, Tensor, Var, D};
+use ff_model::CausalLm;
+
+use crate::batch::{Batch, IGNORE_INDEX};
+
+/// Upper bound on logits held at once (rows × vocabulary).
+const CHUNK_ELEMENTS: usize = 1 << 23;
+
+/// Positions `b * seq + t` whose prediction is scored, and the token each must predict.
+pub struct LabelPositions {
+    pub rows: Vec<u32>,
+    pub targets: Vec<u32>,
+}
+
+impl LabelPositions {
+    pub fn of(batch: &Batch) -> Self {
+        let seq = batch.seq_len();
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for (b, labels) in batch.labels.iter().enumerate() {
+            for t in 0..seq.saturating_sub(1) {
+                let label = labels[t + 1];
+                if label != IGNORE_INDEX {
+                    rows.push((b * seq + t) as u32);
+                    targets.push(label as u32);
+                }
+            }
+        }
+        Self { rows, targets }
+    }
+}
+
+/// Result of the head's forward and backward on one micro-batch.
+pub struct HeadOutput {
+    /// Sum of negative log-likelihoods over the micro-batch's label tokens (not divided).
+    pub nll_sum: f64,
+    /// Gradient of the step loss with respect to the last layer's output, `[batch, seq, hidden]`.
+    pub grad_hidden: Tensor,
+}
+
+/// Runs final norm, LM head and cross-entropy on `hidden` (the last decoder layer's output,
+/// `[batch, seq, hidden]`), and back-propagates `nll_sum / loss_denominator` into `hidden` and
+/// into the norm and head weights when they train (added to `on_grads`).
+pub fn head_forward_backward(
+    model: &CausalLm,
+    hidden: &Tensor,
+    positions: &LabelPositions,
+    loss_denominator: f64,
+    on_grads: &mut dyn FnMut(&GradStore) -> Result<()>,
+) -> Result<HeadOutput> {
+    let (batch, seq, width) = hidden.dims3()?;
+    let device = hidden.device();
+    let flat = hidden.reshape((batch * seq, width))?;
+    let n = positions.rows.len();
+    if n == 0 {
+        return Ok(HeadOutput {
+            nll_sum: 0.0,
+            grad_hidden: hidden.zeros_like()?,
+        });
+    }
+    let rows = Tensor::new(positions.rows.as_slice(), device)?;
+    let selected = flat.index_select(&rows, 0)?;
+    let head = model.lm_head_weight().in_dtype(model.dtype)?;
+    let vocab = model.config.vocab_size;
+    let chunk = (CHUNK_ELEMENTS / vocab).max(1);
+
+    let mut nll_sum = 0.0;
+    let mut grad_chunks = Vec::with_capacity(n.div_ceil(chunk));
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let x = Var::from_tensor(&selected.narrow(0, start, len)?)?;
+        let targets = Tensor::new(&positions.targets[start..start + len], device)?.unsqueeze(1)?;
+        let logits = model
+            .norm
+            .forward(x.as_tensor())?
+            .matmul(&head.t()?)?
+            .to_dtype(DType::F32)?;
+
+        // Softmax statistics are constants of the surrogate below, so they stay out of the graph.
+        let plain = logits.detach();
+        let max = plain.max_keepdim(D::Minus1)?;
+        let exp = plain.broadcast_sub(&max)?.exp()?;
+        let sum = exp.sum_keepdim(D::Minus1)?;
+        let lse = (sum.log()? + &max)?;
+        let target_logit = plain.gather(&targets, 1)?;
+        nll_sum += (&lse - &target_logit)?.sum_all()?.to_scalar::<f32>()? as f64;
+
+        // d(loss)/d(logits) = (softmax - onehot) / denominator; backward of
+        // sum(logits · that) then carries it into x and the weights.
+        let minus_one = Tensor::full(-1f32, (len, 1), device)?;
+        let grad_logits = exp
+            .broadcast_div(&sum)?
+            .scatter_add(&targets, &minus_one, 1)?
+            .affine(1.0 / loss_denominator, 0.0)?;
+        let grads = (logits * grad_logits)?.sum_all()?.backward()?;
+        on_grads(&grads)?;
+        let gx = grads
+            .get(x.as_tensor())
+            .cloned()
+            .unwrap_or(x.as_tensor().zeros_like()?);
+        grad_chunks.push(gx);
+    }
+    let grad_selected = Tensor::cat(&grad_chunks, 0)?.to_dtype(hidden.dtype())?;
+    let grad_hidden = flat
+        .zeros_like()?
+        .index_add(&rows, &grad_selected, 0)?
+        .reshape((batch, seq, width))?;
+    Ok(HeadOutput {
+        nll_sum,
+        grad_hidden,
+    })
+}

@@ -1,0 +1,312 @@
+//! Reproduces testdata/tiny-llama-reference.json, made with PyTorch, transformers and PEFT.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, D};
+use ff_model::finetune::make_all_trainable;
+use ff_model::load::load_model_dir;
+use ff_model::peft::load_adapter;
+use ff_model::safetensors_io::SafetensorsFiles;
+use ff_model::{CausalLm, ForwardCtx};
+use ff_train::{train_step, AdamW, AdamWConfig, Batch, StepOptions, Trainables};
+use serde_json::Value;
+
+fn testdata() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
+}
+
+fn reference() -> Value {
+    let text = std::fs::read_to_string(testdata().join("tiny-llama-reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn batch(reference: &Value) -> Batch {
+    let b = &reference["batch"];
+    let rows = |key: &str| -> Vec<Vec<i64>> { serde_json::from_value(b[key].clone()).unwrap() };
+    Batch {
+        input_ids: rows("input_ids")
+            .into_iter()
+            .map(|r| r.into_iter().map(|v| v as u32).collect())
+            .collect(),
+        attention_mask: rows("attention_mask")
+            .into_iter()
+            .map(|r| r.into_iter().map(|v| v as u8).collect())
+            .collect(),
+        labels: rows("labels"),
+    }
+}
+
+fn tiny_model() -> CausalLm {
+    load_model_dir(&testdata().join("tiny-llama"), DType::F32, &Device::Cpu).unwrap()
+}
+
+fn assert_rel(actual: f64, expected: f64, rel: f64, what: &str) {
+    let err = (actual - expected).abs() / expected.abs().max(1e-12);
+    assert!(
+        err <= rel,
+        "{what}: {actual} vs {expected} (relative error {err:e})"
+    );
+}
+
+fn run_steps(
+    model: &CausalLm,
+    trainables: &mut Trainables,
+    micro_batches: &[Batch],
+    spec: &Value,
+    checkpointing: bool,
+) -> Vec<(f64, f64)> {
+    let betas = spec["betas"].as_array().unwrap();
+    let config = AdamWConfig {
+        beta1: betas[0].as_f64().unwrap(),
+        beta2: betas[1].as_f64().unwrap(),
+        eps: spec["eps"].as_f64().unwrap(),
+        weight_decay: spec["weight_decay"].as_f64().unwrap(),
+    };
+    let mut optimizer = AdamW::new(config, &trainables.names);
+    let options = StepOptions {
+        max_grad_norm: spec["max_grad_norm"].as_f64(),
+        gradient_checkpointing: checkpointing,
+    };
+    let lr = spec["lr"].as_f64().unwrap();
+    spec["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|_| {
+            let s = train_step(
+                model,
+                trainables,
+                &mut optimizer,
+                micro_batches,
+                lr,
+                options,
+                0,
+            )
+            .unwrap();
+            (s.loss, s.grad_norm)
+        })
+        .collect()
+}
+
+fn check_steps(actual: &[(f64, f64)], spec: &Value, loss_rel: f64, norm_rel: f64) {
+    for (i, ((loss, norm), expected)) in actual
+        .iter()
+        .zip(spec["steps"].as_array().unwrap())
+        .enumerate()
+    {
+        assert_rel(
+            *loss,
+            expected["loss"].as_f64().unwrap(),
+            loss_rel,
+            &format!("loss of step {}", i + 1),
+        );
+        assert_rel(
+            *norm,
+            expected["grad_norm"].as_f64().unwrap(),
+            norm_rel,
+            &format!("grad norm of step {}", i + 1),
+        );
+    }
+}
+
+#[test]
+fn base_logits_and_logsumexp() {
+    let reference = reference();
+    let batch = batch(&reference);
+    let model = tiny_model();
+    let ctx = ForwardCtx::new(
+        &model.config,
+        &batch.attention_mask,
+        DType::F32,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let logits = model
+        .forward_logits(&batch.input_ids_tensor(&Device::Cpu).unwrap(), &ctx)
+        .unwrap();
+    let first8: Vec<Vec<Vec<f32>>> = logits.narrow(D::Minus1, 0, 8).unwrap().to_vec3().unwrap();
+    let lse: Vec<Vec<f32>> = {
+        let max = logits.max_keepdim(D::Minus1).unwrap();
+        let sum = logits
+            .broadcast_sub(&max)
+            .unwrap()
+            .exp()
+            .unwrap()
+            .sum_keepdim(D::Minus1)
+            .unwrap();
+        (sum.log().unwrap() + max)
+            .unwrap()
+            .squeeze(D::Minus1)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    };
+    let expected_first8: Vec<Vec<Vec<f32>>> =
+        serde_json::from_value(reference["base"]["logits_first8"].clone()).unwrap();
+    let expected_lse: Vec<Vec<f32>> =
+        serde_json::from_value(reference["base"]["logsumexp"].clone()).unwrap();
+    let mut worst = 0f32;
+    for (a, e) in first8
+        .iter()
+        .flatten()
+        .flatten()
+        .zip(expected_first8.iter().flatten().flatten())
+    {
+        worst = worst.max((a - e).abs());
+    }
+    for (a, e) in lse.iter().flatten().zip(expected_lse.iter().flatten()) {
+        worst = worst.max((a - e).abs());
+    }
+    assert!(worst <= 1e-4, "largest difference {worst:e}");
+}
+
+#[test]
+fn base_loss_through_the_chunked_head() {
+    let reference = reference();
+    let batch = batch(&reference);
+    let mut model = tiny_model();
+    make_all_trainable(&mut model).unwrap();
+    let mut trainables = Trainables::of(&mut model);
+    let n = batch.num_label_tokens() as f64;
+    for checkpointing in [true, false] {
+        trainables.zero_grads();
+        let nll = ff_train::forward_backward(&model, &mut trainables, &batch, n, checkpointing, 0)
+            .unwrap();
+        assert_rel(
+            nll / n,
+            reference["base"]["loss"].as_f64().unwrap(),
+            1e-5,
+            "base loss",
+        );
+    }
+}
+
+#[test]
+fn lora_adamw_five_steps_and_adapter() {
+    let reference = reference();
+    let batch = batch(&reference);
+    let mut model = tiny_model();
+    load_adapter(&mut model, &testdata().join("tiny-llama-lora-init")).unwrap();
+    let mut trainables = Trainables::of(&mut model);
+    assert_eq!(trainables.len(), 2 * 7 * 2);
+    let spec = &reference["lora_adamw"];
+    let steps = run_steps(
+        &model,
+        &mut trainables,
+        std::slice::from_ref(&batch),
+        spec,
+        true,
+    );
+    check_steps(&steps, spec, 1e-4, 1e-3);
+
+    let after = SafetensorsFiles::open(&[
+        testdata().join("tiny-llama-lora-after5/adapter_model.safetensors")
+    ])
+    .unwrap();
+    let mut worst = 0f32;
+    for (name, var) in trainables.names.iter().zip(&trainables.vars) {
+        let expected = after
+            .load(
+                &format!("base_model.model.{name}"),
+                Some(var.dims()),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+        let diff = (var.as_tensor() - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        worst = worst.max(diff.to_scalar::<f32>().unwrap());
+    }
+    assert!(worst <= 1e-4, "adapter after 5 steps differs by {worst:e}");
+}
+
+#[test]
+fn lora_without_checkpointing_gives_the_same_steps() {
+    let reference = reference();
+    let batch = batch(&reference);
+    let mut model = tiny_model();
+    load_adapter(&mut model, &testdata().join("tiny-llama-lora-init")).unwrap();
+    let mut trainables = Trainables::of(&mut model);
+    let spec = &reference["lora_adamw"];
+    let steps = run_steps(
+        &model,
+        &mut trainables,
+        std::slice::from_ref(&batch),
+        spec,
+        false,
+    );
+    check_steps(&steps, spec, 1e-4, 1e-3);
+}
+
+#[test]
+fn gradient_accumulation_two_equals_the_single_batch() {
+    let reference = reference();
+    let batch = batch(&reference);
+    let halves = [batch.rows(0, 1), batch.rows(1, 1)];
+    let mut model = tiny_model();
+    load_adapter(&mut model, &testdata().join("tiny-llama-lora-init")).unwrap();
+    let mut trainables = Trainables::of(&mut model);
+    let mut spec = reference["lora_adamw"].clone();
+    spec["steps"] = Value::Array(spec["steps"].as_array().unwrap()[..1].to_vec());
+    let steps = run_steps(&model, &mut trainables, &halves, &spec, true);
+    assert_rel(
+        steps[0].0,
+        reference["grad_accumulation_2"]["loss"].as_f64().unwrap(),
+        1e-4,
+        "accumulated loss",
+    );
+    check_steps(&steps, &spec, 1e-4, 1e-3);
+}
+
+#[test]
+fn full_finetuning_three_steps() {
+    let reference = reference();
+    let batch = batch(&reference);
+    let mut model = tiny_model();
+    make_all_trainable(&mut model).unwrap();
+    let mut trainables = Trainables::of(&mut model);
+    let spec = &reference["full_adamw"];
+    let steps = run_steps(
+        &model,
+        &mut trainables,
+        std::slice::from_ref(&batch),
+        spec,
+        true,
+    );
+    check_steps(&steps, spec, 1e-4, 1e-3);
+}
+
+#[test]
+fn logits_do_not_depend_on_padding_of_other_rows() {
+    let reference = reference();
+    let batch = batch(&reference);
+    let model = tiny_model();
+    let device = Device::Cpu;
+    let short = batch.rows(1, 1);
+    let trimmed = Batch {
+        input_ids: vec![short.input_ids[0][..7].to_vec()],
+        attention_mask: vec![short.attention_mask[0][..7].to_vec()],
+        labels: vec![short.labels[0][..7].to_vec()],
+    };
+    let logits = |b: &Batch| -> Tensor {
+        let ctx =
+            ForwardCtx::new(&model.config, &b.attention_mask, DType::F32, 0, &device).unwrap();
+        model
+            .forward_logits(&b.input_ids_tensor(&device).unwrap(), &ctx)
+            .unwrap()
+            .narrow(1, 0, 7)
+            .unwrap()
+    };
+    let diff = (logits(&short) - logits(&trimmed))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+}
