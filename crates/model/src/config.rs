@@ -234,9 +234,11 @@ impl Reader<'_> {
                     8192.0,
                 )?,
             },
-            other => return Err(self.error(format!(
+            other => {
+                return Err(self.error(format!(
                 "rope scaling type `{other}` is not supported; supported: default, linear, llama3"
-            ))),
+            )))
+            }
         };
         Ok((theta, scaling))
     }

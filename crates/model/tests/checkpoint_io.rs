@@ -1,0 +1,317 @@
+//! Loading and saving: model directories, sharded checkpoints, PEFT adapters, and the errors a
+//! user sees when one of them is wrong.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use ff_model::finetune::{apply_lora, LoraSpec};
+use ff_model::load::load_model_dir;
+use ff_model::peft::{load_adapter, save_adapter};
+use ff_model::safetensors_io::{save_atomic, SafetensorsFiles};
+use ff_model::{CausalLm, ForwardCtx};
+use serde_json::Value;
+
+fn tiny_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/tiny-llama")
+}
+
+fn tiny() -> CausalLm {
+    load_model_dir(&tiny_dir(), DType::F32, &Device::Cpu).unwrap()
+}
+
+fn spec() -> LoraSpec {
+    LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: LoraSpec::parse_targets("all").unwrap(),
+        use_rslora: false,
+    }
+}
+
+fn logits(model: &CausalLm) -> Vec<f32> {
+    let ids = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
+    let ctx = ForwardCtx::new(&model.config, &[vec![1; 5]], model.dtype, 0, &Device::Cpu).unwrap();
+    model
+        .forward_logits(&ids, &ctx)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Copies the tiny model's config and weights into `dir`, the weights re-saved by `write`.
+fn copy_model(dir: &Path, write: impl FnOnce(&[(String, Tensor)], &Path)) {
+    std::fs::copy(tiny_dir().join("config.json"), dir.join("config.json")).unwrap();
+    let files = SafetensorsFiles::open(&[tiny_dir().join("model.safetensors")]).unwrap();
+    let mut names: Vec<String> = files.names().map(str::to_string).collect();
+    names.sort();
+    let tensors: Vec<(String, Tensor)> = names
+        .into_iter()
+        .map(|n| {
+            let t = files.load(&n, None, DType::F32, &Device::Cpu).unwrap();
+            (n, t)
+        })
+        .collect();
+    write(&tensors, dir);
+}
+
+fn write_sharded(tensors: &[(String, Tensor)], dir: &Path) {
+    let (first, second) = tensors.split_at(tensors.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        save_atomic(part, None, &dir.join(file)).unwrap();
+        for (name, _) in part {
+            weight_map.insert(name.clone(), Value::String(file.into()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+fn one_line_error(dir: &Path) -> String {
+    let message = load_model_dir(dir, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(!message.contains('\n'), "{message}");
+    message
+}
+
+#[test]
+fn sharded_checkpoint_loads_like_the_single_file() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_model(dir.path(), write_sharded);
+    let sharded = load_model_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(logits(&sharded), logits(&tiny()));
+}
+
+#[test]
+fn half_precision_checkpoints_load() {
+    for dtype in [DType::BF16, DType::F16] {
+        let dir = tempfile::tempdir().unwrap();
+        copy_model(dir.path(), |tensors, dir| {
+            let half: Vec<(String, Tensor)> = tensors
+                .iter()
+                .map(|(n, t)| (n.clone(), t.to_dtype(dtype).unwrap()))
+                .collect();
+            save_atomic(&half, None, &dir.join("model.safetensors")).unwrap();
+        });
+        let model = load_model_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        let worst = logits(&model)
+            .iter()
+            .zip(logits(&tiny()))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 0.05, "{dtype:?}: logits differ by {worst}");
+    }
+}
+
+#[test]
+fn missing_shard_is_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_model(dir.path(), write_sharded);
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let message = one_line_error(dir.path());
+    assert!(
+        message.contains("model-00002-of-00002.safetensors"),
+        "{message}"
+    );
+    assert!(message.contains("does not exist"), "{message}");
+}
+
+#[test]
+fn unknown_model_type_and_missing_hidden_size_are_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_model(dir.path(), |t, d| {
+        save_atomic(t, None, &d.join("model.safetensors")).unwrap()
+    });
+    let config_path = dir.path().join("config.json");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+
+    let mut unknown = config.clone();
+    unknown["model_type"] = "gpt_neox".into();
+    std::fs::write(&config_path, unknown.to_string()).unwrap();
+    let message = one_line_error(dir.path());
+    assert!(
+        message.contains("model_type `gpt_neox` is not supported"),
+        "{message}"
+    );
+
+    let mut no_hidden = config.clone();
+    no_hidden.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(&config_path, no_hidden.to_string()).unwrap();
+    let message = one_line_error(dir.path());
+    assert!(
+        message.contains("config.json: has no `hidden_size`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn missing_weights_and_wrong_shapes_name_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_model(dir.path(), |tensors, d| {
+        let kept: Vec<(String, Tensor)> = tensors
+            .iter()
+            .filter(|(n, _)| n != "model.layers.1.mlp.up_proj.weight")
+            .cloned()
+            .collect();
+        save_atomic(&kept, None, &d.join("model.safetensors")).unwrap();
+    });
+    let message = one_line_error(dir.path());
+    assert!(
+        message.contains("`model.layers.1.mlp.up_proj.weight`: is missing"),
+        "{message}"
+    );
+
+    let config_path = dir.path().join("config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["intermediate_size"] = 100.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let message = one_line_error(dir.path());
+    assert!(
+        message.contains("has shape [176, 64] but the model needs [100, 64]"),
+        "{message}"
+    );
+}
+
+fn trained_adapter(dir: &Path) -> CausalLm {
+    let mut model = tiny();
+    apply_lora(&mut model, &spec(), 7).unwrap();
+    // Give B non-zero values so the round trip is not trivially zeros.
+    for (i, (_, var)) in model.trainable_params().into_iter().enumerate() {
+        let noise = Tensor::randn(0f32, 1.0, var.shape(), &Device::Cpu).unwrap();
+        var.set(&(noise * (i as f64 + 1.0)).unwrap()).unwrap();
+    }
+    save_adapter(&mut model, &spec(), "tiny-llama", dir).unwrap();
+    model
+}
+
+#[test]
+fn saved_adapter_loads_back_bit_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut saved = trained_adapter(dir.path());
+    let mut loaded = tiny();
+    let loaded_spec = load_adapter(&mut loaded, dir.path()).unwrap();
+    assert_eq!(loaded_spec, spec());
+    let a = saved.trainable_params();
+    let b = loaded.trainable_params();
+    assert_eq!(a.len(), b.len());
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        let va: Vec<f32> = va.flatten_all().unwrap().to_vec1().unwrap();
+        let vb: Vec<f32> = vb.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(
+            va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{na}"
+        );
+    }
+    assert_eq!(logits(&saved), logits(&loaded));
+
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["task_type"], "CAUSAL_LM");
+}
+
+/// Rewrites the adapter's tensors with `edit`, then returns the error loading it gives.
+fn adapter_error(edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    trained_adapter(dir.path());
+    let path = dir.path().join("adapter_model.safetensors");
+    let files = SafetensorsFiles::open(std::slice::from_ref(&path)).unwrap();
+    let mut tensors: HashMap<String, Tensor> = files
+        .names()
+        .map(|n| {
+            (
+                n.to_string(),
+                files.load(n, None, DType::F32, &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    drop(files);
+    edit(&mut tensors);
+    let mut list: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    list.sort_by(|a, b| a.0.cmp(&b.0));
+    save_atomic(&list, None, &path).unwrap();
+    let mut model = tiny();
+    let message = load_adapter(&mut model, dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("adapter_model.safetensors"), "{message}");
+    assert!(!message.contains('\n'), "{message}");
+    message
+}
+
+const Q0_A: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+
+#[test]
+fn adapter_with_missing_tensor_names_it() {
+    let message = adapter_error(|t| {
+        t.remove(Q0_A);
+    });
+    assert!(
+        message.contains(&format!("`{Q0_A}`: is missing")),
+        "{message}"
+    );
+}
+
+#[test]
+fn adapter_with_unknown_tensor_names_it() {
+    let extra = "base_model.model.model.layers.0.self_attn.rotary.lora_A.weight";
+    let message = adapter_error(|t| {
+        t.insert(
+            extra.into(),
+            Tensor::zeros((4, 64), DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    assert!(
+        message.contains(&format!("`{extra}`: is not part of")),
+        "{message}"
+    );
+}
+
+#[test]
+fn adapter_with_wrong_shape_names_it() {
+    let message = adapter_error(|t| {
+        t.insert(
+            Q0_A.into(),
+            Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    assert!(
+        message.contains(&format!("`{Q0_A}`: has shape [4, 32]")),
+        "{message}"
+    );
+}
+
+#[test]
+fn truncated_adapter_names_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    trained_adapter(dir.path());
+    let path = dir.path().join("adapter_model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let mut model = tiny();
+    let message = load_adapter(&mut model, dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains(&path.display().to_string()), "{message}");
+    assert!(
+        message.contains("runs past the end of the file"),
+        "{message}"
+    );
+    assert!(message.contains("lora_"), "names a tensor: {message}");
+}
