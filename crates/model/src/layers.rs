@@ -333,3 +333,70 @@ fn linears_of<'a>(
         ("mlp.down_proj", &mut mlp.down_proj),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(extra: &str) -> ModelConfig {
+        let text = format!(
+            r#"{{"model_type":"llama","vocab_size":8,"hidden_size":64,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":4{extra}}}"#
+        );
+        ModelConfig::from_json_str(&text, Path::new("config.json")).unwrap()
+    }
+
+    fn assert_close(actual: &[f32], expected: &[f64]) {
+        for (a, e) in actual.iter().zip(expected) {
+            assert!((*a as f64 - e).abs() <= 1e-6 * e.abs(), "{a} vs {e}");
+        }
+    }
+
+    // Expected values from the formulas of transformers' rope initialisers, in float64.
+    #[test]
+    fn llama3_frequencies_keep_high_divide_low_and_smooth_between() {
+        let c = config(
+            r#","rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+        );
+        assert_close(
+            &inverse_frequencies(&c),
+            &[
+                1.0,
+                0.19392274474868576,
+                0.03760603093086393,
+                0.0072926647372171085,
+                0.0005248461609929547,
+                3.428102195952591e-05,
+                6.647869871181236e-06,
+                1.2891731721515574e-06,
+            ],
+        );
+    }
+
+    #[test]
+    fn linear_scaling_divides_every_frequency() {
+        let plain = inverse_frequencies(&config(""));
+        let scaled =
+            inverse_frequencies(&config(r#","rope_scaling":{"type":"linear","factor":4.0}"#));
+        for (p, s) in plain.iter().zip(&scaled) {
+            assert_eq!(p / 4.0, *s);
+        }
+    }
+
+    #[test]
+    fn causal_and_padding_mask() {
+        let c = config("");
+        let ctx = ForwardCtx::new(&c, &[vec![1, 1, 0]], DType::F32, 0, &Device::Cpu).unwrap();
+        let m: Vec<f32> = ctx.mask.flatten_all().unwrap().to_vec1().unwrap();
+        let open: Vec<bool> = m.iter().map(|&v| v == 0.0).collect();
+        #[rustfmt::skip]
+        let expected = [
+            true, false, false,
+            true, true, false,
+            true, true, false,
+        ];
+        assert_eq!(open, expected);
+    }
+}

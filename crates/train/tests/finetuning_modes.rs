@@ -1,0 +1,203 @@
+//! Compute dtypes and fine-tuning modes beyond the PyTorch reference runs.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use ff_model::finetune::{apply_freeze, make_all_trainable};
+use ff_model::load::load_model_dir;
+use ff_model::peft::load_adapter;
+use ff_model::CausalLm;
+use ff_train::{train_step, AdamW, AdamWConfig, Batch, StepOptions, Trainables};
+use serde_json::Value;
+
+fn testdata() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
+}
+
+fn reference() -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(testdata().join("tiny-llama-reference.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn batch() -> Batch {
+    let b = reference()["batch"].clone();
+    let rows = |key: &str| -> Vec<Vec<i64>> { serde_json::from_value(b[key].clone()).unwrap() };
+    Batch {
+        input_ids: rows("input_ids")
+            .into_iter()
+            .map(|r| r.into_iter().map(|v| v as u32).collect())
+            .collect(),
+        attention_mask: rows("attention_mask")
+            .into_iter()
+            .map(|r| r.into_iter().map(|v| v as u8).collect())
+            .collect(),
+        labels: rows("labels"),
+    }
+}
+
+fn model(dtype: DType) -> CausalLm {
+    load_model_dir(&testdata().join("tiny-llama"), dtype, &Device::Cpu).unwrap()
+}
+
+fn steps(model: &CausalLm, trainables: &mut Trainables, n: usize, lr: f64) -> Vec<f64> {
+    let mut optimizer = AdamW::new(AdamWConfig::default(), &trainables.names);
+    let options = StepOptions {
+        max_grad_norm: Some(1.0),
+        gradient_checkpointing: true,
+    };
+    (0..n)
+        .map(|_| {
+            train_step(
+                model,
+                trainables,
+                &mut optimizer,
+                &[batch()],
+                lr,
+                options,
+                0,
+            )
+            .unwrap()
+            .loss
+        })
+        .collect()
+}
+
+#[test]
+fn half_precision_compute_trains_float32_adapters_close_to_float32() {
+    let expected: Vec<f64> = reference()["lora_adamw"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["loss"].as_f64().unwrap())
+        .collect();
+    for dtype in [DType::BF16, DType::F16] {
+        let mut m = model(dtype);
+        load_adapter(&mut m, &testdata().join("tiny-llama-lora-init")).unwrap();
+        let mut trainables = Trainables::of(&mut m);
+        assert!(trainables.vars.iter().all(|v| v.dtype() == DType::F32));
+        let losses = steps(&m, &mut trainables, 5, 1e-2);
+        for (i, (a, e)) in losses.iter().zip(&expected).enumerate() {
+            let rel = (a - e).abs() / e;
+            assert!(rel < 2e-2, "{dtype:?} step {}: {a} vs {e}", i + 1);
+        }
+        assert!(trainables.vars.iter().all(|v| v.dtype() == DType::F32));
+    }
+}
+
+#[test]
+fn freeze_tuning_trains_only_the_chosen_layers() {
+    let mut m = model(DType::F32);
+    apply_freeze(&mut m, 1, &["mlp".to_string()], &[]).unwrap();
+    let mut trainables = Trainables::of(&mut m);
+    let mut names = trainables.names.clone();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "model.layers.1.mlp.down_proj.weight",
+            "model.layers.1.mlp.gate_proj.weight",
+            "model.layers.1.mlp.up_proj.weight"
+        ]
+    );
+    let frozen_before: Vec<f32> = m.layers[0]
+        .mlp
+        .up_proj
+        .weight
+        .tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let trained_before: Vec<f32> = trainables.vars[0].flatten_all().unwrap().to_vec1().unwrap();
+    let losses = steps(&m, &mut trainables, 3, 1e-3);
+    assert!(losses[2] < losses[0], "{losses:?}");
+    let frozen_after: Vec<f32> = m.layers[0]
+        .mlp
+        .up_proj
+        .weight
+        .tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let trained_after: Vec<f32> = trainables.vars[0].flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(frozen_before, frozen_after);
+    assert_ne!(trained_before, trained_after);
+
+    let mut negative = model(DType::F32);
+    apply_freeze(
+        &mut negative,
+        -1,
+        &["all".to_string()],
+        &["embed_tokens".to_string()],
+    )
+    .unwrap();
+    let names = Trainables::of(&mut negative).names;
+    assert!(names
+        .iter()
+        .all(|n| n.starts_with("model.layers.0.") || n == "model.embed_tokens.weight"));
+    assert!(names.contains(&"model.embed_tokens.weight".to_string()));
+    assert!(names.contains(&"model.layers.0.input_layernorm.weight".to_string()));
+
+    let message = apply_freeze(&mut model(DType::F32), 1, &["attention".to_string()], &[])
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("`attention`"), "{message}");
+}
+
+#[test]
+fn tied_embeddings_train_as_one_tensor() {
+    let mut m = model(DType::F32);
+    m.config.tie_word_embeddings = true;
+    m.lm_head = None;
+    make_all_trainable(&mut m).unwrap();
+    let mut trainables = Trainables::of(&mut m);
+    assert!(!trainables.names.iter().any(|n| n == "lm_head.weight"));
+    let losses = steps(&m, &mut trainables, 3, 1e-3);
+    assert!(losses[2] < losses[0], "{losses:?}");
+}
+
+#[test]
+fn checkpointing_gives_the_same_gradients_with_dropout() {
+    let mut losses = Vec::new();
+    for checkpointing in [true, false] {
+        let mut m = model(DType::F32);
+        load_adapter(&mut m, &testdata().join("tiny-llama-lora-init")).unwrap();
+        for layer in &mut m.layers {
+            for (_, linear) in layer.linears_mut() {
+                linear.lora.as_mut().unwrap().dropout = 0.3;
+            }
+        }
+        let mut trainables = Trainables::of(&mut m);
+        let mut optimizer = AdamW::new(AdamWConfig::default(), &trainables.names);
+        let options = StepOptions {
+            max_grad_norm: None,
+            gradient_checkpointing: checkpointing,
+        };
+        let s = train_step(
+            &m,
+            &mut trainables,
+            &mut optimizer,
+            &[batch()],
+            1e-2,
+            options,
+            11,
+        )
+        .unwrap();
+        losses.push((s.loss, s.grad_norm));
+    }
+    let (a, b) = (losses[0], losses[1]);
+    let without_dropout = reference()["lora_adamw"]["steps"][0]["loss"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (a.0 - without_dropout).abs() > 1e-4,
+        "dropout had no effect: {a:?}"
+    );
+    assert!(
+        (a.0 - b.0).abs() < 1e-6 && (a.1 - b.1).abs() / b.1 < 1e-5,
+        "{a:?} vs {b:?}"
+    );
+}
