@@ -109,11 +109,8 @@ fn check_steps(actual: &[(f64, f64)], spec: &Value, loss_rel: f64, norm_rel: f64
     }
 }
 
-#[test]
-fn base_logits_and_logsumexp() {
-    let reference = reference();
-    let batch = batch(&reference);
-    let model = tiny_model();
+/// Largest absolute difference of logits[..., :8] and per-position logsumexp from a reference.
+fn logits_difference(model: &CausalLm, batch: &Batch, reference: &Value) -> f32 {
     let ctx = ForwardCtx::new(
         &model.config,
         &batch.attention_mask,
@@ -126,26 +123,26 @@ fn base_logits_and_logsumexp() {
         .forward_logits(&batch.input_ids_tensor(&Device::Cpu).unwrap(), &ctx)
         .unwrap();
     let first8: Vec<Vec<Vec<f32>>> = logits.narrow(D::Minus1, 0, 8).unwrap().to_vec3().unwrap();
-    let lse: Vec<Vec<f32>> = {
-        let max = logits.max_keepdim(D::Minus1).unwrap();
-        let sum = logits
-            .broadcast_sub(&max)
-            .unwrap()
-            .exp()
-            .unwrap()
-            .sum_keepdim(D::Minus1)
-            .unwrap();
-        (sum.log().unwrap() + max)
-            .unwrap()
-            .squeeze(D::Minus1)
-            .unwrap()
-            .to_vec2()
-            .unwrap()
-    };
+    let max = logits.max_keepdim(D::Minus1).unwrap();
+    let sum = logits
+        .broadcast_sub(&max)
+        .unwrap()
+        .exp()
+        .unwrap()
+        .sum_keepdim(D::Minus1)
+        .unwrap();
+    let lse: Vec<Vec<f32>> = (sum.log().unwrap() + max)
+        .unwrap()
+        .squeeze(D::Minus1)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
     let expected_first8: Vec<Vec<Vec<f32>>> =
-        serde_json::from_value(reference["base"]["logits_first8"].clone()).unwrap();
+        serde_json::from_value(reference["logits_first8"].clone()).unwrap();
     let expected_lse: Vec<Vec<f32>> =
-        serde_json::from_value(reference["base"]["logsumexp"].clone()).unwrap();
+        serde_json::from_value(reference["logsumexp"].clone()).unwrap();
+    assert_eq!(first8.len(), expected_first8.len());
+    assert_eq!(lse.len(), expected_lse.len());
     let mut worst = 0f32;
     for (a, e) in first8
         .iter()
@@ -158,7 +155,40 @@ fn base_logits_and_logsumexp() {
     for (a, e) in lse.iter().flatten().zip(expected_lse.iter().flatten()) {
         worst = worst.max((a - e).abs());
     }
+    worst
+}
+
+/// Loss of `batch` through the training path (chunked head, layer-wise backward).
+fn training_loss(model: &mut CausalLm, batch: &Batch) -> f64 {
+    let mut trainables = Trainables::of(model);
+    let n = batch.num_label_tokens() as f64;
+    ff_train::forward_backward(model, &mut trainables, batch, n, true, 0).unwrap() / n
+}
+
+#[test]
+fn base_logits_and_logsumexp() {
+    let reference = reference();
+    let worst = logits_difference(&tiny_model(), &batch(&reference), &reference["base"]);
     assert!(worst <= 1e-4, "largest difference {worst:e}");
+}
+
+/// Qwen2 (q/k/v biases), Qwen3 (q/k norms, head_dim ≠ hidden/heads, tied head) and Llama with
+/// llama3 rope scaling and tied embeddings, against transformers (testdata/arch/make_references.py).
+#[test]
+fn other_architectures_match_transformers() {
+    for name in ["qwen2", "qwen3", "llama3-scaled-tied"] {
+        let dir = testdata().join("arch").join(name);
+        let reference: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
+        let batch = batch(&reference);
+        let mut model = load_model_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+        let worst = logits_difference(&model, &batch, &reference);
+        assert!(worst <= 1e-4, "{name}: largest difference {worst:e}");
+        make_all_trainable(&mut model).unwrap();
+        let loss = training_loss(&mut model, &batch);
+        assert_rel(loss, reference["loss"].as_f64().unwrap(), 1e-5, name);
+    }
 }
 
 #[test]
@@ -167,6 +197,12 @@ fn base_loss_through_the_chunked_head() {
     let batch = batch(&reference);
     let mut model = tiny_model();
     make_all_trainable(&mut model).unwrap();
+    assert_rel(
+        training_loss(&mut model, &batch),
+        reference["base"]["loss"].as_f64().unwrap(),
+        1e-5,
+        "base loss",
+    );
     let mut trainables = Trainables::of(&mut model);
     let n = batch.num_label_tokens() as f64;
     for checkpointing in [true, false] {
