@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 use crate::causal_lm::CausalLm;
 use crate::config::ModelConfig;
@@ -32,22 +32,45 @@ pub fn load_model_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Causa
     from_tensors(config, &files, dtype, device)
 }
 
+/// Where weights come from: checkpoint files, or a random initialisation for benchmarks.
+pub trait TensorSource {
+    /// The tensor `name` (Hugging Face naming) with shape `shape`, converted to `dtype`.
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor>;
+}
+
+impl TensorSource for SafetensorsFiles {
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        self.load(name, Some(shape), dtype, device)
+    }
+}
+
+/// Weights drawn as transformers initialises a fresh model: normal(0, 0.02) matrices, norms at 1.
+pub struct RandomInit;
+
+impl TensorSource for RandomInit {
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let t = if name.contains("norm") {
+            Tensor::ones(shape, DType::F32, device)?
+        } else if name.ends_with(".bias") {
+            Tensor::zeros(shape, DType::F32, device)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, device)?
+        };
+        Ok(t.to_dtype(dtype)?)
+    }
+}
+
 /// Builds the model from named tensors in Hugging Face's naming; shapes are checked against the
 /// config so a wrong file fails with the tensor's name instead of deep inside a matmul.
 pub fn from_tensors(
     config: ModelConfig,
-    files: &SafetensorsFiles,
+    source: &dyn TensorSource,
     dtype: DType,
     device: &Device,
 ) -> Result<CausalLm> {
     let c = &config;
     let get = |name: &str, shape: &[usize]| -> Result<Param> {
-        Ok(Param::Frozen(files.load(
-            name,
-            Some(shape),
-            dtype,
-            device,
-        )?))
+        Ok(Param::Frozen(source.tensor(name, shape, dtype, device)?))
     };
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let (q_out, kv_out) = (
