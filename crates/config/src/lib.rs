@@ -1,2 +1,10 @@
 //! Typed training and launch configuration: LLaMA-Factory's YAML keys and accelerate's
 //! config files, parsed, overridden with `key=value` and validated before any work starts.
+
+pub mod error;
+pub mod train_args;
+pub mod value;
+
+pub use error::ConfigError;
+pub use train_args::{TrainArgs, KEYS_WITHOUT_EFFECT};
+pub use value::CommaList;

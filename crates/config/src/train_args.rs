@@ -1,0 +1,505 @@
+//! The training YAML: LLaMA-Factory's keys, meanings and defaults.
+
+use std::path::Path;
+
+use serde_yaml::{Mapping, Value};
+
+use crate::error::{closest, ConfigError};
+use crate::value::{read, render, CommaList};
+
+/// Declares the supported keys once: the struct, its defaults and the key table come from it.
+macro_rules! train_args {
+    ($( $(#[doc = $doc:literal])* $field:ident : $ty:ty = $default:expr, )*) => {
+        /// Every supported key of a training config. Field names are the YAML keys.
+        #[derive(Clone, Debug, PartialEq)]
+        pub struct TrainArgs {
+            $( $(#[doc = $doc])* pub $field: $ty, )*
+        }
+
+        impl Default for TrainArgs {
+            fn default() -> Self {
+                Self { $( $field: $default, )* }
+            }
+        }
+
+        impl TrainArgs {
+            /// The keys that change what ferrofactory does.
+            pub const KEYS: &'static [&'static str] = &[$( stringify!($field), )*];
+
+            fn set(&mut self, key: &str, value: &Value) -> Result<bool, ConfigError> {
+                match key {
+                    $( stringify!($field) => self.$field = read(key, value)?, )*
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            }
+        }
+    };
+}
+
+train_args! {
+    // Model.
+    /// A Hugging Face model directory (config.json + safetensors).
+    model_name_or_path: Option<String> = None,
+    /// A PEFT adapter directory to continue training from.
+    adapter_name_or_path: Option<String> = None,
+    /// 4 or 8: quantize the frozen base for QLoRA.
+    quantization_bit: Option<u64> = None,
+    quantization_type: String = "nf4".into(),
+    double_quantization: bool = true,
+    quantization_method: String = "bitsandbytes".into(),
+    /// Keep the whole graph instead of recomputing each decoder layer in backward.
+    disable_gradient_checkpointing: bool = false,
+
+    // Method.
+    stage: String = "sft".into(),
+    do_train: bool = true,
+    finetuning_type: String = "lora".into(),
+    lora_rank: u64 = 8,
+    /// Defaults to twice `lora_rank`.
+    lora_alpha: Option<f64> = None,
+    lora_dropout: f64 = 0.0,
+    lora_target: CommaList = CommaList(vec!["all".into()]),
+    use_rslora: bool = false,
+    use_dora: bool = false,
+    pissa_init: bool = false,
+    create_new_adapter: bool = false,
+    additional_target: CommaList = CommaList::default(),
+    freeze_trainable_layers: i64 = 2,
+    freeze_trainable_modules: CommaList = CommaList(vec!["all".into()]),
+    freeze_extra_modules: CommaList = CommaList::default(),
+
+    // Data.
+    dataset: CommaList = CommaList::default(),
+    eval_dataset: CommaList = CommaList::default(),
+    dataset_dir: String = "data".into(),
+    template: Option<String> = None,
+    cutoff_len: u64 = 2048,
+    max_samples: Option<u64> = None,
+    train_on_prompt: bool = false,
+    mask_history: bool = false,
+    /// A fraction below 1, or a number of examples.
+    val_size: f64 = 0.0,
+    default_system: Option<String> = None,
+    enable_thinking: Option<bool> = Some(true),
+    tool_format: Option<String> = None,
+    packing: Option<bool> = None,
+    neat_packing: bool = false,
+    streaming: bool = false,
+    mix_strategy: String = "concat".into(),
+    tokenized_path: Option<String> = None,
+
+    // Output.
+    output_dir: Option<String> = None,
+    overwrite_output_dir: bool = false,
+    logging_steps: f64 = 500.0,
+    save_strategy: String = "steps".into(),
+    save_steps: f64 = 500.0,
+    save_total_limit: Option<u64> = None,
+    save_only_model: bool = false,
+    plot_loss: bool = false,
+    report_to: CommaList = CommaList(vec!["none".into()]),
+
+    // Optimisation.
+    per_device_train_batch_size: u64 = 8,
+    gradient_accumulation_steps: u64 = 1,
+    learning_rate: f64 = 5e-5,
+    num_train_epochs: f64 = 3.0,
+    max_steps: i64 = -1,
+    lr_scheduler_type: String = "linear".into(),
+    lr_scheduler_kwargs: Value = Value::Null,
+    warmup_ratio: f64 = 0.0,
+    warmup_steps: u64 = 0,
+    weight_decay: f64 = 0.0,
+    adam_beta1: f64 = 0.9,
+    adam_beta2: f64 = 0.999,
+    adam_epsilon: f64 = 1e-8,
+    max_grad_norm: f64 = 1.0,
+    optim: String = "adamw_torch".into(),
+    bf16: bool = false,
+    fp16: bool = false,
+    seed: u64 = 42,
+    data_seed: Option<u64> = None,
+    resume_from_checkpoint: Option<String> = None,
+
+    // Evaluation.
+    do_eval: bool = false,
+    eval_strategy: String = "no".into(),
+    eval_steps: Option<f64> = None,
+    per_device_eval_batch_size: u64 = 8,
+
+    // Distribution.
+    /// Seconds a collective may wait for a peer before the job fails.
+    ddp_timeout: u64 = 180_000_000,
+
+    // Export.
+    export_dir: Option<String> = None,
+    export_size: u64 = 5,
+    export_legacy_format: bool = false,
+}
+
+/// Keys that tune Python machinery (workers, caches, kernels, logging back-ends); accepted so
+/// LLaMA-Factory files run unchanged, and without effect here.
+pub const KEYS_WITHOUT_EFFECT: &[&str] = &[
+    "preprocessing_num_workers",
+    "dataloader_num_workers",
+    "dataloader_pin_memory",
+    "dataloader_persistent_workers",
+    "trust_remote_code",
+    "overwrite_cache",
+    "use_fast_tokenizer",
+    "flash_attn",
+    "use_unsloth",
+    "use_unsloth_gc",
+    "use_reentrant_gc",
+    "enable_liger_kernel",
+    "low_cpu_mem_usage",
+    "cache_dir",
+    "logging_dir",
+    "logging_strategy",
+    "run_name",
+    "ddp_find_unused_parameters",
+    "remove_unused_columns",
+    "save_safetensors",
+    "disable_tqdm",
+    "log_level",
+    "include_num_input_tokens_seen",
+    "ignore_pad_token_for_loss",
+    "infer_backend",
+    "print_param_status",
+    "hf_hub_token",
+    "ms_hub_token",
+    "om_hub_token",
+    "torch_compile",
+    "tf32",
+];
+
+/// LLaMA-Factory keys whose features ferrofactory lacks, with what to do instead.
+const UNSUPPORTED_KEYS: &[(&str, &str)] = &[
+    (
+        "deepspeed",
+        "use `ferrofactory launch` with an FSDP config file instead",
+    ),
+    (
+        "rope_scaling",
+        "set rope scaling in the model's config.json",
+    ),
+    ("pref_beta", "only stage sft is supported"),
+    ("pref_loss", "only stage sft is supported"),
+    ("reward_model", "only stage sft is supported"),
+    ("image_max_pixels", "multimodal models are not supported"),
+    ("video_max_pixels", "multimodal models are not supported"),
+    ("freeze_vision_tower", "multimodal models are not supported"),
+    ("use_galore", "only AdamW is supported"),
+    ("use_badam", "only AdamW is supported"),
+    ("use_apollo", "only AdamW is supported"),
+    (
+        "use_llama_pro",
+        "freeze tuning without LLaMA Pro is supported",
+    ),
+    ("shift_attn", "not supported"),
+    (
+        "moe_aux_loss_coef",
+        "mixture-of-experts models are not supported",
+    ),
+    (
+        "fsdp",
+        "use `ferrofactory launch --config_file` with an accelerate FSDP file",
+    ),
+];
+
+impl TrainArgs {
+    /// Reads a YAML (or JSON) file and applies `key=value` overrides, as `llamafactory-cli train`
+    /// does, then validates the result.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let value: Value = serde_yaml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let mapping = match value {
+            Value::Mapping(m) => m,
+            Value::Null => Mapping::new(),
+            _ => {
+                return Err(ConfigError::NotAMapping {
+                    path: path.to_path_buf(),
+                })
+            }
+        };
+        Self::from_mapping(mapping, overrides)
+    }
+
+    pub fn from_mapping(mut mapping: Mapping, overrides: &[String]) -> Result<Self, ConfigError> {
+        for o in overrides {
+            let (key, raw) = o
+                .split_once('=')
+                .filter(|(k, _)| !k.trim().is_empty())
+                .ok_or_else(|| ConfigError::BadOverride(o.clone()))?;
+            let value = serde_yaml::from_str::<Value>(raw).unwrap_or(Value::String(raw.into()));
+            mapping.insert(Value::String(key.trim().to_string()), value);
+        }
+        let mut args = Self::default();
+        for (key, value) in &mapping {
+            let Some(key) = key.as_str() else {
+                return Err(ConfigError::Invalid(format!(
+                    "config keys must be strings, found {}",
+                    render(key)
+                )));
+            };
+            if args.set(key, value)? || KEYS_WITHOUT_EFFECT.contains(&key) {
+                continue;
+            }
+            if let Some((_, hint)) = UNSUPPORTED_KEYS.iter().find(|(k, _)| *k == key) {
+                return Err(ConfigError::UnsupportedKey {
+                    key: key.to_string(),
+                    hint: hint.to_string(),
+                });
+            }
+            let known = Self::KEYS.iter().chain(KEYS_WITHOUT_EFFECT).copied();
+            return Err(ConfigError::UnknownKey {
+                key: key.to_string(),
+                suggestion: closest(key, known),
+            });
+        }
+        args.validate()?;
+        Ok(args)
+    }
+
+    /// `lora_alpha`, defaulting to twice the rank as LLaMA-Factory does.
+    pub fn lora_alpha(&self) -> f64 {
+        self.lora_alpha.unwrap_or(2.0 * self.lora_rank as f64)
+    }
+
+    /// Checks every value on its own and against the others, before any work starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let one_of = |key: &str, value: &str, allowed: &[&str]| -> Result<(), ConfigError> {
+            if allowed.contains(&value) {
+                Ok(())
+            } else {
+                Err(ConfigError::OutOfRange {
+                    key: key.into(),
+                    got: format!("`{value}`"),
+                    range: format!("one of {}", allowed.join(", ")),
+                })
+            }
+        };
+        let range = |key: &str, v: f64, ok: bool, what: &str| -> Result<(), ConfigError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::OutOfRange {
+                    key: key.into(),
+                    got: v.to_string(),
+                    range: what.into(),
+                })
+            }
+        };
+        if self.stage != "sft" {
+            return Err(ConfigError::Invalid(format!(
+                "stage `{}` is not supported; ferrofactory trains stage sft only",
+                self.stage
+            )));
+        }
+        one_of(
+            "finetuning_type",
+            &self.finetuning_type,
+            &["lora", "full", "freeze"],
+        )?;
+        for (key, on) in [
+            ("use_dora", self.use_dora),
+            ("pissa_init", self.pissa_init),
+            ("neat_packing", self.neat_packing),
+            ("streaming", self.streaming),
+            ("packing", self.packing == Some(true)),
+        ] {
+            if on {
+                return Err(ConfigError::UnsupportedKey {
+                    key: key.into(),
+                    hint: "set it to false".into(),
+                });
+            }
+        }
+        if !self.additional_target.is_empty() {
+            return Err(ConfigError::UnsupportedKey {
+                key: "additional_target".into(),
+                hint: "remove it; only Linear layers inside decoder layers take adapters".into(),
+            });
+        }
+        if self.quantization_bit.is_some() {
+            return Err(ConfigError::Invalid(
+                "quantization_bit (QLoRA) is not supported yet; remove it to train LoRA on the float model".into(),
+            ));
+        }
+        one_of("mix_strategy", &self.mix_strategy, &["concat"])?;
+        range(
+            "lora_rank",
+            self.lora_rank as f64,
+            self.lora_rank >= 1,
+            "at least 1",
+        )?;
+        range(
+            "lora_dropout",
+            self.lora_dropout,
+            (0.0..1.0).contains(&self.lora_dropout),
+            "in [0, 1)",
+        )?;
+        if let Some(alpha) = self.lora_alpha {
+            range("lora_alpha", alpha, alpha > 0.0, "positive")?;
+        }
+        range(
+            "cutoff_len",
+            self.cutoff_len as f64,
+            self.cutoff_len >= 1,
+            "at least 1",
+        )?;
+        range("val_size", self.val_size, self.val_size >= 0.0, "0 or more")?;
+        for (key, v) in [
+            (
+                "per_device_train_batch_size",
+                self.per_device_train_batch_size,
+            ),
+            (
+                "per_device_eval_batch_size",
+                self.per_device_eval_batch_size,
+            ),
+            (
+                "gradient_accumulation_steps",
+                self.gradient_accumulation_steps,
+            ),
+        ] {
+            range(key, v as f64, v >= 1, "at least 1")?;
+        }
+        range(
+            "learning_rate",
+            self.learning_rate,
+            self.learning_rate >= 0.0,
+            "0 or more",
+        )?;
+        if self.max_steps <= 0 {
+            range(
+                "num_train_epochs",
+                self.num_train_epochs,
+                self.num_train_epochs > 0.0,
+                "positive when max_steps is not set",
+            )?;
+        }
+        range(
+            "warmup_ratio",
+            self.warmup_ratio,
+            (0.0..=1.0).contains(&self.warmup_ratio),
+            "in [0, 1]",
+        )?;
+        range(
+            "weight_decay",
+            self.weight_decay,
+            self.weight_decay >= 0.0,
+            "0 or more",
+        )?;
+        for (key, v) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            range(key, v, (0.0..1.0).contains(&v), "in [0, 1)")?;
+        }
+        range(
+            "adam_epsilon",
+            self.adam_epsilon,
+            self.adam_epsilon > 0.0,
+            "positive",
+        )?;
+        range(
+            "max_grad_norm",
+            self.max_grad_norm,
+            self.max_grad_norm >= 0.0,
+            "0 (no clipping) or more",
+        )?;
+        range(
+            "logging_steps",
+            self.logging_steps,
+            self.logging_steps > 0.0,
+            "positive",
+        )?;
+        range(
+            "save_steps",
+            self.save_steps,
+            self.save_steps > 0.0,
+            "positive",
+        )?;
+        if let Some(e) = self.eval_steps {
+            range("eval_steps", e, e > 0.0, "positive")?;
+        }
+        range(
+            "ddp_timeout",
+            self.ddp_timeout as f64,
+            self.ddp_timeout >= 1,
+            "at least 1 second",
+        )?;
+        one_of(
+            "lr_scheduler_type",
+            &self.lr_scheduler_type,
+            &[
+                "linear",
+                "cosine",
+                "cosine_with_restarts",
+                "polynomial",
+                "constant",
+                "constant_with_warmup",
+                "cosine_with_min_lr",
+            ],
+        )?;
+        one_of(
+            "optim",
+            &self.optim,
+            &["adamw_torch", "adamw_torch_fused", "adamw_hf"],
+        )?;
+        one_of(
+            "save_strategy",
+            &self.save_strategy,
+            &["steps", "epoch", "no"],
+        )?;
+        one_of(
+            "eval_strategy",
+            &self.eval_strategy,
+            &["no", "steps", "epoch"],
+        )?;
+        one_of(
+            "quantization_type",
+            &self.quantization_type,
+            &["nf4", "fp4"],
+        )?;
+        for target in &self.report_to.0 {
+            one_of("report_to", target, &["none"])?;
+        }
+        if self.bf16 && self.fp16 {
+            return Err(ConfigError::Invalid(
+                "bf16 and fp16 are both true; choose one compute precision".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The checks `train` needs beyond [`validate`](Self::validate): the keys a run cannot do without.
+    pub fn require_for_training(&self) -> Result<(), ConfigError> {
+        for (key, missing) in [
+            ("model_name_or_path", self.model_name_or_path.is_none()),
+            ("output_dir", self.output_dir.is_none()),
+            ("dataset", self.dataset.is_empty()),
+        ] {
+            if missing {
+                return Err(ConfigError::Invalid(format!(
+                    "`{key}` is required to train; add it to the config or pass {key}=..."
+                )));
+            }
+        }
+        if self.eval_strategy != "no" && self.val_size == 0.0 && self.eval_dataset.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "eval_strategy is `{}` but there is nothing to evaluate on; set val_size or eval_dataset",
+                self.eval_strategy
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,166 @@
+use ff_config::{ConfigError, TrainArgs};
+
+fn parse(yaml: &str, overrides: &[&str]) -> Result<TrainArgs, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("train.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    TrainArgs::load(&path, &overrides)
+}
+
+const EXAMPLE: &str = "\
+### model
+model_name_or_path: meta-llama/Meta-Llama-3-8B-Instruct
+trust_remote_code: true
+
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+
+### dataset
+dataset: identity,alpaca_en_demo
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+
+### output
+output_dir: saves/llama3-8b/lora/sft
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+";
+
+#[test]
+fn llama_factory_example_reads_as_written() {
+    let args = parse(EXAMPLE, &[]).unwrap();
+    assert_eq!(args.dataset.0, ["identity", "alpaca_en_demo"]);
+    assert_eq!(args.learning_rate, 1e-4);
+    assert_eq!(args.gradient_accumulation_steps, 8);
+    assert!(args.bf16 && args.plot_loss);
+    assert_eq!(args.lora_alpha(), 16.0);
+    assert_eq!(args.resume_from_checkpoint, None);
+    args.require_for_training().unwrap();
+}
+
+#[test]
+fn overrides_replace_file_values_with_typed_conversion() {
+    let args = parse(
+        EXAMPLE,
+        &[
+            "learning_rate=2e-5",
+            "lora_rank=16",
+            "bf16=false",
+            "template=qwen",
+        ],
+    )
+    .unwrap();
+    assert_eq!(args.learning_rate, 2e-5);
+    assert_eq!(args.lora_rank, 16);
+    assert!(!args.bf16);
+    assert_eq!(args.template.as_deref(), Some("qwen"));
+    let message = parse(EXAMPLE, &["lora_rank"]).unwrap_err().to_string();
+    assert!(
+        message.contains("override `lora_rank` must be written key=value"),
+        "{message}"
+    );
+}
+
+#[test]
+fn numbers_written_as_strings_are_numbers() {
+    let args = parse("learning_rate: 1e-4\nwarmup_ratio: '0.05'\n", &[]).unwrap();
+    assert_eq!(args.learning_rate, 1e-4);
+    assert_eq!(args.warmup_ratio, 0.05);
+}
+
+#[test]
+fn unknown_key_names_it_and_the_closest() {
+    let message = parse("learnig_rate: 1.0e-4\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        message,
+        "unknown key `learnig_rate`; did you mean `learning_rate`?"
+    );
+    let message = parse("frobnicate: 3\n", &[]).unwrap_err().to_string();
+    assert_eq!(message, "unknown key `frobnicate`");
+}
+
+#[test]
+fn values_out_of_range_name_key_and_range() {
+    let message = parse("lora_dropout: 1.5\n", &[]).unwrap_err().to_string();
+    assert_eq!(message, "`lora_dropout` is 1.5 but must be in [0, 1)");
+    let message = parse("lr_scheduler_type: exotic\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.starts_with("`lr_scheduler_type` is `exotic` but must be one of linear"),
+        "{message}"
+    );
+    let message = parse("per_device_train_batch_size: two\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        message,
+        "`per_device_train_batch_size` must be a non-negative integer, got 'two'"
+    );
+}
+
+#[test]
+fn other_stages_and_unsupported_features_are_refused() {
+    let message = parse("stage: dpo\n", &[]).unwrap_err().to_string();
+    assert_eq!(
+        message,
+        "stage `dpo` is not supported; ferrofactory trains stage sft only"
+    );
+    let message = parse("deepspeed: ds_z3_config.json\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message
+            .starts_with("`deepspeed` is a LLaMA-Factory key that ferrofactory does not support"),
+        "{message}"
+    );
+    let message = parse("bf16: true\nfp16: true\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("choose one"), "{message}");
+}
+
+#[test]
+fn missing_required_keys_are_named() {
+    let args = parse("dataset: identity\n", &[]).unwrap();
+    let message = args.require_for_training().unwrap_err().to_string();
+    assert!(
+        message.contains("`model_name_or_path` is required"),
+        "{message}"
+    );
+}
+
+#[test]
+fn bad_yaml_names_the_file() {
+    let message = parse("a: [1,\n", &[]).unwrap_err().to_string();
+    assert!(
+        message.contains("train.yaml is not valid YAML"),
+        "{message}"
+    );
+}
