@@ -51,3 +51,59 @@ impl Batch {
         }
     }
 }
+
+/// One tokenized training example, as preprocessing produces it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Example {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i64>,
+}
+
+/// Pads examples on the right to the longest one: `pad_token_id` in the inputs, attention 0 and
+/// label [`IGNORE_INDEX`] on the padding, as LLaMA-Factory's SFT collator does for training.
+pub fn collate(examples: &[&Example], pad_token_id: u32) -> Batch {
+    let seq = examples
+        .iter()
+        .map(|e| e.input_ids.len())
+        .max()
+        .unwrap_or(0);
+    let mut batch = Batch {
+        input_ids: Vec::with_capacity(examples.len()),
+        attention_mask: Vec::with_capacity(examples.len()),
+        labels: Vec::with_capacity(examples.len()),
+    };
+    for e in examples {
+        let mut ids = e.input_ids.clone();
+        ids.resize(seq, pad_token_id);
+        let mut mask = vec![1u8; e.input_ids.len()];
+        mask.resize(seq, 0);
+        let mut labels = e.labels.clone();
+        labels.resize(seq, IGNORE_INDEX);
+        batch.input_ids.push(ids);
+        batch.attention_mask.push(mask);
+        batch.labels.push(labels);
+    }
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collate_pads_right_and_masks_labels() {
+        let a = Example {
+            input_ids: vec![5, 6, 7],
+            labels: vec![-100, 6, 7],
+        };
+        let b = Example {
+            input_ids: vec![8],
+            labels: vec![8],
+        };
+        let batch = collate(&[&a, &b], 2);
+        assert_eq!(batch.input_ids, vec![vec![5, 6, 7], vec![8, 2, 2]]);
+        assert_eq!(batch.attention_mask, vec![vec![1, 1, 1], vec![1, 0, 0]]);
+        assert_eq!(batch.labels, vec![vec![-100, 6, 7], vec![8, -100, -100]]);
+        assert_eq!(batch.num_label_tokens(), 2);
+    }
+}

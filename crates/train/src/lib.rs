@@ -2,12 +2,18 @@
 //! chunked causal-LM loss, AdamW, clipping and learning-rate schedules.
 
 pub mod batch;
+pub mod checkpoint;
+pub mod error;
 pub mod loss;
 pub mod optim;
+pub mod plot;
+pub mod sampler;
 pub mod schedule;
 pub mod step;
+pub mod trainer;
 
-pub use batch::{Batch, IGNORE_INDEX};
+pub use batch::{collate, Batch, Example, IGNORE_INDEX};
+pub use error::{TrainError, TrainResult};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::{Schedule, ScheduleKind};
 pub use step::{forward_backward, Trainables};

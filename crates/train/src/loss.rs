@@ -116,3 +116,41 @@ pub fn head_forward_backward(
         grad_hidden,
     })
 }
+
+/// Sum of NLLs over the label tokens of `hidden` without any gradient (evaluation).
+pub fn head_nll(model: &CausalLm, hidden: &Tensor, positions: &LabelPositions) -> Result<f64> {
+    let (batch, seq, width) = hidden.dims3()?;
+    let n = positions.rows.len();
+    if n == 0 {
+        return Ok(0.0);
+    }
+    let device = hidden.device();
+    let rows = Tensor::new(positions.rows.as_slice(), device)?;
+    let selected = hidden
+        .reshape((batch * seq, width))?
+        .index_select(&rows, 0)?;
+    let head = model.lm_head_weight().in_dtype(model.dtype)?.detach();
+    let chunk = (CHUNK_ELEMENTS / model.config.vocab_size).max(1);
+    let mut nll_sum = 0.0;
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let targets = Tensor::new(&positions.targets[start..start + len], device)?.unsqueeze(1)?;
+        let logits = model
+            .norm
+            .forward(&selected.narrow(0, start, len)?)?
+            .matmul(&head.t()?)?
+            .to_dtype(DType::F32)?
+            .detach();
+        let max = logits.max_keepdim(D::Minus1)?;
+        let lse = (logits
+            .broadcast_sub(&max)?
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .log()?
+            + &max)?;
+        nll_sum += (&lse - logits.gather(&targets, 1)?)?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
+    }
+    Ok(nll_sum)
+}

@@ -224,3 +224,16 @@ pub fn train_step(
         num_label_tokens,
     })
 }
+
+/// Sum of NLLs and number of label tokens of `batch`, without gradients (evaluation).
+pub fn eval_nll(model: &CausalLm, batch: &Batch) -> Result<(f64, usize)> {
+    let device = &model.device;
+    let ctx = ForwardCtx::new(&model.config, &batch.attention_mask, model.dtype, 0, device)?;
+    let mut x = model.embed(&batch.input_ids_tensor(device)?)?.detach();
+    for layer in &model.layers {
+        x = layer.forward(&x, &ctx)?.detach();
+    }
+    let positions = LabelPositions::of(batch);
+    let nll = crate::loss::head_nll(model, &x, &positions)?;
+    Ok((nll, positions.rows.len()))
+}

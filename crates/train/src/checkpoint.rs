@@ -1,0 +1,209 @@
+//! What a run writes so it can resume exactly: trained weights, optimizer moments, and
+//! `trainer_state.json` (Hugging Face's file, which also tells where in the data the run was).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use ff_model::finetune::LoraSpec;
+use ff_model::peft::{load_adapter, save_adapter};
+use ff_model::safetensors_io::{save_atomic, write_atomic, SafetensorsFiles};
+use ff_model::CausalLm;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{TrainError, TrainResult};
+use crate::optim::{AdamWState, Moments};
+
+pub const TRAINER_STATE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const MODEL_FILE: &str = "model.safetensors";
+
+/// How the trained weights are stored.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SavedWeights {
+    /// A PEFT adapter.
+    Lora(LoraSpec),
+    /// The whole model in Hugging Face's layout (full and freeze tuning).
+    Full,
+}
+
+/// Hugging Face's `trainer_state.json`, with the fields resume reads.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub global_step: u64,
+    pub epoch: f64,
+    pub max_steps: u64,
+    pub num_train_epochs: f64,
+    pub logging_steps: f64,
+    pub save_steps: f64,
+    pub train_batch_size: u64,
+    pub log_history: Vec<Value>,
+    #[serde(default)]
+    pub best_metric: Option<f64>,
+    #[serde(default)]
+    pub best_model_checkpoint: Option<String>,
+    #[serde(default = "yes")]
+    pub is_world_process_zero: bool,
+    /// Hash of the settings that decide the data order and step layout; resuming under other
+    /// settings would silently train on other data, so it is refused.
+    #[serde(default)]
+    pub ferrofactory_run_hash: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Writes the trained weights of `model` into `dir` (adapter, or full model + config.json).
+pub fn save_weights(
+    model: &mut CausalLm,
+    weights: &SavedWeights,
+    base_model: &str,
+    dir: &Path,
+) -> TrainResult<()> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+    match weights {
+        SavedWeights::Lora(spec) => save_adapter(model, spec, base_model, dir)?,
+        SavedWeights::Full => {
+            let tensors: Vec<(String, Tensor)> = model
+                .params_mut()
+                .into_iter()
+                .map(|(name, p)| (name, p.tensor().clone()))
+                .collect();
+            let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+            save_atomic(&tensors, Some(metadata), &dir.join(MODEL_FILE))?;
+            let mut config = model.config.raw.clone();
+            config.insert("torch_dtype".into(), Value::String("float32".into()));
+            config.insert("dtype".into(), Value::String("float32".into()));
+            let text = serde_json::to_string_pretty(&config).expect("JSON map serialises");
+            write_atomic(&dir.join("config.json"), text.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+/// Puts the weights saved by [`save_weights`] back into `model`.
+pub fn load_weights(model: &mut CausalLm, weights: &SavedWeights, dir: &Path) -> TrainResult<()> {
+    match weights {
+        SavedWeights::Lora(_) => {
+            load_adapter(model, dir)?;
+        }
+        SavedWeights::Full => {
+            let files = SafetensorsFiles::open(&[dir.join(MODEL_FILE)])?;
+            let device = model.device.clone();
+            for (name, p) in model.params_mut() {
+                let t = files.load(&name, Some(p.tensor().dims()), p.tensor().dtype(), &device)?;
+                match p.var() {
+                    Some(v) => v.set(&t)?,
+                    None => *p = ff_model::Param::Frozen(t),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn save_optimizer(state: &AdamWState, names: &[String], path: &Path) -> TrainResult<()> {
+    let mut tensors = Vec::new();
+    for (name, m) in names.iter().zip(&state.moments) {
+        if m.exp_avg.is_empty() {
+            continue;
+        }
+        let n = m.exp_avg.len();
+        tensors.push((
+            format!("exp_avg.{name}"),
+            Tensor::from_slice(&m.exp_avg, n, &Device::Cpu)?,
+        ));
+        tensors.push((
+            format!("exp_avg_sq.{name}"),
+            Tensor::from_slice(&m.exp_avg_sq, n, &Device::Cpu)?,
+        ));
+    }
+    let metadata = HashMap::from([("step".to_string(), state.step.to_string())]);
+    save_atomic(&tensors, Some(metadata), path)?;
+    Ok(())
+}
+
+pub fn load_optimizer(names: &[String], path: &Path) -> TrainResult<AdamWState> {
+    let step = read_step_metadata(path)?;
+    let files = SafetensorsFiles::open(&[path.to_path_buf()])?;
+    let mut moments = Vec::with_capacity(names.len());
+    for name in names {
+        let key = format!("exp_avg.{name}");
+        if !files.contains(&key) {
+            moments.push(Moments::default());
+            continue;
+        }
+        let read = |k: &str| -> TrainResult<Vec<f32>> {
+            Ok(files
+                .load(k, None, DType::F32, &Device::Cpu)?
+                .to_vec1::<f32>()?)
+        };
+        moments.push(Moments {
+            exp_avg: read(&key)?,
+            exp_avg_sq: read(&format!("exp_avg_sq.{name}"))?,
+        });
+    }
+    Ok(AdamWState { step, moments })
+}
+
+fn read_step_metadata(path: &Path) -> TrainResult<u64> {
+    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    let corrupt = || {
+        TrainError::Checkpoint(format!(
+            "{} is corrupt: its header cannot be read",
+            path.display()
+        ))
+    };
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|_| corrupt())?;
+    metadata
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("step"))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(corrupt)
+}
+
+pub fn write_json(path: &Path, value: &impl Serialize) -> TrainResult<()> {
+    let text = serde_json::to_string_pretty(value).expect("plain data serialises");
+    write_atomic(path, text.as_bytes())?;
+    Ok(())
+}
+
+pub fn read_trainer_state(dir: &Path) -> TrainResult<TrainerState> {
+    let path = dir.join(TRAINER_STATE);
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| {
+        TrainError::Checkpoint(format!(
+            "{} is not a valid trainer state ({e})",
+            path.display()
+        ))
+    })
+}
+
+/// `checkpoint-N` folders of `output_dir`, oldest first.
+pub fn list_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(output_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            entry.path().is_dir().then_some((step, entry.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Deletes the oldest checkpoints so that at most `limit` remain.
+pub fn rotate_checkpoints(output_dir: &Path, limit: u64) -> TrainResult<()> {
+    let found = list_checkpoints(output_dir);
+    let excess = found.len().saturating_sub(limit as usize);
+    for (_, dir) in found.into_iter().take(excess) {
+        std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,477 @@
+//! The training run: epochs of shuffled micro-batches, logging, evaluation, checkpoints, resume
+//! and the files LLaMA-Factory leaves in `output_dir`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use ff_config::TrainArgs;
+use ff_model::dropout::derive_seed;
+use ff_model::CausalLm;
+use serde_json::{json, Map, Value};
+
+use crate::batch::{collate, Example};
+use crate::checkpoint::{
+    list_checkpoints, load_optimizer, load_weights, read_trainer_state, rotate_checkpoints,
+    save_optimizer, save_weights, write_json, SavedWeights, TrainerState, OPTIMIZER_FILE,
+    TRAINER_STATE,
+};
+use crate::error::{TrainError, TrainResult};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::sampler::{epoch_order, EpochPlan};
+use crate::schedule::{warmup_steps, Schedule, ScheduleKind};
+use crate::step::{eval_nll, train_step, StepOptions, Trainables};
+
+pub const TRAINER_LOG: &str = "trainer_log.jsonl";
+
+/// Receives progress as it happens: a progress bar on a terminal, log lines elsewhere.
+pub trait Observer {
+    fn on_start(&mut self, total_steps: u64, first_step: u64);
+    fn on_step(&mut self, step: u64, loss: f64, lr: f64);
+    /// A record as Hugging Face Trainer prints it (`{'loss': ..., 'learning_rate': ..., ...}`).
+    fn on_log(&mut self, record: &Map<String, Value>);
+    fn on_message(&mut self, message: &str);
+    fn on_finish(&mut self);
+}
+
+/// Everything a run needs besides the model.
+pub struct Run<'a> {
+    pub args: &'a TrainArgs,
+    pub output_dir: PathBuf,
+    pub weights: SavedWeights,
+    /// Written into adapter_config.json as `base_model_name_or_path`.
+    pub base_model: String,
+    pub train: &'a [Example],
+    pub eval: &'a [Example],
+    pub pad_token_id: u32,
+    /// Set by the first Ctrl-C: the run stops after the current step and checkpoints.
+    pub stop: &'a AtomicBool,
+    pub observer: &'a mut dyn Observer,
+}
+
+/// What `train_results.json` holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub global_step: u64,
+    pub train_loss: f64,
+    pub eval_loss: Option<f64>,
+}
+
+/// Checks `output_dir` before any work, as LLaMA-Factory does: an existing non-empty folder is
+/// resumed from its newest checkpoint, refused when it has none, or reused with
+/// `overwrite_output_dir` (which drops the old trainer log). Returns the checkpoint to resume.
+pub fn prepare_output_dir(args: &TrainArgs, output_dir: &Path) -> TrainResult<Option<PathBuf>> {
+    let explicit = match args.resume_from_checkpoint.as_deref() {
+        None => None,
+        Some(v) if v.eq_ignore_ascii_case("false") => None,
+        Some(v) if v.eq_ignore_ascii_case("true") => match list_checkpoints(output_dir).pop() {
+            Some((_, dir)) => Some(dir),
+            None => {
+                return Err(TrainError::Config(format!(
+                    "resume_from_checkpoint is true but {} holds no checkpoint-N folder",
+                    output_dir.display()
+                )))
+            }
+        },
+        Some(path) => {
+            let dir = PathBuf::from(path);
+            if !dir.join(TRAINER_STATE).is_file() {
+                return Err(TrainError::Config(format!(
+                    "resume_from_checkpoint {path} is not a checkpoint folder (it has no {TRAINER_STATE})"
+                )));
+            }
+            Some(dir)
+        }
+    };
+    if explicit.is_some() {
+        return Ok(explicit);
+    }
+    let non_empty = std::fs::read_dir(output_dir)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    if !non_empty {
+        return Ok(None);
+    }
+    if args.overwrite_output_dir {
+        let log = output_dir.join(TRAINER_LOG);
+        if log.exists() {
+            std::fs::remove_file(&log).map_err(|e| TrainError::io(&log, e))?;
+        }
+        return Ok(None);
+    }
+    match list_checkpoints(output_dir).pop() {
+        Some((_, dir)) => Ok(Some(dir)),
+        None => Err(TrainError::Config(format!(
+            "output_dir {} already exists and is not empty; set overwrite_output_dir: true or choose another output_dir",
+            output_dir.display()
+        ))),
+    }
+}
+
+fn schedule_kind(args: &TrainArgs) -> TrainResult<ScheduleKind> {
+    let kwarg = |key: &str| args.lr_scheduler_kwargs.get(key).and_then(|v| v.as_f64());
+    Ok(match args.lr_scheduler_type.as_str() {
+        "constant" => ScheduleKind::Constant,
+        "constant_with_warmup" => ScheduleKind::ConstantWithWarmup,
+        "linear" => ScheduleKind::Linear,
+        "cosine" => ScheduleKind::Cosine,
+        "cosine_with_restarts" => ScheduleKind::CosineWithRestarts {
+            cycles: kwarg("num_cycles").unwrap_or(1.0) as u32,
+        },
+        "polynomial" => ScheduleKind::Polynomial {
+            lr_end: kwarg("lr_end").unwrap_or(1e-7),
+            power: kwarg("power").unwrap_or(1.0),
+        },
+        "cosine_with_min_lr" => {
+            let rate = match (kwarg("min_lr_rate"), kwarg("min_lr")) {
+                (Some(rate), _) => rate,
+                (None, Some(min_lr)) => min_lr / args.learning_rate,
+                (None, None) => {
+                    return Err(TrainError::Config(
+                        "lr_scheduler_type cosine_with_min_lr needs lr_scheduler_kwargs with min_lr or min_lr_rate".into(),
+                    ))
+                }
+            };
+            ScheduleKind::CosineWithMinLr { min_lr_rate: rate }
+        }
+        other => {
+            return Err(TrainError::Config(format!(
+                "lr_scheduler_type `{other}` is not supported"
+            )))
+        }
+    })
+}
+
+/// A step interval given as a count, or as a fraction of the run when below 1 (as in HF).
+fn interval(value: f64, total_steps: u64) -> u64 {
+    if value < 1.0 {
+        ((value * total_steps as f64).ceil() as u64).max(1)
+    } else {
+        value as u64
+    }
+}
+
+/// A fingerprint of what decides which examples each step sees.
+fn run_hash(args: &TrainArgs, num_examples: usize, total_steps: u64) -> String {
+    format!(
+        "n={num_examples};bs={};ga={};seed={};steps={total_steps}",
+        args.per_device_train_batch_size, args.gradient_accumulation_steps, args.seed
+    )
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (v * f).round() / f
+}
+
+fn duration(seconds: f64) -> String {
+    let s = seconds.max(0.0) as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// Trains `model` and writes everything LLaMA-Factory leaves in `output_dir`.
+pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
+    let args = run.args;
+    let out = &run.output_dir;
+    let resume_from = prepare_output_dir(args, out)?;
+    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    if run.train.is_empty() {
+        return Err(TrainError::Config("the training set is empty".into()));
+    }
+
+    let plan = EpochPlan::new(
+        run.train.len(),
+        args.per_device_train_batch_size as usize,
+        1,
+        args.gradient_accumulation_steps as usize,
+    );
+    let steps_per_epoch = plan.steps_per_epoch() as u64;
+    let total_steps = if args.max_steps > 0 {
+        args.max_steps as u64
+    } else {
+        (args.num_train_epochs * steps_per_epoch as f64).ceil() as u64
+    };
+    let schedule = Schedule {
+        kind: schedule_kind(args)?,
+        base_lr: args.learning_rate,
+        warmup_steps: warmup_steps(args.warmup_steps, args.warmup_ratio, total_steps),
+        total_steps,
+    };
+    let logging_every = interval(args.logging_steps, total_steps);
+    let save_every = interval(args.save_steps, total_steps);
+    let eval_every = interval(args.eval_steps.unwrap_or(args.logging_steps), total_steps);
+    let hash = run_hash(args, run.train.len(), total_steps);
+
+    let mut state = TrainerState {
+        max_steps: total_steps,
+        num_train_epochs: args.num_train_epochs,
+        logging_steps: args.logging_steps,
+        save_steps: args.save_steps,
+        train_batch_size: args.per_device_train_batch_size,
+        is_world_process_zero: true,
+        ferrofactory_run_hash: hash.clone(),
+        ..TrainerState::default()
+    };
+    if let Some(dir) = &resume_from {
+        load_weights(model, &run.weights, dir)?;
+    }
+    let mut trainables = Trainables::of(model);
+    if trainables.is_empty() {
+        return Err(TrainError::Config(
+            "nothing to train: the fine-tuning settings leave every parameter frozen".into(),
+        ));
+    }
+    let mut optimizer = AdamW::new(
+        AdamWConfig {
+            beta1: args.adam_beta1,
+            beta2: args.adam_beta2,
+            eps: args.adam_epsilon,
+            weight_decay: args.weight_decay,
+        },
+        &trainables.names,
+    );
+    if let Some(dir) = &resume_from {
+        let saved = read_trainer_state(dir)?;
+        if saved.ferrofactory_run_hash != hash {
+            return Err(TrainError::Checkpoint(format!(
+                "{} was written by a run with other data or batch settings; resume with the same dataset, batch sizes, seed and step count",
+                dir.display()
+            )));
+        }
+        optimizer.state = load_optimizer(&trainables.names, &dir.join(OPTIMIZER_FILE))?;
+        state.global_step = saved.global_step;
+        state.epoch = saved.epoch;
+        state.log_history = saved.log_history;
+        run.observer.on_message(&format!(
+            "resuming from {} at step {}",
+            dir.display(),
+            saved.global_step
+        ));
+    }
+
+    let options = StepOptions {
+        max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
+        gradient_checkpointing: !args.disable_gradient_checkpointing,
+    };
+    let eval_enabled = !run.eval.is_empty() && (args.do_eval || args.eval_strategy != "no");
+    let start = Instant::now();
+    let first_step = state.global_step;
+    let mut loss_since_log = 0.0;
+    let mut steps_since_log = 0u64;
+    let mut loss_total = 0.0;
+    let mut order: Option<(u64, Vec<usize>)> = None;
+    run.observer.on_start(total_steps, first_step);
+
+    while state.global_step < total_steps {
+        let step = state.global_step;
+        let epoch = step / steps_per_epoch;
+        let step_in_epoch = (step % steps_per_epoch) as usize;
+        if order.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            order = Some((epoch, epoch_order(run.train.len(), args.seed, epoch)));
+        }
+        let indices = &order.as_ref().expect("set above").1;
+        let micro_batches: Vec<_> = plan
+            .step_micro_batches(step_in_epoch, run.train.len())
+            .into_iter()
+            .map(|range| {
+                let examples: Vec<&Example> =
+                    indices[range].iter().map(|&i| &run.train[i]).collect();
+                collate(&examples, run.pad_token_id)
+            })
+            .collect();
+        let lr = schedule.lr(step);
+        let stats = train_step(
+            model,
+            &mut trainables,
+            &mut optimizer,
+            &micro_batches,
+            lr,
+            options,
+            derive_seed(args.seed, step),
+        )?;
+        state.global_step += 1;
+        let step = state.global_step;
+        state.epoch = epoch as f64 + (step_in_epoch + 1) as f64 / steps_per_epoch as f64;
+        loss_since_log += stats.loss;
+        loss_total += stats.loss;
+        steps_since_log += 1;
+        run.observer.on_step(step, stats.loss, lr);
+
+        let elapsed = start.elapsed().as_secs_f64();
+        let per_step = elapsed / (step - first_step) as f64;
+        let remaining = per_step * (total_steps - step) as f64;
+        if step % logging_every == 0 || step == total_steps {
+            let mut record = Map::new();
+            record.insert(
+                "loss".into(),
+                json!(round(loss_since_log / steps_since_log as f64, 4)),
+            );
+            record.insert("grad_norm".into(), json!(stats.grad_norm));
+            record.insert("learning_rate".into(), json!(schedule.lr(step)));
+            record.insert("epoch".into(), json!(round(state.epoch, 4)));
+            run.observer.on_log(&record);
+            let line = json!({
+                "current_steps": step,
+                "total_steps": total_steps,
+                "loss": record["loss"],
+                "lr": record["learning_rate"],
+                "epoch": record["epoch"],
+                "percentage": round(step as f64 / total_steps as f64 * 100.0, 2),
+                "elapsed_time": duration(elapsed),
+                "remaining_time": duration(remaining),
+            });
+            append_log_line(out, &line)?;
+            record.insert("step".into(), json!(step));
+            state.log_history.push(Value::Object(record));
+            loss_since_log = 0.0;
+            steps_since_log = 0;
+        }
+        let epoch_end = step % steps_per_epoch == 0;
+        let eval_now = eval_enabled
+            && match args.eval_strategy.as_str() {
+                "steps" => step % eval_every == 0,
+                "epoch" => epoch_end,
+                _ => false,
+            };
+        if eval_now {
+            let eval_loss = evaluate(model, run.eval, args, run.pad_token_id)?;
+            let mut record = Map::new();
+            record.insert("eval_loss".into(), json!(eval_loss));
+            record.insert("epoch".into(), json!(round(state.epoch, 4)));
+            run.observer.on_log(&record);
+            append_log_line(
+                out,
+                &json!({
+                    "current_steps": step,
+                    "total_steps": total_steps,
+                    "eval_loss": eval_loss,
+                    "epoch": record["epoch"],
+                    "percentage": round(step as f64 / total_steps as f64 * 100.0, 2),
+                    "elapsed_time": duration(elapsed),
+                    "remaining_time": duration(remaining),
+                }),
+            )?;
+            record.insert("step".into(), json!(step));
+            state.log_history.push(Value::Object(record));
+        }
+        let interrupted = run.stop.load(Ordering::SeqCst);
+        let save_now = match args.save_strategy.as_str() {
+            "steps" => step % save_every == 0,
+            "epoch" => epoch_end,
+            _ => false,
+        };
+        if (save_now || interrupted) && step < total_steps {
+            let dir = save_checkpoint(model, &run, &trainables, &optimizer, &state)?;
+            if interrupted {
+                run.observer.on_finish();
+                return Err(TrainError::Interrupted {
+                    step,
+                    checkpoint: dir,
+                });
+            }
+        }
+    }
+    run.observer.on_finish();
+
+    let runtime = start.elapsed().as_secs_f64();
+    let steps_run = (state.global_step - first_step).max(1) as f64;
+    let train_loss = loss_total / steps_run;
+    save_weights(model, &run.weights, &run.base_model, out)?;
+    if save_every > 0 && args.save_strategy != "no" && state.global_step % save_every == 0 {
+        save_checkpoint(model, &run, &trainables, &optimizer, &state)?;
+    }
+    let samples = run.train.len() as f64 * args.num_train_epochs;
+    let train_metrics = json!({
+        "epoch": round(state.epoch, 4),
+        "train_loss": train_loss,
+        "train_runtime": round(runtime, 4),
+        "train_samples_per_second": round(samples / runtime, 3),
+        "train_steps_per_second": round(steps_run / runtime, 3),
+    });
+    let mut final_record = train_metrics.as_object().cloned().unwrap_or_default();
+    final_record.insert("step".into(), json!(state.global_step));
+    state.log_history.push(Value::Object(final_record));
+    write_json(&out.join(TRAINER_STATE), &state)?;
+    write_json(&out.join("train_results.json"), &train_metrics)?;
+    let mut all = train_metrics.as_object().cloned().unwrap_or_default();
+    let mut eval_loss = None;
+    if eval_enabled {
+        let loss = evaluate(model, run.eval, args, run.pad_token_id)?;
+        let eval_metrics = json!({"epoch": round(state.epoch, 4), "eval_loss": loss});
+        write_json(&out.join("eval_results.json"), &eval_metrics)?;
+        all.insert("eval_loss".into(), json!(loss));
+        eval_loss = Some(loss);
+    }
+    write_json(&out.join("all_results.json"), &Value::Object(all))?;
+    if args.plot_loss {
+        crate::plot::plot_losses(out, &state.log_history)?;
+    }
+    Ok(Summary {
+        global_step: state.global_step,
+        train_loss,
+        eval_loss,
+    })
+}
+
+fn append_log_line(out: &Path, line: &Value) -> TrainResult<()> {
+    use std::io::Write;
+    let path = out.join(TRAINER_LOG);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| TrainError::io(&path, e))?;
+    writeln!(file, "{line}").map_err(|e| TrainError::io(&path, e))
+}
+
+/// Hugging Face's evaluation loss: each batch's mean token NLL, averaged over examples.
+fn evaluate(model: &CausalLm, eval: &[Example], args: &TrainArgs, pad: u32) -> TrainResult<f64> {
+    let mut weighted = 0.0;
+    let mut examples = 0usize;
+    for chunk in eval.chunks(args.per_device_eval_batch_size as usize) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let (nll, tokens) = eval_nll(model, &collate(&refs, pad))?;
+        if tokens > 0 {
+            weighted += nll / tokens as f64 * chunk.len() as f64;
+            examples += chunk.len();
+        }
+    }
+    Ok(if examples == 0 {
+        f64::NAN
+    } else {
+        weighted / examples as f64
+    })
+}
+
+/// Writes `checkpoint-N` through a temporary folder renamed at the end, so that a crash never
+/// leaves a checkpoint that looks complete.
+fn save_checkpoint(
+    model: &mut CausalLm,
+    run: &Run<'_>,
+    trainables: &Trainables,
+    optimizer: &AdamW,
+    state: &TrainerState,
+) -> TrainResult<PathBuf> {
+    let out = &run.output_dir;
+    let name = format!("checkpoint-{}", state.global_step);
+    let dir = out.join(&name);
+    let tmp = out.join(format!(".{name}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    }
+    save_weights(model, &run.weights, &run.base_model, &tmp)?;
+    save_optimizer(
+        &optimizer.state,
+        &trainables.names,
+        &tmp.join(OPTIMIZER_FILE),
+    )?;
+    write_json(&tmp.join(TRAINER_STATE), state)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(|e| TrainError::io(&dir, e))?;
+    if let Some(limit) = run.args.save_total_limit {
+        rotate_checkpoints(out, limit.max(1))?;
+    }
+    Ok(dir)
+}

@@ -1,0 +1,250 @@
+//! The run loop on the tiny model: output files, logging, and exact resume after an interrupt.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device};
+use ff_config::TrainArgs;
+use ff_model::load::load_model_dir;
+use ff_model::peft::load_adapter;
+use ff_model::CausalLm;
+use ff_train::checkpoint::SavedWeights;
+use ff_train::trainer::{train, Observer, Run};
+use ff_train::{Example, TrainError};
+use serde_json::{Map, Value};
+
+fn testdata() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
+}
+
+/// Six short examples made from the fixture batch's token ids.
+fn examples() -> Vec<Example> {
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(testdata().join("tiny-llama-reference.json")).unwrap(),
+    )
+    .unwrap();
+    let ids: Vec<Vec<u32>> =
+        serde_json::from_value(reference["batch"]["input_ids"].clone()).unwrap();
+    (0..6)
+        .map(|i| {
+            let source = &ids[i % 2];
+            let len = 5 + i;
+            let input_ids: Vec<u32> = source.iter().cycle().skip(i).take(len).copied().collect();
+            let labels = input_ids
+                .iter()
+                .enumerate()
+                .map(|(t, &id)| if t < 2 { -100 } else { id as i64 })
+                .collect();
+            Example { input_ids, labels }
+        })
+        .collect()
+}
+
+fn args(output_dir: &Path, extra: &[&str]) -> TrainArgs {
+    let mut overrides: Vec<String> = [
+        "per_device_train_batch_size=2",
+        "num_train_epochs=2",
+        "learning_rate=1e-2",
+        "lr_scheduler_type=cosine",
+        "warmup_steps=1",
+        "logging_steps=1",
+        "save_steps=2",
+        "plot_loss=true",
+        "seed=7",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    overrides.push(format!("output_dir={}", output_dir.display()));
+    overrides.extend(extra.iter().map(|s| s.to_string()));
+    TrainArgs::from_mapping(Default::default(), &overrides).unwrap()
+}
+
+fn lora_model() -> (CausalLm, SavedWeights) {
+    let mut model =
+        load_model_dir(&testdata().join("tiny-llama"), DType::F32, &Device::Cpu).unwrap();
+    let spec = load_adapter(&mut model, &testdata().join("tiny-llama-lora-init")).unwrap();
+    (model, SavedWeights::Lora(spec))
+}
+
+/// Records losses and raises the stop flag after a given step, as Ctrl-C would.
+struct Recorder<'a> {
+    stop_after: Option<u64>,
+    stop: &'a AtomicBool,
+}
+
+impl Observer for Recorder<'_> {
+    fn on_start(&mut self, _total: u64, _first: u64) {}
+    fn on_step(&mut self, step: u64, _loss: f64, _lr: f64) {
+        if Some(step) == self.stop_after {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+    }
+    fn on_log(&mut self, _record: &Map<String, Value>) {}
+    fn on_message(&mut self, _message: &str) {}
+    fn on_finish(&mut self) {}
+}
+
+fn run(
+    output_dir: &Path,
+    extra: &[&str],
+    stop_after: Option<u64>,
+) -> Result<ff_train::trainer::Summary, TrainError> {
+    let (mut model, weights) = lora_model();
+    let args = args(output_dir, extra);
+    let stop = AtomicBool::new(false);
+    let mut recorder = Recorder {
+        stop_after,
+        stop: &stop,
+    };
+    let train_set = examples();
+    train(
+        &mut model,
+        Run {
+            args: &args,
+            output_dir: output_dir.to_path_buf(),
+            weights,
+            base_model: "tiny-llama".into(),
+            train: &train_set,
+            eval: &train_set[..2],
+            pad_token_id: 2,
+            stop: &stop,
+            observer: &mut recorder,
+        },
+    )
+}
+
+fn logged_losses(output_dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(output_dir.join("trainer_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| {
+            (
+                v["current_steps"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_leaves_llama_factory_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let summary = run(
+        &out,
+        &["eval_strategy=steps", "eval_steps=3", "save_total_limit=2"],
+        None,
+    )
+    .unwrap();
+    assert_eq!(summary.global_step, 6);
+    for file in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "trainer_log.jsonl",
+        "trainer_state.json",
+        "train_results.json",
+        "all_results.json",
+        "eval_results.json",
+        "training_loss.png",
+        "training_eval_loss.png",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let checkpoints: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    let mut sorted = checkpoints.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["checkpoint-4", "checkpoint-6"],
+        "save_total_limit keeps the newest two"
+    );
+
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("trainer_log.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    for key in [
+        "current_steps",
+        "total_steps",
+        "loss",
+        "lr",
+        "epoch",
+        "percentage",
+        "elapsed_time",
+        "remaining_time",
+    ] {
+        assert!(
+            first.get(key).is_some(),
+            "trainer_log line lacks {key}: {first}"
+        );
+    }
+    assert_eq!(first["total_steps"], 6);
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
+            .unwrap();
+    for key in [
+        "epoch",
+        "train_loss",
+        "train_runtime",
+        "train_samples_per_second",
+        "train_steps_per_second",
+        "eval_loss",
+    ] {
+        assert!(results.get(key).is_some(), "all_results lacks {key}");
+    }
+    let losses = logged_losses(&out);
+    assert_eq!(losses.len(), 6);
+    assert!(losses[5].1 < losses[0].1, "{losses:?}");
+}
+
+#[test]
+fn interrupted_and_resumed_run_logs_the_same_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = dir.path().join("straight");
+    let resumed = dir.path().join("resumed");
+    run(&straight, &[], None).unwrap();
+
+    match run(&resumed, &[], Some(3)) {
+        Err(TrainError::Interrupted {
+            step: 3,
+            checkpoint,
+        }) => {
+            assert!(checkpoint.ends_with("checkpoint-3"));
+        }
+        other => panic!("expected an interrupt after step 3, got {other:?}"),
+    }
+    assert!(
+        !resumed.join("train_results.json").exists(),
+        "an interrupted run must not look finished"
+    );
+    // Rerunning into the same folder resumes from its newest checkpoint, as LLaMA-Factory does.
+    run(&resumed, &[], None).unwrap();
+    assert_eq!(logged_losses(&resumed), logged_losses(&straight));
+}
+
+#[test]
+fn a_used_output_dir_without_checkpoints_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
+    let message = run(dir.path(), &[], None).unwrap_err().to_string();
+    assert!(
+        message.contains("already exists and is not empty; set overwrite_output_dir"),
+        "{message}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("notes.txt")).unwrap(),
+        "mine"
+    );
+    run(dir.path(), &["overwrite_output_dir=true"], None).unwrap();
+}
