@@ -9,6 +9,7 @@ pub mod config;
 pub mod dropout;
 pub mod error;
 pub mod finetune;
+pub mod gguf;
 pub mod layers;
 pub mod linear;
 pub mod load;
