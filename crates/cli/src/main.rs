@@ -1,6 +1,13 @@
 //! The `ferrofactory` command line.
 
 mod bench;
+mod data;
+mod preprocess;
+mod progress;
+mod train;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +24,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune as `llamafactory-cli train` does (stage sft).
+    Train {
+        /// A LLaMA-Factory training YAML file.
+        config: PathBuf,
+        /// `key=value` pairs that override the file.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        overrides: Vec<String>,
+    },
+    /// Write the tokenized training examples, one JSON line each, without training.
+    Preprocess {
+        config: PathBuf,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        overrides: Vec<String>,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Measure speed and memory (benchmarks, not tests).
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -24,20 +48,23 @@ enum Command {
     Version,
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench(b) => bench::run(b),
+        Command::Train { config, overrides } => train::run(&config, &overrides),
+        Command::Preprocess {
+            config,
+            overrides,
+            output,
+        } => preprocess::run(&config, &overrides, output.as_ref()).map(|()| ExitCode::SUCCESS),
+        Command::Bench(b) => bench::run(b).map(|()| ExitCode::SUCCESS),
         Command::Version => {
             println!("ferrofactory {}", env!("CARGO_PKG_VERSION"));
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::FAILURE
+    })
 }

@@ -131,11 +131,6 @@ train_args! {
     // Distribution.
     /// Seconds a collective may wait for a peer before the job fails.
     ddp_timeout: u64 = 180_000_000,
-
-    // Export.
-    export_dir: Option<String> = None,
-    export_size: u64 = 5,
-    export_legacy_format: bool = false,
 }
 
 /// Keys that tune Python machinery (workers, caches, kernels, logging back-ends); accepted so
@@ -319,6 +314,17 @@ impl TrainArgs {
                 return Err(ConfigError::UnsupportedKey {
                     key: key.into(),
                     hint: "set it to false".into(),
+                });
+            }
+        }
+        for (key, set) in [
+            ("tool_format", self.tool_format.is_some()),
+            ("tokenized_path", self.tokenized_path.is_some()),
+        ] {
+            if set {
+                return Err(ConfigError::UnsupportedKey {
+                    key: key.into(),
+                    hint: "remove it".into(),
                 });
             }
         }

@@ -2,8 +2,7 @@
 
 use candle_core::{Device, Result, Tensor};
 
-/// The label value that marks a position the loss ignores, as in PyTorch and Hugging Face.
-pub const IGNORE_INDEX: i64 = -100;
+pub use ff_data::IGNORE_INDEX;
 
 /// Rows of equal length. `attention_mask` is 1 on real tokens and 0 on padding. `labels` are
 /// unshifted, as Hugging Face stores them: the label at position `t` is the target of the
@@ -52,12 +51,7 @@ impl Batch {
     }
 }
 
-/// One tokenized training example, as preprocessing produces it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Example {
-    pub input_ids: Vec<u32>,
-    pub labels: Vec<i64>,
-}
+pub use ff_data::Example;
 
 /// Pads examples on the right to the longest one: `pad_token_id` in the inputs, attention 0 and
 /// label [`IGNORE_INDEX`] on the padding, as LLaMA-Factory's SFT collator does for training.

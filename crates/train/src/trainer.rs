@@ -238,7 +238,14 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
                 dir.display()
             )));
         }
-        optimizer.state = load_optimizer(&trainables.names, &dir.join(OPTIMIZER_FILE))?;
+        let optimizer_file = dir.join(OPTIMIZER_FILE);
+        if !optimizer_file.exists() {
+            return Err(TrainError::Checkpoint(format!(
+                "{} has no optimizer state (it was saved with save_only_model) and cannot be resumed",
+                dir.display()
+            )));
+        }
+        optimizer.state = load_optimizer(&trainables.names, &optimizer_file)?;
         state.global_step = saved.global_step;
         state.epoch = saved.epoch;
         state.log_history = saved.log_history;
@@ -300,7 +307,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         let elapsed = start.elapsed().as_secs_f64();
         let per_step = elapsed / (step - first_step) as f64;
         let remaining = per_step * (total_steps - step) as f64;
-        if step % logging_every == 0 || step == total_steps {
+        if step % logging_every == 0 {
             let mut record = Map::new();
             record.insert(
                 "loss".into(),
@@ -377,7 +384,8 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
     let steps_run = (state.global_step - first_step).max(1) as f64;
     let train_loss = loss_total / steps_run;
     save_weights(model, &run.weights, &run.base_model, out)?;
-    if save_every > 0 && args.save_strategy != "no" && state.global_step % save_every == 0 {
+    // Hugging Face saves a last checkpoint at the end whatever the interval.
+    if args.save_strategy != "no" {
         save_checkpoint(model, &run, &trainables, &optimizer, &state)?;
     }
     let samples = run.train.len() as f64 * args.num_train_epochs;

@@ -1,0 +1,198 @@
+//! `ferrofactory train CONFIG.yaml [key=value …]`: what `llamafactory-cli train` does for
+//! stage sft, in one process.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use ff_config::TrainArgs;
+use ff_model::finetune::{apply_freeze, apply_lora, make_all_trainable, LoraSpec};
+use ff_model::gguf::{is_gguf_file, GgufModel};
+use ff_model::load::load_model_dir;
+use ff_model::peft::load_adapter;
+use ff_model::CausalLm;
+use ff_train::checkpoint::SavedWeights;
+use ff_train::trainer::{train, Run};
+use ff_train::TrainError;
+
+use crate::progress::Progress;
+
+/// Exit status of a run stopped by Ctrl-C, as shells report SIGINT.
+pub const INTERRUPTED_EXIT: u8 = 130;
+
+/// Tokenizer and template files copied next to the trained weights, as LLaMA-Factory saves them.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+pub fn run(config: &Path, overrides: &[String]) -> Result<std::process::ExitCode> {
+    let args = TrainArgs::load(config, overrides)?;
+    args.require_for_training()?;
+    let model_path = PathBuf::from(args.model_name_or_path.as_deref().unwrap_or_default());
+    let output_dir = PathBuf::from(args.output_dir.as_deref().unwrap_or_default());
+    let dtype = if args.bf16 {
+        DType::BF16
+    } else if args.fp16 {
+        DType::F16
+    } else {
+        DType::F32
+    };
+
+    let source = ModelSource::open(&model_path)?;
+    let data = crate::data::load_examples(&args, source.files_dir())?;
+    let mut model = source.load(dtype)?;
+    let weights = apply_finetuning(&mut model, &args)?;
+    let (total, trainable) = model.num_params();
+    eprintln!(
+        "trainable params: {trainable} || all params: {total} || trainable%: {:.4}",
+        100.0 * trainable as f64 / total as f64
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    install_interrupt_handler(stop.clone())?;
+    let mut progress = Progress::new();
+    let outcome = train(
+        &mut model,
+        Run {
+            args: &args,
+            output_dir: output_dir.clone(),
+            weights,
+            base_model: model_path.display().to_string(),
+            train: &data.train,
+            eval: &data.eval,
+            pad_token_id: data.pad_token_id,
+            stop: &stop,
+            observer: &mut progress,
+        },
+    );
+    match outcome {
+        Ok(summary) => {
+            copy_tokenizer_files(source.files_dir(), &output_dir)?;
+            eprintln!(
+                "finished {} steps, train_loss {:.4}; outputs in {}",
+                summary.global_step,
+                summary.train_loss,
+                output_dir.display()
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Err(e @ TrainError::Interrupted { .. }) => {
+            eprintln!("{e}");
+            Ok(std::process::ExitCode::from(INTERRUPTED_EXIT))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Where weights, config and tokenizer come from: a Hugging Face directory, or a GGUF file whose
+/// metadata is written out as config.json and tokenizer files in a temporary folder.
+pub enum ModelSource {
+    Dir(PathBuf),
+    Gguf { gguf: GgufModel, files_dir: PathBuf },
+}
+
+impl ModelSource {
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            bail!(
+                "model_name_or_path {} does not exist; give a Hugging Face model directory or a .gguf file (this machine cannot download models)",
+                path.display()
+            );
+        }
+        if !is_gguf_file(path) {
+            return Ok(Self::Dir(path.to_path_buf()));
+        }
+        let gguf = GgufModel::open(path)?;
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or_default();
+        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+        let files_dir = std::env::temp_dir().join(format!("ferrofactory-gguf-{stem}-{len}"));
+        std::fs::create_dir_all(&files_dir)
+            .with_context(|| format!("creating {}", files_dir.display()))?;
+        gguf.write_tokenizer_files(&files_dir)?;
+        gguf.write_config_files(&files_dir)?;
+        Ok(Self::Gguf { gguf, files_dir })
+    }
+
+    /// The folder holding config.json and the tokenizer files.
+    pub fn files_dir(&self) -> &Path {
+        match self {
+            Self::Dir(dir) => dir,
+            Self::Gguf { files_dir, .. } => files_dir,
+        }
+    }
+
+    fn load(&self, dtype: DType) -> Result<CausalLm> {
+        Ok(match self {
+            Self::Dir(dir) => load_model_dir(dir, dtype, &Device::Cpu)?,
+            Self::Gguf { gguf, .. } => gguf.load(dtype, &Device::Cpu)?,
+        })
+    }
+}
+
+/// LoRA (fresh, or continued from `adapter_name_or_path`), full, or freeze tuning.
+fn apply_finetuning(model: &mut CausalLm, args: &TrainArgs) -> Result<SavedWeights> {
+    match args.finetuning_type.as_str() {
+        "lora" => {
+            let spec = match &args.adapter_name_or_path {
+                Some(dir) if !args.create_new_adapter => load_adapter(model, Path::new(dir))
+                    .with_context(|| format!("loading adapter_name_or_path {dir}"))?,
+                _ => {
+                    let spec = LoraSpec {
+                        rank: args.lora_rank as usize,
+                        alpha: args.lora_alpha(),
+                        dropout: args.lora_dropout as f32,
+                        targets: LoraSpec::parse_targets(&args.lora_target.joined())?,
+                        use_rslora: args.use_rslora,
+                    };
+                    apply_lora(model, &spec, args.seed)?;
+                    spec
+                }
+            };
+            Ok(SavedWeights::Lora(spec))
+        }
+        "full" => {
+            make_all_trainable(model)?;
+            Ok(SavedWeights::Full)
+        }
+        "freeze" => {
+            apply_freeze(
+                model,
+                args.freeze_trainable_layers,
+                &args.freeze_trainable_modules.0,
+                &args.freeze_extra_modules.0,
+            )?;
+            Ok(SavedWeights::Full)
+        }
+        other => bail!("finetuning_type `{other}` is not supported"),
+    }
+}
+
+/// First Ctrl-C: finish the current step, checkpoint, exit non-zero. Second: exit at once.
+fn install_interrupt_handler(stop: Arc<AtomicBool>) -> Result<()> {
+    ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: stopping now without a checkpoint");
+            std::process::exit(i32::from(INTERRUPTED_EXIT));
+        }
+        eprintln!("\ninterrupt: stopping after the current step and writing a checkpoint (Ctrl-C again to stop now)");
+    })
+    .context("installing the Ctrl-C handler")
+}
+
+fn copy_tokenizer_files(model_dir: &Path, output_dir: &Path) -> Result<()> {
+    for name in TOKENIZER_FILES {
+        let from = model_dir.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, output_dir.join(name)).with_context(|| {
+                format!("copying {} to {}", from.display(), output_dir.display())
+            })?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! The `ferrofactory` binary, run as a user runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn ferrofactory(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferrofactory"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the binary runs")
+}
+
+/// A config that trains the tiny fixture from its initial adapter on a dataset whose one
+/// batch is the reference batch.
+fn fixture_config(dir: &Path, extra: &str) -> PathBuf {
+    let root = root();
+    let yaml = format!(
+        "model_name_or_path: {model}\nadapter_name_or_path: {adapter}\nstage: sft\nfinetuning_type: lora\n\
+         dataset: fixture_batch\ndataset_dir: {data}\ntemplate: empty\ncutoff_len: 64\n\
+         output_dir: {out}\nlogging_steps: 1\nsave_steps: 100\nper_device_train_batch_size: 2\n\
+         learning_rate: 1.0e-2\nlr_scheduler_type: constant\nmax_steps: 5\nmax_grad_norm: 1.0\n\
+         preprocessing_num_workers: 4\n{extra}",
+        model = root.join("testdata/tiny-llama").display(),
+        adapter = root.join("testdata/tiny-llama-lora-init").display(),
+        data = root.join("testdata/cli").display(),
+        out = dir.join("out").display(),
+    );
+    let path = dir.join("train.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn logged_losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("trainer_log.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
+        .collect()
+}
+
+#[test]
+fn tiny_fixture_through_the_cli_logs_the_reference_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fixture_config(dir.path(), "");
+    let output = ferrofactory(&["train", config.to_str().unwrap()], dir.path());
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("testdata/tiny-llama-reference.json")).unwrap(),
+    )
+    .unwrap();
+    let expected: Vec<f64> = reference["lora_adamw"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["loss"].as_f64().unwrap())
+        .collect();
+    let out = dir.path().join("out");
+    let losses = logged_losses(&out);
+    assert_eq!(losses.len(), 5);
+    for (step, (a, e)) in losses.iter().zip(&expected).enumerate() {
+        assert!((a - e).abs() / e <= 1e-4, "step {}: {a} vs {e}", step + 1);
+    }
+    for file in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "all_results.json",
+        "checkpoint-5/trainer_state.json",
+    ] {
+        assert!(out.join(file).exists(), "{file} missing");
+    }
+    let first_line = std::fs::read_to_string(out.join("trainer_log.jsonl")).unwrap();
+    assert!(
+        first_line.starts_with("{\"current_steps\":1,\"total_steps\":5,\"loss\":"),
+        "{first_line}"
+    );
+}
+
+#[test]
+fn override_changes_the_run_and_bad_keys_fail_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fixture_config(dir.path(), "");
+    let output = ferrofactory(
+        &[
+            "train",
+            config.to_str().unwrap(),
+            "max_steps=2",
+            "logging_steps=2",
+        ],
+        dir.path(),
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(logged_losses(&dir.path().join("out")).len(), 1);
+
+    let output = ferrofactory(
+        &["train", config.to_str().unwrap(), "lerning_rate=1"],
+        dir.path(),
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stderr.trim(),
+        "error: unknown key `lerning_rate`; did you mean `learning_rate`?"
+    );
+
+    let output = ferrofactory(
+        &["train", config.to_str().unwrap(), "dataset=nope"],
+        dir.path(),
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("dataset `nope` is not in") && stderr.contains("fixture_batch"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    let output = ferrofactory(
+        &["train", config.to_str().unwrap(), "template=nope"],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("available templates are"),
+        "{stderr}"
+    );
+
+    let output = ferrofactory(&["train", "missing.yaml"], dir.path());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("cannot read missing.yaml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn preprocess_writes_the_reference_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "model_name_or_path: {}\ndataset: identity,alpaca_en_demo\ndataset_dir: {}\ntemplate: smollm2\ncutoff_len: 256\nmax_samples: 40\n",
+        root().join("testdata/smollm2-135m-config").display(),
+        root().join("data").display()
+    );
+    let config = dir.path().join("pre.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let out = dir.path().join("tokens.jsonl");
+    let output = ferrofactory(
+        &[
+            "preprocess",
+            config.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let reference = std::fs::read_to_string(
+        root().join("testdata/token_refs/smollm2__identity+alpaca_en_demo__256__40.jsonl"),
+    )
+    .unwrap();
+    let expected: Vec<Value> = reference
+        .lines()
+        .skip(1)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let actual: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(actual, expected);
+}
+
+#[test]
+fn ctrl_c_checkpoints_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fixture_config(dir.path(), "");
+    let out = dir.path().join("out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrofactory"))
+        .args(["train", config.to_str().unwrap(), "max_steps=100000"])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !out.join("trainer_log.jsonl").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let checkpoints: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+        .collect();
+    assert_eq!(checkpoints.len(), 1, "one checkpoint written on interrupt");
+    assert!(checkpoints[0]
+        .path()
+        .join("adapter_model.safetensors")
+        .exists());
+    assert!(
+        !out.join("train_results.json").exists(),
+        "an interrupted run must not look finished"
+    );
+}
