@@ -2,8 +2,7 @@
 //! masked out of the labels, following LLaMA-Factory's supervised processor.
 
 use crate::convert::Conversation;
-use crate::error::Result;
-use crate::template::Template;
+use crate::template::{Encoded, Template};
 use crate::tokenizer::Tokenizer;
 
 /// The label of a position the loss ignores.
@@ -38,31 +37,33 @@ pub fn infer_seqlen(source_len: usize, target_len: usize, cutoff_len: usize) -> 
     (new_source_len, new_target_len)
 }
 
-/// The example for `conversation`, or `None` when LLaMA-Factory would drop it (an even number
-/// of prompt messages, or not exactly one response).
+/// The example for `conversation`, `Ok(None)` when LLaMA-Factory drops it (an even number of
+/// prompt messages, or not exactly one response), or why it cannot be encoded.
 pub fn encode_example(
     conversation: &Conversation,
     template: &Template,
     tokenizer: &Tokenizer,
     options: SupervisedOptions,
-) -> Result<Option<Example>> {
+) -> Encoded<Option<Example>> {
     if conversation.prompt.len() % 2 != 1 || conversation.response.len() != 1 {
         return Ok(None);
     }
     let mut messages = conversation.prompt.clone();
     messages.extend(conversation.response.iter().cloned());
+    // With mask_history only the last answer is trained on, so earlier thoughts are dropped
+    // unless the template preserves them.
+    let discarding_history_cot = options.mask_history && !template.preserve_thinking;
     let mut pairs = template.encode_multiturn(
         tokenizer,
         &messages,
         &conversation.system,
         &conversation.tools,
+        discarding_history_cot,
     )?;
-    let eos = tokenizer
-        .eos_token_id
-        .map(|id| id as i64)
-        .unwrap_or(IGNORE_INDEX);
+    let eos = tokenizer.eos_token_id;
     let mut total_length = usize::from(template.efficient_eos);
     if options.mask_history {
+        // The last turns get the budget first.
         pairs.reverse();
     }
     let mut input_ids: Vec<u32> = Vec::new();
@@ -80,9 +81,11 @@ pub fn encode_example(
         let target = &target[..target_len];
         total_length += source_len + target_len;
         let source_label: Vec<i64> = if options.train_on_prompt {
-            source.iter().map(|&t| t as i64).collect()
+            source.iter().map(|&t| i64::from(t)).collect()
         } else if template.efficient_eos && turn != 0 {
-            std::iter::once(eos)
+            // The previous answer's EOS is learned at the start of the next prompt.
+            let eos = eos.ok_or("the tokenizer has no EOS token")?;
+            std::iter::once(i64::from(eos))
                 .chain(std::iter::repeat_n(
                     IGNORE_INDEX,
                     source_len.saturating_sub(1),
@@ -94,10 +97,10 @@ pub fn encode_example(
         let target_label: Vec<i64> = if options.mask_history && turn != 0 {
             vec![IGNORE_INDEX; target_len]
         } else {
-            target.iter().map(|&t| t as i64).collect()
+            target.iter().map(|&t| i64::from(t)).collect()
         };
-        let turn_ids: Vec<u32> = source.iter().chain(target).copied().collect();
-        let turn_labels: Vec<i64> = source_label.into_iter().chain(target_label).collect();
+        let turn_ids = source.iter().chain(target).copied();
+        let turn_labels = source_label.into_iter().chain(target_label);
         if options.mask_history {
             input_ids.splice(0..0, turn_ids);
             labels.splice(0..0, turn_labels);
@@ -107,10 +110,9 @@ pub fn encode_example(
         }
     }
     if template.efficient_eos {
-        if let Some(id) = tokenizer.eos_token_id {
-            input_ids.push(id);
-            labels.push(id as i64);
-        }
+        let eos = eos.ok_or("the tokenizer has no EOS token")?;
+        input_ids.push(eos);
+        labels.push(i64::from(eos));
     }
     Ok(Some(Example { input_ids, labels }))
 }

@@ -1,6 +1,7 @@
-//! A Hugging Face tokenizer (`tokenizer.json`) with the special tokens of `tokenizer_config.json`.
+//! A Hugging Face tokenizer (`tokenizer.json`) with the special tokens named in
+//! `tokenizer_config.json` (or `special_tokens_map.json`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
@@ -9,11 +10,20 @@ use crate::error::{DataError, Result};
 
 pub struct Tokenizer {
     inner: HfTokenizer,
+    dir: PathBuf,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
 }
 
+/// The files a tokenizer is read from, in the order they are hashed for the cache key.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// A special token is written either as its text or as a serialized `AddedToken`.
 fn token_text(v: Option<&Value>) -> Option<String> {
     match v? {
         Value::String(s) => Some(s.clone()),
@@ -22,42 +32,49 @@ fn token_text(v: Option<&Value>) -> Option<String> {
     }
 }
 
+fn read_json(path: &Path) -> Result<Value> {
+    if !path.is_file() {
+        return Ok(Value::Null);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| DataError::Json {
+        path: path.to_path_buf(),
+        line: e.line(),
+        message: e.to_string(),
+    })
+}
+
 impl Tokenizer {
-    /// Loads `dir/tokenizer.json` and, when present, `dir/tokenizer_config.json`.
+    /// Loads `dir/tokenizer.json` and the special tokens of `dir/tokenizer_config.json`, falling
+    /// back to `dir/special_tokens_map.json` for tokens the config leaves out.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
-            return Err(DataError::Invalid(format!(
-                "{} does not exist; the model folder must hold a Hugging Face tokenizer.json",
-                path.display()
-            )));
+            return Err(DataError::Tokenizer {
+                path: dir.to_path_buf(),
+                reason:
+                    "it has no tokenizer.json; point the model path at a Hugging Face model folder"
+                        .into(),
+            });
         }
-        let inner = HfTokenizer::from_file(&path).map_err(|e| {
-            DataError::Invalid(format!("{} is not a valid tokenizer: {e}", path.display()))
+        let inner = HfTokenizer::from_file(&path).map_err(|e| DataError::Tokenizer {
+            path: path.clone(),
+            reason: format!("tokenizer.json cannot be parsed ({e})"),
         })?;
-        let config_path = dir.join("tokenizer_config.json");
-        let config: Value = if config_path.is_file() {
-            let text = std::fs::read_to_string(&config_path)
-                .map_err(|e| DataError::io(&config_path, e))?;
-            serde_json::from_str(&text).map_err(|e| DataError::Json {
-                path: config_path.clone(),
-                line: e.line(),
-                message: e.to_string(),
-            })?
-        } else {
-            Value::Null
+        let config = read_json(&dir.join("tokenizer_config.json"))?;
+        let special_map = read_json(&dir.join("special_tokens_map.json"))?;
+        let id = |key: &str| {
+            token_text(config.get(key))
+                .or_else(|| token_text(special_map.get(key)))
+                .and_then(|t| inner.token_to_id(&t))
         };
-        let id = |key: &str| token_text(config.get(key)).and_then(|t| inner.token_to_id(&t));
-        let mut tokenizer = Self {
+        Ok(Self {
             bos_token_id: id("bos_token"),
             eos_token_id: id("eos_token"),
             pad_token_id: id("pad_token"),
+            dir: dir.to_path_buf(),
             inner,
-        };
-        if tokenizer.eos_token_id.is_none() {
-            tokenizer.eos_token_id = tokenizer.token_id("<|endoftext|>");
-        }
-        Ok(tokenizer)
+        })
     }
 
     /// Token ids of `text` without BOS/EOS, as `encode(text, add_special_tokens=False)`.
@@ -68,14 +85,28 @@ impl Tokenizer {
         self.inner
             .encode(text, false)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| DataError::Invalid(format!("cannot tokenize text: {e}")))
+            .map_err(|e| DataError::Tokenizer {
+                path: self.dir.clone(),
+                reason: format!("it cannot tokenize {text:?} ({e})"),
+            })
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
 
-    /// Makes `tokens` special (matched whole in text); tokens already known keep their ids.
+    /// Decodes `ids` back to text, special tokens included.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| DataError::Tokenizer {
+                path: self.dir.clone(),
+                reason: format!("it cannot decode {ids:?} ({e})"),
+            })
+    }
+
+    /// Makes `tokens` special (matched whole in text); tokens already known keep their ids and
+    /// new ones get the next free ids.
     pub fn add_special_tokens(&mut self, tokens: &[String]) -> Result<()> {
         let added: Vec<AddedToken> = tokens
             .iter()
@@ -83,7 +114,17 @@ impl Tokenizer {
             .collect();
         self.inner
             .add_special_tokens(added)
-            .map(|_| ())
-            .map_err(|e| DataError::Invalid(format!("cannot add special tokens {tokens:?}: {e}")))
+            .map_err(|e| DataError::Tokenizer {
+                path: self.dir.clone(),
+                reason: format!("it cannot add the special tokens {tokens:?} ({e})"),
+            })?;
+        Ok(())
+    }
+
+    /// Makes `token` the EOS token, adding it as a special token when needed.
+    pub fn set_eos_token(&mut self, token: &str) -> Result<()> {
+        self.add_special_tokens(&[token.to_string()])?;
+        self.eos_token_id = self.token_id(token);
+        Ok(())
     }
 }
