@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use ff_config::TrainArgs;
-use ff_data::{DataArgs, Prepared};
+use ff_data::{CacheStatus, DataArgs, Prepared};
 
 pub fn data_args(args: &TrainArgs) -> Result<DataArgs> {
     let template = args
@@ -24,10 +24,34 @@ pub fn data_args(args: &TrainArgs) -> Result<DataArgs> {
         seed: args.data_seed.unwrap_or(args.seed),
         default_system: args.default_system.clone(),
         enable_thinking: args.enable_thinking.unwrap_or(true),
+        preserve_thinking: args.preserve_thinking,
+        tool_format: args.tool_format.clone(),
     })
 }
 
-/// Tokenized training and evaluation sets for `args`, with the tokenizer in `tokenizer_dir`.
+/// Tokenized training and evaluation sets for `args`, with the tokenizer in `tokenizer_dir`,
+/// from the preprocessing cache when nothing they depend on has changed.
 pub fn load_examples(args: &TrainArgs, tokenizer_dir: &Path) -> Result<Prepared> {
-    Ok(ff_data::prepare(&data_args(args)?, tokenizer_dir)?)
+    let cache_dir = cache_dir();
+    let (prepared, status) = ff_data::prepare_cached(&data_args(args)?, tokenizer_dir, &cache_dir)?;
+    let how = match status {
+        CacheStatus::Hit => "read from the cache in",
+        CacheStatus::Built => "preprocessed and cached in",
+    };
+    eprintln!(
+        "{} training and {} evaluation examples {how} {}",
+        prepared.train.len(),
+        prepared.eval.len(),
+        cache_dir.display()
+    );
+    Ok(prepared)
+}
+
+/// `$XDG_CACHE_HOME/ferrofactory/datasets`, else `~/.cache/ferrofactory/datasets`.
+fn cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("ferrofactory").join("datasets")
 }

@@ -107,45 +107,24 @@ fn override_changes_the_run_and_bad_keys_fail_in_one_line() {
     );
     assert_eq!(logged_losses(&dir.path().join("out")).len(), 1);
 
-    let output = ferrofactory(
-        &["train", config.to_str().unwrap(), "lerning_rate=1"],
-        dir.path(),
-    );
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let config = config.to_str().unwrap();
+    let error = failure(&["train", config, "lerning_rate=1"], dir.path());
     assert_eq!(
-        stderr.trim(),
+        error,
         "error: unknown key `lerning_rate`; did you mean `learning_rate`?"
     );
-
-    let output = ferrofactory(
-        &["train", config.to_str().unwrap(), "dataset=nope"],
-        dir.path(),
-    );
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let error = failure(&["train", config, "dataset=nope"], dir.path());
     assert!(
-        stderr.contains("dataset `nope` is not in") && stderr.contains("fixture_batch"),
-        "{stderr}"
+        error.contains("dataset `nope`") && error.contains("fixture_batch"),
+        "{error}"
     );
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-
-    let output = ferrofactory(
-        &["train", config.to_str().unwrap(), "template=nope"],
-        dir.path(),
-    );
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let error = failure(&["train", config, "template=nope"], dir.path());
     assert!(
-        !output.status.success() && stderr.contains("available templates are"),
-        "{stderr}"
+        error.contains("smollm2") && error.contains("llama3"),
+        "lists the templates: {error}"
     );
-
-    let output = ferrofactory(&["train", "missing.yaml"], dir.path());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !output.status.success() && stderr.contains("cannot read missing.yaml"),
-        "{stderr}"
-    );
+    let error = failure(&["train", "missing.yaml"], dir.path());
+    assert!(error.contains("cannot read missing.yaml"), "{error}");
 }
 
 #[test]
@@ -229,5 +208,80 @@ fn ctrl_c_checkpoints_and_exits_non_zero() {
     assert!(
         !out.join("train_results.json").exists(),
         "an interrupted run must not look finished"
+    );
+}
+
+/// Runs the binary expecting failure; returns the error, which must be a single line at the end
+/// of stderr (progress lines may come before it).
+fn failure(args: &[&str], dir: &Path) -> String {
+    let output = ferrofactory(args, dir);
+    assert!(!output.status.success(), "expected failure for {args:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert_eq!(stderr.lines().last(), Some(errors[0]), "{stderr}");
+    errors[0].to_string()
+}
+
+#[test]
+fn user_mistakes_are_one_sentence_and_touch_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fixture_config(dir.path(), "");
+    let config = config.to_str().unwrap();
+
+    let stderr = failure(
+        &["train", config, "model_name_or_path=/no/such/model"],
+        dir.path(),
+    );
+    assert!(
+        stderr.contains("model_name_or_path /no/such/model does not exist"),
+        "{stderr}"
+    );
+
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("mine.txt"), "keep").unwrap();
+    let stderr = failure(&["train", config], dir.path());
+    assert!(
+        stderr.contains("already exists and is not empty; set overwrite_output_dir"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("mine.txt")).unwrap(),
+        "keep"
+    );
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        1,
+        "nothing written"
+    );
+
+    let ckpt = out.join("checkpoint-3");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    std::fs::write(ckpt.join("trainer_state.json"), "{}").unwrap();
+    let stderr = failure(
+        &[
+            "train",
+            config,
+            &format!("resume_from_checkpoint={}", ckpt.display()),
+        ],
+        dir.path(),
+    );
+    assert!(
+        stderr.contains("checkpoint-3 is incomplete: it has no adapter_config.json"),
+        "{stderr}"
+    );
+
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "model_name_or_path: x\ndataset: [a,\nlearning_rate: 1\n",
+    )
+    .unwrap();
+    let stderr = failure(&["train", bad.to_str().unwrap()], dir.path());
+    assert!(
+        stderr.contains("bad.yaml is not valid YAML") && stderr.contains("line"),
+        "{stderr}"
     );
 }

@@ -82,6 +82,7 @@ train_args! {
     val_size: f64 = 0.0,
     default_system: Option<String> = None,
     enable_thinking: Option<bool> = Some(true),
+    preserve_thinking: bool = false,
     tool_format: Option<String> = None,
     packing: Option<bool> = None,
     neat_packing: bool = false,
@@ -317,10 +318,7 @@ impl TrainArgs {
                 });
             }
         }
-        for (key, set) in [
-            ("tool_format", self.tool_format.is_some()),
-            ("tokenized_path", self.tokenized_path.is_some()),
-        ] {
+        for (key, set) in [("tokenized_path", self.tokenized_path.is_some())] {
             if set {
                 return Err(ConfigError::UnsupportedKey {
                     key: key.into(),

@@ -83,6 +83,23 @@ pub fn save_weights(
     Ok(())
 }
 
+/// Refuses a checkpoint folder that lacks a file resume needs, naming it.
+pub fn check_complete(weights: &SavedWeights, dir: &Path) -> TrainResult<()> {
+    let weight_files: &[&str] = match weights {
+        SavedWeights::Lora(_) => &["adapter_config.json", "adapter_model.safetensors"],
+        SavedWeights::Full => &[MODEL_FILE],
+    };
+    for name in weight_files.iter().chain(&[TRAINER_STATE]) {
+        if !dir.join(name).is_file() {
+            return Err(TrainError::Checkpoint(format!(
+                "checkpoint {} is incomplete: it has no {name}; resume from another checkpoint or start over",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Puts the weights saved by [`save_weights`] back into `model`.
 pub fn load_weights(model: &mut CausalLm, weights: &SavedWeights, dir: &Path) -> TrainResult<()> {
     match weights {

@@ -12,9 +12,9 @@ use serde_json::{json, Map, Value};
 
 use crate::batch::{collate, Example};
 use crate::checkpoint::{
-    list_checkpoints, load_optimizer, load_weights, read_trainer_state, rotate_checkpoints,
-    save_optimizer, save_weights, write_json, SavedWeights, TrainerState, OPTIMIZER_FILE,
-    TRAINER_STATE,
+    check_complete, list_checkpoints, load_optimizer, load_weights, read_trainer_state,
+    rotate_checkpoints, save_optimizer, save_weights, write_json, SavedWeights, TrainerState,
+    OPTIMIZER_FILE, TRAINER_STATE,
 };
 use crate::error::{TrainError, TrainResult};
 use crate::optim::{AdamW, AdamWConfig};
@@ -213,6 +213,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         ..TrainerState::default()
     };
     if let Some(dir) = &resume_from {
+        check_complete(&run.weights, dir)?;
         load_weights(model, &run.weights, dir)?;
     }
     let mut trainables = Trainables::of(model);
