@@ -7,6 +7,7 @@
 
 pub mod args;
 mod cache;
+mod chat_template;
 pub mod convert;
 pub mod error;
 pub mod jsonl;

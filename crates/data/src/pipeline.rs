@@ -45,7 +45,14 @@ struct Row {
 /// `get_template_and_fix_tokenizer` does (tool format, default system, thinking flags, EOS
 /// replacement, stop words, pad token).
 pub fn load_template(args: &DataArgs, tokenizer_dir: &Path) -> Result<(Template, Tokenizer)> {
-    let mut template = Template::by_name(&args.template)?;
+    let mut tokenizer = Tokenizer::from_dir(tokenizer_dir)?;
+    let mut template = match &args.template {
+        Some(name) => Template::by_name(name)?,
+        None => match Template::from_tokenizer(&tokenizer)? {
+            Some(template) => template,
+            None => Template::by_name("empty")?,
+        },
+    };
     if args.train_on_prompt && template.efficient_eos {
         return Err(DataError::Args(format!(
             "template `{}` puts EOS at the end of the sequence and cannot train_on_prompt; turn train_on_prompt off",
@@ -67,12 +74,12 @@ pub fn load_template(args: &DataArgs, tokenizer_dir: &Path) -> Result<(Template,
         template.preserve_thinking = args.preserve_thinking;
     }
     template.tool_date = today();
-    let mut tokenizer = Tokenizer::from_dir(tokenizer_dir)?;
     template.fix_tokenizer(&mut tokenizer)?;
     Ok((template, tokenizer))
 }
 
-/// Rows of one dataset, first `max_samples` only, converted.
+/// Rows of one dataset, first `max_samples` only, converted. Work runs in parallel but results
+/// (and the error reported, the first in row order) come back in row order.
 fn load_dataset(attr: &DatasetAttr, max_samples: Option<usize>) -> Result<Vec<Row>> {
     let files = dataset_files(&attr.path)?;
     if files.is_empty() {
@@ -113,6 +120,8 @@ fn load_dataset(attr: &DatasetAttr, max_samples: Option<usize>) -> Result<Vec<Ro
                 conversation,
             })
         })
+        .collect::<Vec<_>>()
+        .into_iter()
         .collect()
 }
 
@@ -148,6 +157,8 @@ fn encode_rows(
                 }
             })
         })
+        .collect::<Vec<_>>()
+        .into_iter()
         .collect::<Result<_>>()?;
     Ok(encoded.into_iter().flatten().collect())
 }
@@ -263,9 +274,13 @@ pub fn cache_file(args: &DataArgs, tokenizer_dir: &Path, cache_dir: &Path) -> Re
             hash_file(&file)?;
         }
     }
-    let template = Template::by_name(&args.template)?;
+    // Templates read from a tokenizer use the default tool format.
+    let template_tools = match &args.template {
+        Some(name) => Template::by_name(name)?.tool_format,
+        None => ToolFormat::Default,
+    };
     let llama3_tools =
-        args.tool_format.as_deref() == Some("llama3") || template.tool_format == ToolFormat::Llama3;
+        args.tool_format.as_deref() == Some("llama3") || template_tools == ToolFormat::Llama3;
     if llama3_tools {
         key.part("date", today().as_bytes());
     }

@@ -14,6 +14,11 @@ pub struct Tokenizer {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
+    /// The Jinja chat template: `chat_template.jinja`, else the config's `chat_template`.
+    pub chat_template: Option<String>,
+    /// The special tokens by role (`bos_token`, `eos_token`, `pad_token`, `unk_token`) as
+    /// written in the config, which chat templates can refer to.
+    pub special_tokens: Vec<(String, String)>,
 }
 
 /// The files a tokenizer is read from, in the order they are hashed for the cache key.
@@ -21,7 +26,23 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",
 ];
+
+const SPECIAL_TOKEN_KEYS: &[&str] = &["bos_token", "eos_token", "unk_token", "pad_token"];
+
+/// The config's `chat_template`: a string, or a list of named templates of which "default"
+/// is the chat template.
+fn config_chat_template(config: &Value) -> Option<String> {
+    match config.get("chat_template")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(named) => named
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+        _ => None,
+    }
+}
 
 /// A special token is written either as its text or as a serialized `AddedToken`.
 fn token_text(v: Option<&Value>) -> Option<String> {
@@ -63,15 +84,33 @@ impl Tokenizer {
         })?;
         let config = read_json(&dir.join("tokenizer_config.json"))?;
         let special_map = read_json(&dir.join("special_tokens_map.json"))?;
+        let special_tokens: Vec<(String, String)> = SPECIAL_TOKEN_KEYS
+            .iter()
+            .filter_map(|key| {
+                let text =
+                    token_text(config.get(*key)).or_else(|| token_text(special_map.get(*key)))?;
+                Some((key.to_string(), text))
+            })
+            .collect();
         let id = |key: &str| {
-            token_text(config.get(key))
-                .or_else(|| token_text(special_map.get(key)))
-                .and_then(|t| inner.token_to_id(&t))
+            let (_, text) = special_tokens.iter().find(|(k, _)| k == key)?;
+            inner.token_to_id(text)
+        };
+        let template_file = dir.join("chat_template.jinja");
+        let chat_template = if template_file.is_file() {
+            Some(
+                std::fs::read_to_string(&template_file)
+                    .map_err(|e| DataError::io(&template_file, e))?,
+            )
+        } else {
+            config_chat_template(&config)
         };
         Ok(Self {
             bos_token_id: id("bos_token"),
             eos_token_id: id("eos_token"),
             pad_token_id: id("pad_token"),
+            chat_template,
+            special_tokens,
             dir: dir.to_path_buf(),
             inner,
         })
@@ -89,6 +128,24 @@ impl Tokenizer {
                 path: self.dir.clone(),
                 reason: format!("it cannot tokenize {text:?} ({e})"),
             })
+    }
+
+    /// `decode(encode(text))` with the post-processor's special tokens, which is how
+    /// LLaMA-Factory finds the prefix a tokenizer adds to every text.
+    pub fn round_trip_with_special_tokens(&self, text: &str) -> Result<String> {
+        let encoding = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| DataError::Tokenizer {
+                path: self.dir.clone(),
+                reason: format!("it cannot tokenize {text:?} ({e})"),
+            })?;
+        self.decode(encoding.get_ids())
+    }
+
+    /// The folder the tokenizer was read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {

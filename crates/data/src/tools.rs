@@ -156,35 +156,54 @@ impl ToolFormat {
     }
 }
 
-/// Today's date (UTC) as the llama3 tool prompt writes it, `%d %b %Y` (e.g. "05 Mar 2026").
-pub fn today() -> String {
-    let days = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() / 86_400)
-        .unwrap_or(0);
-    date_of_day(days as i64)
+/// A calendar date.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CivilDate {
+    pub year: i64,
+    pub month: u32,
+    pub day: u32,
 }
 
-/// The civil date of a day number counted from 1970-01-01 (Howard Hinnant's algorithm).
-fn date_of_day(days: i64) -> String {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let z = days + 719_468;
+/// The date of a day number counted from 1970-01-01 (Howard Hinnant's algorithm).
+pub fn civil_date(days: u64) -> CivilDate {
+    let z = days as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
     let year_of_era =
         (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let shifted_month = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let day = (day_of_year - (153 * shifted_month + 2) / 5 + 1) as u32;
     let month = if shifted_month < 10 {
         shifted_month + 3
     } else {
         shifted_month - 9
-    };
+    } as u32;
     let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!("{day:02} {} {year}", MONTHS[(month - 1) as usize])
+    CivilDate { year, month, day }
+}
+
+/// A day number as the llama3 tool prompt writes dates, `%d %b %Y` (e.g. "05 Mar 2026").
+fn date_of_day(days: u64) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let date = civil_date(days);
+    format!(
+        "{:02} {} {}",
+        date.day,
+        MONTHS[date.month as usize - 1],
+        date.year
+    )
+}
+
+/// Today's date (UTC) in the llama3 tool prompt's format.
+pub fn today() -> String {
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86_400)
+        .unwrap_or(0);
+    date_of_day(days)
 }
 
 fn dict<const N: usize>(items: [(&str, PyValue); N]) -> PyValue {

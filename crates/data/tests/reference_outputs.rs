@@ -1,6 +1,7 @@
 //! Preprocessing equals LLaMA-Factory 0.9.5's own output, id for id: the two reference files in
 //! testdata/token_refs and the per-template references in tests/refs (made by
-//! tests/refs/make_refs.py from LLaMA-Factory itself).
+//! tests/refs/make_refs.py from LLaMA-Factory itself). A config without `template` uses the
+//! tokenizer's chat template, as LLaMA-Factory does.
 
 use std::path::{Path, PathBuf};
 
@@ -40,7 +41,7 @@ fn args_from(config: &Value) -> DataArgs {
         dataset: list(config, "dataset"),
         eval_dataset: list(config, "eval_dataset"),
         dataset_dir,
-        template: config["template"].as_str().unwrap().to_string(),
+        template: config["template"].as_str().map(str::to_string),
         cutoff_len: config["cutoff_len"].as_u64().unwrap() as usize,
         max_samples: config["max_samples"].as_u64().map(|n| n as usize),
         train_on_prompt: config["train_on_prompt"].as_bool().unwrap_or(false),
@@ -85,8 +86,21 @@ fn check(path: &Path) {
     let (first, rest) = text.split_once('\n').unwrap();
     let config: Value = serde_json::from_str(first).unwrap();
     let args = args_from(&config["config"]);
-    let (mut template, tokenizer) =
-        load_template(&args, &repo_root().join("testdata/smollm2-135m-config")).unwrap();
+    let smollm2 = repo_root().join("testdata/smollm2-135m-config");
+    // A case may swap in another chat template (tests/data/chat_templates) for SmolLM2's.
+    let swapped = tempfile::tempdir().unwrap();
+    let tokenizer_dir = match config["config"]["chat_template"].as_str() {
+        Some(file) => {
+            for name in ["tokenizer.json", "tokenizer_config.json"] {
+                std::fs::copy(smollm2.join(name), swapped.path().join(name)).unwrap();
+            }
+            let source = crate_dir().join("tests/data/chat_templates").join(file);
+            std::fs::copy(source, swapped.path().join("chat_template.jinja")).unwrap();
+            swapped.path().to_path_buf()
+        }
+        None => smollm2,
+    };
+    let (mut template, tokenizer) = load_template(&args, &tokenizer_dir).unwrap();
     template.tool_date = TOOL_DATE.to_string();
     let prepared = prepare_with(&args, &template, &tokenizer).unwrap();
     assert_same(&name, "training", &prepared.train, &parse_lines(rest));
@@ -183,6 +197,9 @@ references!(
     smollm2__train_on_prompt,
     smollm2__val_fraction,
     smollm2__val_count,
+    tokenizer_template__chat,
+    tokenizer_template__tools,
+    tokenizer_template_think__thinking,
     vicuna__chat,
     vicuna__tools,
     yi__chat,

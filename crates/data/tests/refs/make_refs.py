@@ -6,13 +6,14 @@ supervised processor) with the SmolLM2 tokenizer from testdata/smollm2-135m-conf
 {"input_ids": [...], "labels": [...]} per training example; when the case has an evaluation set,
 `<case>.eval.jsonl` holds its examples the same way (without the config line).
 
-PyTorch is not needed for data preprocessing, so small stand-ins for torch, torchaudio and peft are
-written to a temporary folder to let LLaMA-Factory's modules import. Setup (outside the project):
+PyTorch is not needed for data preprocessing: when torch or peft is not installed, small stand-ins
+for torch, torchaudio and peft are written to a temporary folder to let LLaMA-Factory's modules
+import. Setup (outside the project):
 
-    python3 -m venv /tmp/lf
-    /tmp/lf/bin/pip install --no-deps llamafactory==0.9.5
-    /tmp/lf/bin/pip install "transformers==5.6.0" "datasets==4.0.0" omegaconf jinja2
-    DISABLE_VERSION_CHECK=1 /tmp/lf/bin/python crates/data/tests/refs/make_refs.py
+    python3 -m venv /tmp/lf-data
+    /tmp/lf-data/bin/pip install --no-deps llamafactory==0.9.5
+    /tmp/lf-data/bin/pip install "transformers==5.6.0" "datasets==4.0.0" omegaconf jinja2
+    DISABLE_VERSION_CHECK=1 /tmp/lf-data/bin/python crates/data/tests/refs/make_refs.py
 
 The llama3 tool prompt contains today's date; cases that use it pin the date to TOOL_DATE.
 """
@@ -68,6 +69,13 @@ __version__ = "0.18.0"
 
 
 def install_stubs() -> None:
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+
+        return  # the real packages are there
+    except ImportError:
+        pass
     stub_dir = Path(tempfile.mkdtemp(prefix="lf-stubs-"))
     for name, text in [("torch", STUB), ("torchaudio", STUB), ("peft", PEFT_STUB)]:
         (stub_dir / name).mkdir()
@@ -125,6 +133,13 @@ CASES += [
                                   template="alpaca", cutoff_len=128, max_samples=10)),
     ("llama2__alpaca_zh", dict(dataset="alpaca_zh_demo", dataset_dir="data", template="llama2",
                                cutoff_len=200, max_samples=20)),
+    # No template: LLaMA-Factory derives one from the tokenizer's chat template.
+    ("tokenizer_template__chat", dict(dataset="chat_multiturn,alpaca_history,messages_folder",
+                                      dataset_dir="tests", template=None, cutoff_len=1024)),
+    ("tokenizer_template__tools", dict(dataset="tool_calls,tool_calls_tagged", dataset_dir="tests",
+                                       template=None, cutoff_len=1024)),
+    ("tokenizer_template_think__thinking", dict(dataset="thinking,chat_multiturn", dataset_dir="tests",
+                                                template=None, cutoff_len=1024, chat_template="think.jinja")),
 ]
 
 
@@ -172,11 +187,20 @@ def run_case(name: str, config: dict) -> None:
     # Templates are module-level objects that get_template_and_fix_tokenizer mutates; start fresh.
     import copy
 
-    saved = copy.deepcopy(template_module.TEMPLATES[config["template"]])
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    saved = copy.deepcopy(template_module.TEMPLATES.get(config["template"]))
+    tokenizer_dir = TOKENIZER
+    if config.get("chat_template"):
+        # SmolLM2's tokenizer with another chat template.
+        tokenizer_dir = Path(tempfile.mkdtemp(prefix="lf-tokenizer-"))
+        for file_name in ["tokenizer.json", "tokenizer_config.json"]:
+            (tokenizer_dir / file_name).write_bytes((TOKENIZER / file_name).read_bytes())
+        template_file = CRATE / "tests" / "data" / "chat_templates" / config["chat_template"]
+        (tokenizer_dir / "chat_template.jinja").write_bytes(template_file.read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     module = get_dataset(template, model_args, data_args, training_args, "sft", tokenizer)
-    template_module.TEMPLATES[config["template"]] = saved
+    if saved is not None:
+        template_module.TEMPLATES[config["template"]] = saved
 
     full_config = dict(config)
     full_config.setdefault("seed", 42)
