@@ -28,7 +28,8 @@ pub struct DataArgs {
     /// Evaluation split taken from the training data: a fraction when below 1, else a number
     /// of rows (truncated to an integer).
     pub val_size: f64,
-    /// Seed of the evaluation split (LLaMA-Factory uses the training `seed`).
+    /// Seed of the evaluation split and of `num_samples` draws; LLaMA-Factory uses the training
+    /// `seed` for both (not `data_seed`).
     pub seed: u64,
     /// Replaces the template's default system prompt.
     pub default_system: Option<String>,

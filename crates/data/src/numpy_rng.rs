@@ -1,5 +1,49 @@
-//! NumPy's default generator (`np.random.default_rng(seed)`: SeedSequence feeding PCG64) and its
-//! `permutation(n)`, so a seeded split picks the same rows as `datasets`' `train_test_split`.
+//! NumPy's random generators, so seeded choices pick the same rows as in Python:
+//! `np.random.default_rng(seed)` (SeedSequence feeding PCG64), which `datasets`' seeded
+//! `train_test_split` uses, and the legacy global `np.random.seed(seed)` (MT19937), which
+//! `num_samples` draws from after transformers' `set_seed`.
+
+/// The raw draws of a NumPy bit generator and the integer sampling NumPy builds on them.
+pub trait BitGenerator {
+    fn next_u64(&mut self) -> u64;
+    fn next_u32(&mut self) -> u32;
+
+    /// A uniform integer in `0..=max` by masked rejection, as NumPy's `random_interval` and
+    /// its masked bounded integers.
+    fn interval(&mut self, max: u64) -> u64 {
+        if max == 0 {
+            return 0;
+        }
+        let mask = u64::MAX >> max.leading_zeros();
+        loop {
+            let value = if max <= u64::from(u32::MAX) {
+                u64::from(self.next_u32()) & mask
+            } else {
+                self.next_u64() & mask
+            };
+            if value <= max {
+                return value;
+            }
+        }
+    }
+
+    /// `permutation(n)`: a Fisher-Yates shuffle of `0..n` from the last position down.
+    fn permutation(&mut self, n: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = self.interval(i as u64) as usize;
+            order.swap(i, j);
+        }
+        order
+    }
+
+    /// `choice(n, k)` with replacement: `k` uniform integers in `0..n` (`n` > 0).
+    fn choice(&mut self, n: usize, k: usize) -> Vec<usize> {
+        (0..k)
+            .map(|_| self.interval(n as u64 - 1) as usize)
+            .collect()
+    }
+}
 
 /// NumPy's `SeedSequence` for an integer entropy with no spawn key.
 struct SeedSequence {
@@ -99,15 +143,17 @@ impl Pcg64 {
             .wrapping_mul(PCG_MULTIPLIER)
             .wrapping_add(self.increment);
     }
+}
 
-    pub fn next_u64(&mut self) -> u64 {
+impl BitGenerator for Pcg64 {
+    fn next_u64(&mut self) -> u64 {
         self.step();
         let rotation = (self.state >> 122) as u32;
         (((self.state >> 64) as u64) ^ (self.state as u64)).rotate_right(rotation)
     }
 
     /// The low half of a 64-bit draw, then its high half on the next call.
-    pub fn next_u32(&mut self) -> u32 {
+    fn next_u32(&mut self) -> u32 {
         if let Some(high) = self.buffered.take() {
             return high;
         }
@@ -115,33 +161,59 @@ impl Pcg64 {
         self.buffered = Some((next >> 32) as u32);
         next as u32
     }
+}
 
-    /// A uniform integer in `0..=max` by masked rejection, as NumPy's `random_interval`.
-    fn interval(&mut self, max: u64) -> u64 {
-        if max == 0 {
-            return 0;
+const MT_N: usize = 624;
+const MT_M: usize = 397;
+
+/// MT19937 as NumPy's legacy `RandomState` seeds and draws it.
+pub struct Mt19937 {
+    key: [u32; MT_N],
+    pos: usize,
+}
+
+impl Mt19937 {
+    /// `np.random.seed(seed)` for a seed below 2^32.
+    pub fn from_seed(seed: u32) -> Self {
+        let mut key = [0u32; MT_N];
+        key[0] = seed;
+        for i in 1..MT_N {
+            let prev = key[i - 1];
+            key[i] = 1_812_433_253u32
+                .wrapping_mul(prev ^ (prev >> 30))
+                .wrapping_add(i as u32);
         }
-        let mask = u64::MAX >> max.leading_zeros();
-        loop {
-            let value = if max <= u64::from(u32::MAX) {
-                u64::from(self.next_u32()) & mask
-            } else {
-                self.next_u64() & mask
-            };
-            if value <= max {
-                return value;
-            }
-        }
+        Self { key, pos: MT_N }
     }
 
-    /// `Generator.permutation(n)`: a Fisher-Yates shuffle of `0..n` from the last position down.
-    pub fn permutation(&mut self, n: usize) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            let j = self.interval(i as u64) as usize;
-            order.swap(i, j);
+    fn regenerate(&mut self) {
+        const UPPER: u32 = 0x8000_0000;
+        const LOWER: u32 = 0x7fff_ffff;
+        const MATRIX_A: u32 = 0x9908_b0df;
+        for i in 0..MT_N {
+            let y = (self.key[i] & UPPER) | (self.key[(i + 1) % MT_N] & LOWER);
+            let twisted = (y >> 1) ^ if y & 1 == 1 { MATRIX_A } else { 0 };
+            self.key[i] = self.key[(i + MT_M) % MT_N] ^ twisted;
         }
-        order
+        self.pos = 0;
+    }
+}
+
+impl BitGenerator for Mt19937 {
+    fn next_u32(&mut self) -> u32 {
+        if self.pos == MT_N {
+            self.regenerate();
+        }
+        let mut y = self.key[self.pos];
+        self.pos += 1;
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9d2c_5680;
+        y ^= (y << 15) & 0xefc6_0000;
+        y ^ (y >> 18)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        (u64::from(self.next_u32()) << 32) | u64::from(self.next_u32())
     }
 }
 
@@ -151,6 +223,19 @@ mod tests {
 
     // Values printed by NumPy 2.4: np.random.default_rng(seed).permutation(n) and
     // np.random.default_rng(seed).bit_generator.random_raw().
+    // np.random.seed(seed) followed by np.random.permutation / np.random.choice, NumPy 2.4.
+    #[test]
+    fn matches_numpy_legacy_global_generator() {
+        let mut rng = Mt19937::from_seed(42);
+        assert_eq!(rng.permutation(10), vec![8, 1, 5, 0, 7, 2, 9, 4, 3, 6]);
+        assert_eq!(rng.choice(7, 5), vec![2, 6, 2, 2, 4]);
+        assert_eq!(Mt19937::from_seed(0).permutation(5), vec![2, 0, 1, 3, 4]);
+        assert_eq!(
+            Mt19937::from_seed(1234).permutation(1000)[..5],
+            [681, 990, 155, 768, 438]
+        );
+    }
+
     #[test]
     fn matches_numpy_default_rng() {
         assert_eq!(

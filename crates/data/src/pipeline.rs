@@ -1,6 +1,7 @@
 //! From data arguments to training and evaluation examples, in LLaMA-Factory's order: read each
-//! dataset, keep its first `max_samples` rows, convert, concatenate, split off the evaluation
-//! rows, then template and tokenize every row (on all cores) and drop the ones SFT cannot use.
+//! dataset, draw its `num_samples` rows if it has that setting, keep the first `max_samples`,
+//! convert, concatenate, split off the evaluation rows, then template and tokenize every row (on
+//! all cores) and drop the ones SFT cannot use.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use crate::args::{DataArgs, ValSize};
 use crate::cache::{self, CachedData, KeyHasher};
 use crate::convert::{convert, Conversation};
 use crate::error::{DataError, Result};
+use crate::numpy_rng::{BitGenerator, Mt19937};
 use crate::reader::{dataset_files, read_rows};
 use crate::registry::{self, DatasetAttr, DATASET_INFO};
 use crate::split::train_test_split;
@@ -32,6 +34,59 @@ pub struct Prepared {
 pub enum CacheStatus {
     Hit,
     Built,
+}
+
+/// NumPy's global generator as `transformers.set_seed(seed)` leaves it, which LLaMA-Factory's
+/// `num_samples` draws from; seeded on first use, shared by all datasets in loading order.
+struct GlobalRng {
+    seed: u64,
+    rng: Option<Mt19937>,
+}
+
+impl GlobalRng {
+    fn new(seed: u64) -> Self {
+        Self { seed, rng: None }
+    }
+
+    fn get(&mut self) -> Result<&mut Mt19937> {
+        let seed = u32::try_from(self.seed).map_err(|_| {
+            DataError::Args(format!(
+                "seed {} is too large for NumPy's generator, which num_samples uses; use a seed below 2^32",
+                self.seed
+            ))
+        })?;
+        Ok(self.rng.get_or_insert_with(|| Mt19937::from_seed(seed)))
+    }
+}
+
+/// The rows a dataset contributes, in order: all of them, or LLaMA-Factory's `num_samples`
+/// draw; then the first `max_samples`.
+fn selected_rows(
+    attr: &DatasetAttr,
+    n: usize,
+    max_samples: Option<usize>,
+    rng: &mut GlobalRng,
+) -> Result<Vec<usize>> {
+    let mut indices: Vec<usize> = match attr.num_samples {
+        None => (0..n).collect(),
+        Some(_) if n == 0 => {
+            return Err(DataError::BadDatasetEntry {
+                name: attr.name.clone(),
+                reason: "it has no rows to draw num_samples from".into(),
+            })
+        }
+        Some(target) => {
+            let rng = rng.get()?;
+            let mut indices = rng.permutation(n);
+            indices.truncate(target);
+            if target > n {
+                indices.extend(rng.choice(n, target - n));
+            }
+            indices
+        }
+    };
+    indices.truncate(max_samples.unwrap_or(usize::MAX));
+    Ok(indices)
 }
 
 /// One converted row and where it came from, for error messages.
@@ -80,7 +135,11 @@ pub fn load_template(args: &DataArgs, tokenizer_dir: &Path) -> Result<(Template,
 
 /// Rows of one dataset, first `max_samples` only, converted. Work runs in parallel but results
 /// (and the error reported, the first in row order) come back in row order.
-fn load_dataset(attr: &DatasetAttr, max_samples: Option<usize>) -> Result<Vec<Row>> {
+fn load_dataset(
+    attr: &DatasetAttr,
+    max_samples: Option<usize>,
+    rng: &mut GlobalRng,
+) -> Result<Vec<Row>> {
     let files = dataset_files(&attr.path)?;
     if files.is_empty() {
         return Err(DataError::BadDatasetEntry {
@@ -104,16 +163,15 @@ fn load_dataset(attr: &DatasetAttr, max_samples: Option<usize>) -> Result<Vec<Ro
             });
         }
     }
-    let limit = max_samples.unwrap_or(usize::MAX).min(rows.len());
-    rows[..limit]
-        .par_iter()
-        .enumerate()
-        .map(|(index, row)| {
-            let conversation = convert(row, attr).map_err(|reason| DataError::BadExample {
-                dataset: attr.name.clone(),
-                index,
-                reason,
-            })?;
+    selected_rows(attr, rows.len(), max_samples, rng)?
+        .into_par_iter()
+        .map(|index| {
+            let conversation =
+                convert(&rows[index], attr).map_err(|reason| DataError::BadExample {
+                    dataset: attr.name.clone(),
+                    index,
+                    reason,
+                })?;
             Ok(Row {
                 dataset: attr.name.clone(),
                 index,
@@ -126,10 +184,10 @@ fn load_dataset(attr: &DatasetAttr, max_samples: Option<usize>) -> Result<Vec<Ro
 }
 
 /// The converted rows of `names`, concatenated in order.
-fn load_rows(names: &[String], args: &DataArgs) -> Result<Vec<Row>> {
+fn load_rows(names: &[String], args: &DataArgs, rng: &mut GlobalRng) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for attr in registry::resolve(&args.dataset_dir, names)? {
-        rows.extend(load_dataset(&attr, args.max_samples)?);
+        rows.extend(load_dataset(&attr, args.max_samples, rng)?);
     }
     Ok(rows)
 }
@@ -178,7 +236,7 @@ pub fn encode_datasets(
     template: &Template,
     tokenizer: &Tokenizer,
 ) -> Result<Vec<Example>> {
-    let rows = load_rows(names, args)?;
+    let rows = load_rows(names, args, &mut GlobalRng::new(args.seed))?;
     non_empty(encode_rows(&rows, args, template, tokenizer)?, || {
         format!("dataset {}", names.join(","))
     })
@@ -214,9 +272,10 @@ pub fn prepare_with(
     tokenizer: &Tokenizer,
 ) -> Result<Prepared> {
     check_args(args)?;
-    let mut rows = load_rows(&args.dataset, args)?;
+    let mut rng = GlobalRng::new(args.seed);
+    let mut rows = load_rows(&args.dataset, args, &mut rng)?;
     let eval_rows = if !args.eval_dataset.is_empty() {
-        load_rows(&args.eval_dataset, args)?
+        load_rows(&args.eval_dataset, args, &mut rng)?
     } else {
         let (train_indices, eval_indices) =
             train_test_split(rows.len(), args.val_size(), args.seed)?;

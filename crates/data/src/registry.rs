@@ -24,6 +24,9 @@ pub struct DatasetAttr {
     /// The file or folder the rows are read from.
     pub path: PathBuf,
     pub formatting: Formatting,
+    /// Resample the dataset to this many rows (a seeded permutation, topped up by draws with
+    /// replacement when it asks for more rows than there are).
+    pub num_samples: Option<usize>,
     pub prompt: Option<String>,
     pub query: Option<String>,
     pub response: Option<String>,
@@ -132,11 +135,14 @@ fn parse_entry(name: &str, entry: &Map<String, Value>, dir: &Path) -> Result<Dat
             "it is a ranking (preference) dataset; only stage sft is supported",
         ));
     }
-    if entry.get("num_samples").is_some_and(|v| !v.is_null()) {
-        return Err(bad(
-            "`num_samples` (random resampling) is not supported; remove it and use max_samples",
-        ));
-    }
+    let num_samples = match entry.get("num_samples") {
+        None | Some(Value::Null) => None,
+        Some(n) => Some(
+            n.as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| bad("`num_samples` must be a whole number of rows"))?,
+        ),
+    };
     let empty = Map::new();
     let section = |key: &str| entry.get(key).and_then(Value::as_object).unwrap_or(&empty);
     let (columns, tags) = (section("columns"), section("tags"));
@@ -165,6 +171,7 @@ fn parse_entry(name: &str, entry: &Map<String, Value>, dir: &Path) -> Result<Dat
         name: name.to_string(),
         path: dir.join(file_name),
         formatting,
+        num_samples,
         prompt: column("prompt", Some("instruction")),
         query: column("query", Some("input")),
         response: column("response", Some("output")),

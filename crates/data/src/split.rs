@@ -3,7 +3,7 @@
 
 use crate::args::ValSize;
 use crate::error::{DataError, Result};
-use crate::numpy_rng::Pcg64;
+use crate::numpy_rng::{BitGenerator, Pcg64};
 
 /// Row indices of the training and evaluation parts of `n` rows.
 pub(crate) fn train_test_split(

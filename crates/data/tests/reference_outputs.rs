@@ -197,6 +197,8 @@ references!(
     smollm2__train_on_prompt,
     smollm2__val_fraction,
     smollm2__val_count,
+    smollm2__num_samples,
+    smollm2__num_samples_split,
     tokenizer_template__chat,
     tokenizer_template__tools,
     tokenizer_template_think__thinking,

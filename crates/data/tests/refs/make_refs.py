@@ -133,6 +133,12 @@ CASES += [
                                   template="alpaca", cutoff_len=128, max_samples=10)),
     ("llama2__alpaca_zh", dict(dataset="alpaca_zh_demo", dataset_dir="data", template="llama2",
                                cutoff_len=200, max_samples=20)),
+    # num_samples draws from NumPy's global generator, seeded by transformers.set_seed(seed).
+    ("smollm2__num_samples", dict(dataset="chat_resampled,alpaca_oversampled", dataset_dir="tests",
+                                  template="smollm2", cutoff_len=256, seed=7)),
+    ("smollm2__num_samples_split", dict(dataset="alpaca_oversampled", eval_dataset="chat_resampled",
+                                        dataset_dir="tests", template="smollm2", cutoff_len=256,
+                                        max_samples=10)),
     # No template: LLaMA-Factory derives one from the tokenizer's chat template.
     ("tokenizer_template__chat", dict(dataset="chat_multiturn,alpaca_history,messages_folder",
                                       dataset_dir="tests", template=None, cutoff_len=1024)),
@@ -148,6 +154,7 @@ def run_case(name: str, config: dict) -> None:
     from llamafactory.data import template as template_module
     from llamafactory.data import tool_utils
     from llamafactory.hparams.data_args import DataArguments
+    import transformers
     from transformers import AutoTokenizer
 
     dataset_dir = str(ROOT / "data") if config["dataset_dir"] == "data" else str(CRATE / "tests" / "data")
@@ -198,6 +205,8 @@ def run_case(name: str, config: dict) -> None:
         (tokenizer_dir / "chat_template.jinja").write_bytes(template_file.read_bytes())
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    # LLaMA-Factory's get_train_args ends with transformers.set_seed(training seed).
+    transformers.set_seed(training_args.seed)
     module = get_dataset(template, model_args, data_args, training_args, "sft", tokenizer)
     if saved is not None:
         template_module.TEMPLATES[config["template"]] = saved
