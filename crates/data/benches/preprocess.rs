@@ -13,7 +13,7 @@ fn main() {
     let args = DataArgs {
         dataset: vec!["alpaca_en_demo".into()],
         dataset_dir: root.join("data"),
-        template: Some("smollm2".into()),
+        template: "smollm2".into(),
         cutoff_len: 2048,
         ..DataArgs::default()
     };

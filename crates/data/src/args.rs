@@ -14,9 +14,9 @@ pub struct DataArgs {
     pub eval_dataset: Vec<String>,
     /// The folder holding dataset_info.json and the data files.
     pub dataset_dir: PathBuf,
-    /// A built-in template name (see `TEMPLATE_NAMES`); without one the tokenizer's chat
-    /// template is used, or `empty` when it has none.
-    pub template: Option<String>,
+    /// A built-in template name (see `TEMPLATE_NAMES`). Empty means none was named: then, as in
+    /// LLaMA-Factory, the tokenizer's chat template is used, or `empty` when it has none.
+    pub template: String,
     /// The most tokens an example keeps.
     pub cutoff_len: usize,
     /// Keep only the first N rows of each dataset.
@@ -47,7 +47,7 @@ impl Default for DataArgs {
             dataset: Vec::new(),
             eval_dataset: Vec::new(),
             dataset_dir: PathBuf::from("data"),
-            template: None,
+            template: String::new(),
             cutoff_len: 2048,
             max_samples: None,
             train_on_prompt: false,

@@ -101,12 +101,13 @@ struct Row {
 /// replacement, stop words, pad token).
 pub fn load_template(args: &DataArgs, tokenizer_dir: &Path) -> Result<(Template, Tokenizer)> {
     let mut tokenizer = Tokenizer::from_dir(tokenizer_dir)?;
-    let mut template = match &args.template {
-        Some(name) => Template::by_name(name)?,
-        None => match Template::from_tokenizer(&tokenizer)? {
+    let mut template = if args.template.is_empty() {
+        match Template::from_tokenizer(&tokenizer)? {
             Some(template) => template,
             None => Template::by_name("empty")?,
-        },
+        }
+    } else {
+        Template::by_name(&args.template)?
     };
     if args.train_on_prompt && template.efficient_eos {
         return Err(DataError::Args(format!(
@@ -334,9 +335,10 @@ pub fn cache_file(args: &DataArgs, tokenizer_dir: &Path, cache_dir: &Path) -> Re
         }
     }
     // Templates read from a tokenizer use the default tool format.
-    let template_tools = match &args.template {
-        Some(name) => Template::by_name(name)?.tool_format,
-        None => ToolFormat::Default,
+    let template_tools = if args.template.is_empty() {
+        ToolFormat::Default
+    } else {
+        Template::by_name(&args.template)?.tool_format
     };
     let llama3_tools =
         args.tool_format.as_deref() == Some("llama3") || template_tools == ToolFormat::Llama3;

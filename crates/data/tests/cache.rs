@@ -39,7 +39,7 @@ impl Inputs {
         DataArgs {
             dataset: vec!["chat_multiturn".into(), "alpaca_history".into()],
             dataset_dir: self.dir.path().join("data"),
-            template: Some("smollm2".into()),
+            template: "smollm2".into(),
             cutoff_len: 128,
             val_size: 0.25,
             ..DataArgs::default()
@@ -117,7 +117,7 @@ fn any_changed_input_builds_again() {
             ..args.clone()
         },
         DataArgs {
-            template: Some("chatml".into()),
+            template: "chatml".into(),
             ..args.clone()
         },
         DataArgs {

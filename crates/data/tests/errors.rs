@@ -16,7 +16,7 @@ fn args(dataset: &str, dataset_dir: &Path) -> DataArgs {
     DataArgs {
         dataset: dataset.split(',').map(str::to_string).collect(),
         dataset_dir: dataset_dir.to_path_buf(),
-        template: Some("smollm2".into()),
+        template: "smollm2".into(),
         cutoff_len: 256,
         ..DataArgs::default()
     }
@@ -52,7 +52,7 @@ fn unknown_dataset_lists_the_defined_ones() {
 #[test]
 fn unknown_template_lists_the_templates() {
     let mut args = args("chat_multiturn", &test_data());
-    args.template = Some("llama9".into());
+    args.template = "llama9".into();
     let (error, message) = error_of(&args);
     assert!(
         matches!(error, DataError::UnknownTemplate { .. }),
@@ -172,7 +172,7 @@ fn a_val_size_that_takes_every_row_is_an_error() {
 #[test]
 fn efficient_eos_templates_refuse_train_on_prompt() {
     let mut args = args("chat_multiturn", &test_data());
-    args.template = Some("breeze".into());
+    args.template = "breeze".into();
     args.train_on_prompt = true;
     let (_, message) = error_of(&args);
     assert!(
@@ -186,7 +186,7 @@ fn a_function_call_llama2_templates_cannot_parse_names_the_example() {
     // Llama2-style templates read function calls as bare JSON, so a thought in front fails
     // (LLaMA-Factory raises on it too).
     let mut args = args("tool_calls_tagged", &test_data());
-    args.template = Some("mistral".into());
+    args.template = "mistral".into();
     let (error, message) = error_of(&args);
     assert!(matches!(error, DataError::BadExample { .. }), "{error:?}");
     assert!(

@@ -41,7 +41,7 @@ fn args_from(config: &Value) -> DataArgs {
         dataset: list(config, "dataset"),
         eval_dataset: list(config, "eval_dataset"),
         dataset_dir,
-        template: config["template"].as_str().map(str::to_string),
+        template: config["template"].as_str().unwrap_or_default().to_string(),
         cutoff_len: config["cutoff_len"].as_u64().unwrap() as usize,
         max_samples: config["max_samples"].as_u64().map(|n| n as usize),
         train_on_prompt: config["train_on_prompt"].as_bool().unwrap_or(false),

@@ -15,7 +15,7 @@ fn tokenizer_dir() -> PathBuf {
 
 fn rendered(template: &str) -> Vec<String> {
     let args = DataArgs {
-        template: Some(template.to_string()),
+        template: template.to_string(),
         ..DataArgs::default()
     };
     let (template, tokenizer) = load_template(&args, &tokenizer_dir()).unwrap();
