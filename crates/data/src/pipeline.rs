@@ -254,6 +254,11 @@ fn check_args(args: &DataArgs) -> Result<()> {
             "`val_size` and `eval_dataset` cannot both be set; keep one of them".into(),
         ));
     }
+    if args.mask_history && args.train_on_prompt {
+        return Err(DataError::Args(
+            "`mask_history` trains on the last answer only and cannot be combined with `train_on_prompt`; turn one off".into(),
+        ));
+    }
     if args.cutoff_len == 0 {
         return Err(DataError::Args("cutoff_len must be at least 1".into()));
     }

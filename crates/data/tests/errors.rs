@@ -162,6 +162,18 @@ fn val_size_and_eval_dataset_exclude_each_other() {
 }
 
 #[test]
+fn mask_history_and_train_on_prompt_exclude_each_other() {
+    let mut args = args("chat_multiturn", &test_data());
+    args.mask_history = true;
+    args.train_on_prompt = true;
+    let (_, message) = error_of(&args);
+    assert!(
+        message.contains("cannot be combined with `train_on_prompt`"),
+        "{message}"
+    );
+}
+
+#[test]
 fn a_val_size_that_takes_every_row_is_an_error() {
     let mut args = args("chat_multiturn", &test_data());
     args.val_size = 9.0;
