@@ -2,20 +2,17 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ff_config::TrainArgs;
 use ff_data::{CacheStatus, DataArgs, Prepared};
 
 pub fn data_args(args: &TrainArgs) -> Result<DataArgs> {
-    let template = args
-        .template
-        .clone()
-        .context("`template` is required; name one of the templates, e.g. template: llama3")?;
     Ok(DataArgs {
         dataset: args.dataset.0.clone(),
         eval_dataset: args.eval_dataset.0.clone(),
         dataset_dir: PathBuf::from(&args.dataset_dir),
-        template,
+        // Empty: the template comes from the tokenizer's chat template, as in LLaMA-Factory.
+        template: args.template.clone().unwrap_or_default(),
         cutoff_len: args.cutoff_len as usize,
         max_samples: args.max_samples.map(|n| n as usize),
         train_on_prompt: args.train_on_prompt,

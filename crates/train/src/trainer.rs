@@ -312,7 +312,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
             let mut record = Map::new();
             record.insert(
                 "loss".into(),
-                json!(round(loss_since_log / steps_since_log as f64, 4)),
+                json!(loss_since_log / steps_since_log as f64),
             );
             record.insert("grad_norm".into(), json!(stats.grad_norm));
             record.insert("learning_rate".into(), json!(schedule.lr(step)));
@@ -389,7 +389,13 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
     if args.save_strategy != "no" {
         save_checkpoint(model, &run, &trainables, &optimizer, &state)?;
     }
-    let samples = run.train.len() as f64 * args.num_train_epochs;
+    // As Hugging Face counts them: the planned steps times the global batch under max_steps,
+    // else the epochs over the dataset.
+    let samples = if args.max_steps > 0 {
+        total_steps as f64 * (plan.global_micro_batch * plan.accumulation) as f64
+    } else {
+        run.train.len() as f64 * args.num_train_epochs
+    };
     let train_metrics = json!({
         "epoch": round(state.epoch, 4),
         "train_loss": train_loss,
@@ -400,6 +406,18 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
     let mut final_record = train_metrics.as_object().cloned().unwrap_or_default();
     final_record.insert("step".into(), json!(state.global_step));
     state.log_history.push(Value::Object(final_record));
+    // LLaMA-Factory's log ends with a progress record for the end of training.
+    append_log_line(
+        out,
+        &json!({
+            "current_steps": state.global_step,
+            "total_steps": total_steps,
+            "epoch": round(state.epoch, 4),
+            "percentage": round(state.global_step as f64 / total_steps as f64 * 100.0, 2),
+            "elapsed_time": duration(runtime),
+            "remaining_time": duration(0.0),
+        }),
+    )?;
     write_json(&out.join(TRAINER_STATE), &state)?;
     write_json(&out.join("train_results.json"), &train_metrics)?;
     let mut all = train_metrics.as_object().cloned().unwrap_or_default();
