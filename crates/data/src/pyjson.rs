@@ -214,10 +214,12 @@ pub fn float_repr(f: f64) -> String {
     }
     // Rust's `{:e}` also prints the shortest round-trip digits, e.g. "-1.25e-7".
     let scientific = format!("{f:e}");
-    let (mantissa, exponent) = scientific
+    let Some((mantissa, Ok(exponent))) = scientific
         .split_once('e')
-        .expect("`{:e}` always writes an exponent");
-    let exponent: i32 = exponent.parse().expect("`{:e}` writes an integer exponent");
+        .map(|(m, e)| (m, e.parse::<i32>()))
+    else {
+        return scientific;
+    };
     let (sign, mantissa) = match mantissa.strip_prefix('-') {
         Some(rest) => ("-", rest),
         None => ("", mantissa),
