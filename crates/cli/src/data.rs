@@ -18,7 +18,8 @@ pub fn data_args(args: &TrainArgs) -> Result<DataArgs> {
         train_on_prompt: args.train_on_prompt,
         mask_history: args.mask_history,
         val_size: args.val_size,
-        seed: args.data_seed.unwrap_or(args.seed),
+        // LLaMA-Factory splits and resamples with the training seed, not data_seed.
+        seed: args.seed,
         default_system: args.default_system.clone(),
         enable_thinking: args.enable_thinking.unwrap_or(true),
         preserve_thinking: args.preserve_thinking,

@@ -275,7 +275,10 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         let epoch = step / steps_per_epoch;
         let step_in_epoch = (step % steps_per_epoch) as usize;
         if order.as_ref().map(|(e, _)| *e) != Some(epoch) {
-            order = Some((epoch, epoch_order(run.train.len(), args.seed, epoch)));
+            order = Some((
+                epoch,
+                epoch_order(run.train.len(), args.data_seed.unwrap_or(args.seed), epoch),
+            ));
         }
         let indices = &order.as_ref().expect("set above").1;
         let micro_batches: Vec<_> = plan
