@@ -14,17 +14,6 @@ pub enum ScheduleKind {
     Polynomial { lr_end: f64, power: f64 },
 }
 
-/// The names `lr_scheduler_type` accepts.
-pub const SCHEDULE_NAMES: &[&str] = &[
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "cosine_with_min_lr",
-];
-
 #[derive(Clone, Debug, PartialEq)]
 pub struct Schedule {
     pub kind: ScheduleKind,

@@ -1,40 +1,17 @@
 //! Compute dtypes and fine-tuning modes beyond the PyTorch reference runs.
 
-use std::path::{Path, PathBuf};
-
 use candle_core::{DType, Device};
 use ff_model::finetune::{apply_freeze, make_all_trainable};
 use ff_model::load::load_model_dir;
 use ff_model::peft::load_adapter;
 use ff_model::CausalLm;
 use ff_train::{train_step, AdamW, AdamWConfig, Batch, StepOptions, Trainables};
-use serde_json::Value;
 
-fn testdata() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
-}
-
-fn reference() -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(testdata().join("tiny-llama-reference.json")).unwrap(),
-    )
-    .unwrap()
-}
+mod common;
+use common::{reference, testdata};
 
 fn batch() -> Batch {
-    let b = reference()["batch"].clone();
-    let rows = |key: &str| -> Vec<Vec<i64>> { serde_json::from_value(b[key].clone()).unwrap() };
-    Batch {
-        input_ids: rows("input_ids")
-            .into_iter()
-            .map(|r| r.into_iter().map(|v| v as u32).collect())
-            .collect(),
-        attention_mask: rows("attention_mask")
-            .into_iter()
-            .map(|r| r.into_iter().map(|v| v as u8).collect())
-            .collect(),
-        labels: rows("labels"),
-    }
+    common::batch(&reference())
 }
 
 fn model(dtype: DType) -> CausalLm {

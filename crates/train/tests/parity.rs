@@ -1,7 +1,5 @@
 //! Reproduces testdata/tiny-llama-reference.json, made with PyTorch, transformers and PEFT.
 
-use std::path::{Path, PathBuf};
-
 use candle_core::{DType, Device, Tensor, D};
 use ff_model::finetune::make_all_trainable;
 use ff_model::load::load_model_dir;
@@ -11,30 +9,8 @@ use ff_model::{CausalLm, ForwardCtx};
 use ff_train::{train_step, AdamW, AdamWConfig, Batch, StepOptions, Trainables};
 use serde_json::Value;
 
-fn testdata() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
-}
-
-fn reference() -> Value {
-    let text = std::fs::read_to_string(testdata().join("tiny-llama-reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn batch(reference: &Value) -> Batch {
-    let b = &reference["batch"];
-    let rows = |key: &str| -> Vec<Vec<i64>> { serde_json::from_value(b[key].clone()).unwrap() };
-    Batch {
-        input_ids: rows("input_ids")
-            .into_iter()
-            .map(|r| r.into_iter().map(|v| v as u32).collect())
-            .collect(),
-        attention_mask: rows("attention_mask")
-            .into_iter()
-            .map(|r| r.into_iter().map(|v| v as u8).collect())
-            .collect(),
-        labels: rows("labels"),
-    }
-}
+mod common;
+use common::{batch, reference, testdata};
 
 fn tiny_model() -> CausalLm {
     load_model_dir(&testdata().join("tiny-llama"), DType::F32, &Device::Cpu).unwrap()

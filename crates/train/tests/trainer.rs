@@ -1,6 +1,6 @@
 //! The run loop on the tiny model: output files, logging, and exact resume after an interrupt.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device};
@@ -13,18 +13,12 @@ use ff_train::trainer::{train, Observer, Run};
 use ff_train::{Example, TrainError};
 use serde_json::{Map, Value};
 
-fn testdata() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
-}
+mod common;
+use common::{batch, reference, testdata};
 
 /// Six short examples made from the fixture batch's token ids.
 fn examples() -> Vec<Example> {
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(testdata().join("tiny-llama-reference.json")).unwrap(),
-    )
-    .unwrap();
-    let ids: Vec<Vec<u32>> =
-        serde_json::from_value(reference["batch"]["input_ids"].clone()).unwrap();
+    let ids = batch(&reference()).input_ids;
     (0..6)
         .map(|i| {
             let source = &ids[i % 2];
