@@ -1,7 +1,26 @@
 //! Rendezvous, process groups (Gloo on CPU) and the torchrun-style launcher.
 //!
 //! - [`store`]: the TCP key-value store every process of a job meets in.
+//! - [`ProcessGroup`]: collectives for the training code; [`init_from_env`] builds the right
+//!   one from torchrun's variables ([`WorkerEnv`]).
+//! - [`launch`]: the torchrun-style launcher that starts and supervises the workers of a node
+//!   ([`LaunchSpec`] says what to run, [`LaunchError`] why it failed).
 
 mod duration_text;
+mod env;
+mod gloo;
+mod launcher;
+mod process_group;
 pub mod store;
 mod wire;
+
+pub use env::{
+    init_from_env, init_with_env, EnvError, WorkerEnv, DEFAULT_MASTER_ADDR, LAUNCHED_MARKER_VAR,
+};
+pub use launcher::{
+    launch, LaunchError, LaunchSpec, WorkerExit, WorkerFailure, DEFAULT_RENDEZVOUS_TIMEOUT,
+    DEFAULT_STOP_GRACE,
+};
+pub use process_group::{
+    DistError, GlooOptions, GlooProcessGroup, GlooTransport, ProcessGroup, SingleProcessGroup,
+};

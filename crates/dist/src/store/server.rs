@@ -115,11 +115,19 @@ impl StoreServer {
                 reason: e.to_string(),
             })?
             .collect();
-        match resolved.first() {
-            Some(addr) if addr.ip().is_loopback() => Self::bind(master_addr, port),
-            Some(SocketAddr::V6(_)) => Self::bind("::", port),
-            _ => Self::bind("0.0.0.0", port),
-        }
+        let wildcard = match resolved.first() {
+            Some(addr) if addr.ip().is_loopback() => return Self::bind(master_addr, port),
+            Some(SocketAddr::V6(_)) => "::",
+            _ => "0.0.0.0",
+        };
+        // Report the address the user set, not the wildcard it stands for here.
+        Self::bind(wildcard, port).map_err(|e| match e {
+            StoreError::PortInUse { port, .. } => StoreError::PortInUse {
+                addr: master_addr.to_string(),
+                port,
+            },
+            other => other,
+        })
     }
 
     /// The port it listens on (the chosen one when bound with port 0).

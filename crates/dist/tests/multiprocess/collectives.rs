@@ -1,0 +1,124 @@
+//! Gloo collectives across real processes that meet in a store this test hosts.
+
+use std::time::Duration;
+
+use ff_dist::store::StoreServer;
+
+use crate::support::{assert_success, spawn_self, vars, Finished, SCENARIO_VAR};
+use crate::worker::TIMEOUT_MS_VAR;
+
+/// Starts `world` workers running `scenario` against a store hosted here, as the launcher
+/// would host it, and waits for all of them.
+fn run_workers(scenario: &str, world: usize, timeout_ms: u64, limit: Duration) -> Vec<Finished> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = StoreServer::bind("127.0.0.1", 0).expect("host a store");
+    let workers: Vec<_> = (0..world)
+        .map(|rank| {
+            let env = vars(&[
+                (SCENARIO_VAR, scenario.to_string()),
+                (TIMEOUT_MS_VAR, timeout_ms.to_string()),
+                ("RANK", rank.to_string()),
+                ("WORLD_SIZE", world.to_string()),
+                ("MASTER_ADDR", "127.0.0.1".to_string()),
+                ("MASTER_PORT", store.port().to_string()),
+                (ff_dist::LAUNCHED_MARKER_VAR, "1".to_string()),
+            ]);
+            spawn_self(dir.path(), &format!("rank{rank}"), "worker_process", &env)
+        })
+        .collect();
+    workers.into_iter().map(|w| w.wait(limit)).collect()
+}
+
+#[test]
+fn collectives_give_exact_results_across_two_processes() {
+    for finished in run_workers("collectives", 2, 20_000, Duration::from_secs(30)) {
+        assert_success(&finished);
+        assert!(
+            finished.stderr.contains("all collectives checked"),
+            "{}",
+            finished.stderr
+        );
+    }
+}
+
+#[test]
+fn collectives_give_exact_results_across_three_processes() {
+    for finished in run_workers("collectives", 3, 20_000, Duration::from_secs(30)) {
+        assert_success(&finished);
+        assert!(
+            finished.stderr.contains("all collectives checked"),
+            "{}",
+            finished.stderr
+        );
+    }
+}
+
+#[test]
+fn a_dead_peer_fails_the_collective_quickly_naming_its_rank() {
+    // A 20 s timeout: the error must come from the broken connection, long before it.
+    let finished = run_workers("dead_peer", 3, 20_000, Duration::from_secs(30));
+    assert_eq!(finished[2].code(), None, "rank 2 kills itself");
+    let mut named = 0;
+    for survivor in &finished[..2] {
+        assert_success(survivor);
+        assert!(
+            survivor.elapsed < Duration::from_secs(15),
+            "{:?}",
+            survivor.elapsed
+        );
+        assert!(
+            survivor.stderr.contains("COLLECTIVE ERROR"),
+            "{}",
+            survivor.stderr
+        );
+        eprintln!("{}: {}", survivor.name, survivor.stderr);
+        if survivor.stderr.contains("the connection to rank 2 failed") {
+            named += 1;
+        }
+    }
+    assert!(
+        named >= 1,
+        "no survivor's error names rank 2:\n{}\n{}",
+        finished[0].stderr,
+        finished[1].stderr
+    );
+}
+
+#[test]
+fn a_stalled_peer_fails_the_collective_within_the_timeout() {
+    let finished = run_workers("stuck_peer", 2, 2_000, Duration::from_secs(20));
+    assert_success(&finished[0]);
+    eprintln!("{}", finished[0].stderr);
+    assert!(
+        finished[0].stderr.contains("COLLECTIVE ERROR"),
+        "{}",
+        finished[0].stderr
+    );
+    assert!(
+        finished[0]
+            .stderr
+            .contains("all_reduce failed on rank 0 of 2"),
+        "{}",
+        finished[0].stderr
+    );
+}
+
+#[test]
+fn without_a_launcher_rank_zero_hosts_the_store() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = crate::support::free_port();
+    let workers: Vec<_> = (0..2)
+        .map(|rank| {
+            let env = vars(&[
+                (SCENARIO_VAR, "collectives".to_string()),
+                ("RANK", rank.to_string()),
+                ("WORLD_SIZE", "2".to_string()),
+                ("MASTER_PORT", port.to_string()),
+            ]);
+            spawn_self(dir.path(), &format!("rank{rank}"), "worker_process", &env)
+        })
+        .collect();
+    for worker in workers {
+        assert_success(&worker.wait(Duration::from_secs(30)));
+    }
+}
