@@ -283,9 +283,11 @@ impl ProcessGroup for GlooProcessGroup {
         if output.is_empty() {
             return Ok(());
         }
-        // As PyTorch's Gloo backend does: all-reduce a copy and keep this rank's share. The
-        // halving-doubling reduce-scatter in Debian's Gloo (0.0~git20220518) returns wrong
-        // sums for groups whose size is not a power of two, which our tests caught.
+        // As PyTorch's Gloo backend does: all-reduce a copy and keep this rank's share (twice
+        // the traffic of a true reduce-scatter). The halving-doubling reduce-scatter in
+        // Debian's Gloo (0.0~git20220518) intermittently returned wrong sums in our
+        // three-process tests; Gloo's own tests miss it as they give every element the
+        // same value.
         let shard = self.rank * output.len()..(self.rank + 1) * output.len();
         self.run("reduce_scatter", |c, scratch, t| {
             scratch.clear();
