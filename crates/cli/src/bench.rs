@@ -124,6 +124,7 @@ fn step(args: StepArgs) -> Result<()> {
             1e-4,
             options,
             i as u64,
+            &ff_dist::SingleProcessGroup,
         )?;
         let seconds = start.elapsed().as_secs_f64();
         if i > 0 {

@@ -29,19 +29,21 @@ pub fn data_args(args: &TrainArgs) -> Result<DataArgs> {
 
 /// Tokenized training and evaluation sets for `args`, with the tokenizer in `tokenizer_dir`,
 /// from the preprocessing cache when nothing they depend on has changed.
-pub fn load_examples(args: &TrainArgs, tokenizer_dir: &Path) -> Result<Prepared> {
+pub fn load_examples(args: &TrainArgs, tokenizer_dir: &Path, report: bool) -> Result<Prepared> {
     let cache_dir = cache_dir();
     let (prepared, status) = ff_data::prepare_cached(&data_args(args)?, tokenizer_dir, &cache_dir)?;
     let how = match status {
         CacheStatus::Hit => "read from the cache in",
         CacheStatus::Built => "preprocessed and cached in",
     };
-    eprintln!(
-        "{} training and {} evaluation examples {how} {}",
-        prepared.train.len(),
-        prepared.eval.len(),
-        cache_dir.display()
-    );
+    if report {
+        eprintln!(
+            "{} training and {} evaluation examples {how} {}",
+            prepared.train.len(),
+            prepared.eval.len(),
+            cache_dir.display()
+        );
+    }
     Ok(prepared)
 }
 

@@ -9,14 +9,19 @@ use serde_json::{Map, Value};
 
 pub struct Progress {
     bar: Option<ProgressBar>,
+    /// Only rank 0 reports; the other ranks of a data-parallel run stay quiet.
+    enabled: bool,
 }
 
 impl Progress {
-    pub fn new() -> Self {
-        Self { bar: None }
+    pub fn new(enabled: bool) -> Self {
+        Self { bar: None, enabled }
     }
 
     fn print(&self, line: &str) {
+        if !self.enabled {
+            return;
+        }
         match &self.bar {
             Some(bar) => bar.println(line),
             None => eprintln!("{line}"),
@@ -39,6 +44,9 @@ fn render(record: &Map<String, Value>) -> String {
 
 impl Observer for Progress {
     fn on_start(&mut self, total_steps: u64, first_step: u64) {
+        if !self.enabled {
+            return;
+        }
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(total_steps).with_position(first_step);
             bar.set_style(

@@ -1,9 +1,13 @@
 //! `ferrofactory train CONFIG.yaml [key=value …]`: what `llamafactory-cli train` does for
 //! stage sft, in one process.
 
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -34,6 +38,16 @@ const TOKENIZER_FILES: &[&str] = &[
 pub fn run(config: &Path, overrides: &[String]) -> Result<std::process::ExitCode> {
     let args = TrainArgs::load(config, overrides)?;
     args.require_for_training()?;
+    let env: HashMap<String, String> = std::env::vars().collect();
+    if needs_launcher(&env) {
+        return launch_workers(config, overrides, &env);
+    }
+    let group = ff_dist::init_from_env(Duration::from_secs(args.ddp_timeout))?;
+    let main = group.rank() == 0;
+    let local_rank: usize = env
+        .get("LOCAL_RANK")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let model_path = PathBuf::from(args.model_name_or_path.as_deref().unwrap_or_default());
     let output_dir = PathBuf::from(args.output_dir.as_deref().unwrap_or_default());
     let dtype = if args.bf16 {
@@ -45,18 +59,27 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<std::process::ExitCode
     };
 
     let source = ModelSource::open(&model_path)?;
-    let data = crate::data::load_examples(&args, source.files_dir())?;
+    // Local rank 0 preprocesses first; the other ranks then read its cache.
+    if local_rank != 0 {
+        group.barrier()?;
+    }
+    let data = crate::data::load_examples(&args, source.files_dir(), main)?;
+    if local_rank == 0 {
+        group.barrier()?;
+    }
     let mut model = source.load(dtype)?;
     let weights = apply_finetuning(&mut model, &args)?;
     let (total, trainable) = model.num_params();
-    eprintln!(
-        "trainable params: {trainable} || all params: {total} || trainable%: {:.4}",
-        100.0 * trainable as f64 / total as f64
-    );
+    if main {
+        eprintln!(
+            "trainable params: {trainable} || all params: {total} || trainable%: {:.4}",
+            100.0 * trainable as f64 / total as f64
+        );
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     install_interrupt_handler(stop.clone())?;
-    let mut progress = Progress::new();
+    let mut progress = Progress::new(main);
     let outcome = train(
         &mut model,
         Run {
@@ -68,10 +91,12 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<std::process::ExitCode
             eval: &data.eval,
             pad_token_id: data.pad_token_id,
             stop: &stop,
+            group: group.as_ref(),
             observer: &mut progress,
         },
     );
     match outcome {
+        Ok(_) if !main => Ok(std::process::ExitCode::SUCCESS),
         Ok(summary) => {
             copy_tokenizer_files(source.files_dir(), &output_dir)?;
             eprintln!(
@@ -83,10 +108,58 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<std::process::ExitCode
             Ok(std::process::ExitCode::SUCCESS)
         }
         Err(e @ TrainError::Interrupted { .. }) => {
-            eprintln!("{e}");
+            if main {
+                eprintln!("{e}");
+            }
             Ok(std::process::ExitCode::from(INTERRUPTED_EXIT))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// torchrun's rule, as LLaMA-Factory applies it: start workers when asked to (FORCE_TORCHRUN) or
+/// when the job spans several nodes, unless this process is already one of the workers.
+fn needs_launcher(env: &HashMap<String, String>) -> bool {
+    let flag = |key: &str| {
+        env.get(key)
+            .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+    };
+    if flag(ff_dist::LAUNCHED_MARKER_VAR) {
+        return false;
+    }
+    flag("FORCE_TORCHRUN")
+        || env
+            .get("NNODES")
+            .and_then(|n| n.trim().parse::<usize>().ok())
+            .unwrap_or(1)
+            > 1
+}
+
+/// Runs this same command as NPROC_PER_NODE workers of a torchrun-style job and waits for them.
+fn launch_workers(
+    config: &Path,
+    overrides: &[String],
+    env: &HashMap<String, String>,
+) -> Result<std::process::ExitCode> {
+    let program = std::env::current_exe().context("finding the ferrofactory executable")?;
+    let mut worker_args: Vec<OsString> = vec!["train".into(), config.as_os_str().to_owned()];
+    worker_args.extend(overrides.iter().map(OsString::from));
+    let mut spec = ff_dist::LaunchSpec::from_env(env, 0, program, worker_args)?;
+    // Nodes must train the same thing: the file's bytes and the overrides are compared.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    std::fs::read(config)
+        .with_context(|| format!("reading {}", config.display()))?
+        .hash(&mut hasher);
+    overrides.hash(&mut hasher);
+    spec.config_hash = format!("{:016x}", hasher.finish());
+    match ff_dist::launch(&spec) {
+        Ok(()) => Ok(std::process::ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(std::process::ExitCode::from(
+                e.exit_code().clamp(1, 255) as u8
+            ))
+        }
     }
 }
 

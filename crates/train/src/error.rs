@@ -17,6 +17,9 @@ pub enum TrainError {
     #[error("{0}")]
     Checkpoint(String),
 
+    #[error(transparent)]
+    Dist(#[from] ff_dist::DistError),
+
     #[error("{0}")]
     Config(String),
 

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 
 use candle_core::{backprop::GradStore, Result, Tensor, TensorId, Var};
+use ff_dist::ProcessGroup;
 use ff_model::{CausalLm, ForwardCtx};
 
 use crate::batch::Batch;
@@ -81,6 +82,52 @@ impl Trainables {
                     None => g,
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Sums every gradient over `group` in one collective (missing gradients count as zero).
+    pub fn all_reduce_grads(&mut self, group: &dyn ProcessGroup) -> crate::error::TrainResult<()> {
+        let mut flat: Vec<f32> = Vec::with_capacity(self.num_elements());
+        for (var, grad) in self.vars.iter().zip(&self.grads) {
+            match grad {
+                Some(g) => flat.extend(g.flatten_all()?.to_vec1::<f32>()?),
+                None => flat.extend(std::iter::repeat_n(0f32, var.elem_count())),
+            }
+        }
+        group.all_reduce_sum(&mut flat)?;
+        let mut offset = 0;
+        for (var, grad) in self.vars.iter().zip(self.grads.iter_mut()) {
+            let n = var.elem_count();
+            *grad = Some(Tensor::from_slice(
+                &flat[offset..offset + n],
+                var.shape(),
+                var.device(),
+            )?);
+            offset += n;
+        }
+        Ok(())
+    }
+
+    /// Makes every rank start from rank 0's values of the trained tensors.
+    pub fn broadcast_from_rank0(&self, group: &dyn ProcessGroup) -> crate::error::TrainResult<()> {
+        if group.world_size() == 1 {
+            return Ok(());
+        }
+        let mut flat: Vec<f32> = Vec::with_capacity(self.num_elements());
+        for var in &self.vars {
+            flat.extend(var.flatten_all()?.to_vec1::<f32>()?);
+        }
+        group.broadcast(&mut flat, 0)?;
+        let mut offset = 0;
+        for var in &self.vars {
+            let n = var.elem_count();
+            var.set(&Tensor::from_slice(
+                &flat[offset..offset + n],
+                var.shape(),
+                var.device(),
+            )?)?;
+            offset += n;
         }
         Ok(())
     }
@@ -188,8 +235,11 @@ pub struct StepOptions {
     pub gradient_checkpointing: bool,
 }
 
-/// One optimizer step over `micro_batches` (gradient accumulation): forward and backward of
-/// each, clip, AdamW update at `lr`.
+/// One optimizer step over this rank's `micro_batches` (gradient accumulation): forward and
+/// backward of each, gradients summed over `group` (each rank's loss is already divided by the
+/// label tokens of all ranks, so the sum is the gradient of the whole step), clip, AdamW update
+/// at `lr`. Every rank must call it, even with no examples, since the sums are collective.
+#[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: &CausalLm,
     trainables: &mut Trainables,
@@ -198,12 +248,21 @@ pub fn train_step(
     lr: f64,
     options: StepOptions,
     dropout_seed: u64,
-) -> Result<StepStats> {
-    let num_label_tokens: usize = micro_batches.iter().map(Batch::num_label_tokens).sum();
+    group: &dyn ProcessGroup,
+) -> crate::error::TrainResult<StepStats> {
+    let mut tokens = [micro_batches
+        .iter()
+        .map(Batch::num_label_tokens)
+        .sum::<usize>() as f64];
+    group.all_reduce_sum_f64(&mut tokens)?;
+    let num_label_tokens = tokens[0] as usize;
     let denominator = num_label_tokens.max(1) as f64;
     trainables.zero_grads();
     let mut nll_sum = 0.0;
     for (i, batch) in micro_batches.iter().enumerate() {
+        if batch.is_empty() {
+            continue;
+        }
         nll_sum += forward_backward(
             model,
             trainables,
@@ -213,6 +272,12 @@ pub fn train_step(
             crate::seed_for(dropout_seed, i as u64),
         )?;
     }
+    if group.world_size() > 1 {
+        trainables.all_reduce_grads(group)?;
+    }
+    let mut nll = [nll_sum];
+    group.all_reduce_sum_f64(&mut nll)?;
+    let nll_sum = nll[0];
     let grad_norm = crate::optim::grad_sq_norm(&trainables.grads)?.sqrt();
     if let Some(max_norm) = options.max_grad_norm {
         crate::optim::clip_grads(&mut trainables.grads, grad_norm, max_norm)?;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use ff_config::TrainArgs;
+use ff_dist::ProcessGroup;
 use ff_model::dropout::derive_seed;
 use ff_model::CausalLm;
 use serde_json::{json, Map, Value};
@@ -18,7 +19,7 @@ use crate::checkpoint::{
 };
 use crate::error::{TrainError, TrainResult};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::sampler::{epoch_order, EpochPlan};
+use crate::sampler::{epoch_order, rank_slice, EpochPlan};
 use crate::schedule::{warmup_steps, Schedule, ScheduleKind};
 use crate::step::{eval_nll, train_step, StepOptions, Trainables};
 
@@ -46,6 +47,8 @@ pub struct Run<'a> {
     pub pad_token_id: u32,
     /// Set by the first Ctrl-C: the run stops after the current step and checkpoints.
     pub stop: &'a AtomicBool,
+    /// The data-parallel group; rank 0 alone writes files.
+    pub group: &'a dyn ProcessGroup,
     pub observer: &'a mut dyn Observer,
 }
 
@@ -173,8 +176,23 @@ fn duration(seconds: f64) -> String {
 pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
     let args = run.args;
     let out = &run.output_dir;
-    let resume_from = prepare_output_dir(args, out)?;
-    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    let (rank, world) = (run.group.rank(), run.group.world_size());
+    let main = rank == 0;
+    // Rank 0 alone inspects and prepares the folder; the others follow its decision.
+    let resume_from = if main {
+        let resume = prepare_output_dir(args, out)?;
+        std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+        resume
+    } else {
+        None
+    };
+    let resume_text = resume_from
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let resume_text = run.group.broadcast_blob(resume_text.as_bytes(), 0)?;
+    let resume_from = (!resume_text.is_empty())
+        .then(|| PathBuf::from(String::from_utf8_lossy(&resume_text).into_owned()));
     if run.train.is_empty() {
         return Err(TrainError::Config("the training set is empty".into()));
     }
@@ -182,7 +200,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
     let plan = EpochPlan::new(
         run.train.len(),
         args.per_device_train_batch_size as usize,
-        1,
+        world,
         args.gradient_accumulation_steps as usize,
     );
     let steps_per_epoch = plan.steps_per_epoch() as u64;
@@ -257,6 +275,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         ));
     }
 
+    trainables.broadcast_from_rank0(run.group)?;
     let options = StepOptions {
         max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
         gradient_checkpointing: !args.disable_gradient_checkpointing,
@@ -285,8 +304,9 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
             .step_micro_batches(step_in_epoch, run.train.len())
             .into_iter()
             .map(|range| {
+                let mine = rank_slice(range, rank, world);
                 let examples: Vec<&Example> =
-                    indices[range].iter().map(|&i| &run.train[i]).collect();
+                    indices[mine].iter().map(|&i| &run.train[i]).collect();
                 collate(&examples, run.pad_token_id)
             })
             .collect();
@@ -299,6 +319,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
             lr,
             options,
             derive_seed(args.seed, step),
+            run.group,
         )?;
         state.global_step += 1;
         let step = state.global_step;
@@ -331,7 +352,9 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
                 "elapsed_time": duration(elapsed),
                 "remaining_time": duration(remaining),
             });
-            append_log_line(out, &line)?;
+            if main {
+                append_log_line(out, &line)?;
+            }
             record.insert("step".into(), json!(step));
             state.log_history.push(Value::Object(record));
             loss_since_log = 0.0;
@@ -350,7 +373,8 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
             record.insert("eval_loss".into(), json!(eval_loss));
             record.insert("epoch".into(), json!(round(state.epoch, 4)));
             run.observer.on_log(&record);
-            append_log_line(
+            append_log_line_on(
+                main,
                 out,
                 &json!({
                     "current_steps": step,
@@ -365,14 +389,20 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
             record.insert("step".into(), json!(step));
             state.log_history.push(Value::Object(record));
         }
-        let interrupted = run.stop.load(Ordering::SeqCst);
+        // Every rank must stop at the same step, so the flag is agreed on collectively.
+        let mut flag = [f32::from(u8::from(run.stop.load(Ordering::SeqCst)))];
+        run.group.all_reduce_sum(&mut flag)?;
+        let interrupted = flag[0] > 0.0;
         let save_now = match args.save_strategy.as_str() {
             "steps" => step % save_every == 0,
             "epoch" => epoch_end,
             _ => false,
         };
         if (save_now || interrupted) && step < total_steps {
-            let dir = save_checkpoint(model, &run, &trainables, &optimizer, &state)?;
+            let dir = out.join(format!("checkpoint-{step}"));
+            if main {
+                save_checkpoint(model, &run, &trainables, &optimizer, &state)?;
+            }
             if interrupted {
                 run.observer.on_finish();
                 return Err(TrainError::Interrupted {
@@ -387,60 +417,34 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
     let runtime = start.elapsed().as_secs_f64();
     let steps_run = (state.global_step - first_step).max(1) as f64;
     let train_loss = loss_total / steps_run;
-    save_weights(model, &run.weights, &run.base_model, out)?;
-    // Hugging Face saves a last checkpoint at the end whatever the interval.
-    if args.save_strategy != "no" {
-        save_checkpoint(model, &run, &trainables, &optimizer, &state)?;
-    }
-    // As Hugging Face counts them: the planned steps times the global batch under max_steps,
-    // else the epochs over the dataset.
-    let samples = if args.max_steps > 0 {
-        total_steps as f64 * (plan.global_micro_batch * plan.accumulation) as f64
-    } else {
-        run.train.len() as f64 * args.num_train_epochs
-    };
-    let train_metrics = json!({
-        "epoch": round(state.epoch, 4),
-        "train_loss": train_loss,
-        "train_runtime": round(runtime, 4),
-        "train_samples_per_second": round(samples / runtime, 3),
-        "train_steps_per_second": round(steps_run / runtime, 3),
-    });
-    let mut final_record = train_metrics.as_object().cloned().unwrap_or_default();
-    final_record.insert("step".into(), json!(state.global_step));
-    state.log_history.push(Value::Object(final_record));
-    // LLaMA-Factory's log ends with a progress record for the end of training.
-    append_log_line(
-        out,
-        &json!({
-            "current_steps": state.global_step,
-            "total_steps": total_steps,
-            "epoch": round(state.epoch, 4),
-            "percentage": round(state.global_step as f64 / total_steps as f64 * 100.0, 2),
-            "elapsed_time": duration(runtime),
-            "remaining_time": duration(0.0),
-        }),
-    )?;
-    write_json(&out.join(TRAINER_STATE), &state)?;
-    write_json(&out.join("train_results.json"), &train_metrics)?;
-    let mut all = train_metrics.as_object().cloned().unwrap_or_default();
     let mut eval_loss = None;
-    if eval_enabled {
-        let loss = evaluate(model, run.eval, args, run.pad_token_id)?;
-        let eval_metrics = json!({"epoch": round(state.epoch, 4), "eval_loss": loss});
-        write_json(&out.join("eval_results.json"), &eval_metrics)?;
-        all.insert("eval_loss".into(), json!(loss));
-        eval_loss = Some(loss);
-    }
-    write_json(&out.join("all_results.json"), &Value::Object(all))?;
-    if args.plot_loss {
-        crate::plot::plot_losses(out, &state.log_history)?;
+    if main {
+        eval_loss = write_final_outputs(
+            model,
+            &run,
+            &trainables,
+            &optimizer,
+            &mut state,
+            total_steps,
+            steps_run,
+            runtime,
+            train_loss,
+            samples_of(args, &plan, total_steps, run.train.len()),
+            eval_enabled,
+        )?;
     }
     Ok(Summary {
         global_step: state.global_step,
         train_loss,
         eval_loss,
     })
+}
+
+fn append_log_line_on(main: bool, out: &Path, line: &Value) -> TrainResult<()> {
+    if main {
+        append_log_line(out, line)?;
+    }
+    Ok(())
 }
 
 fn append_log_line(out: &Path, line: &Value) -> TrainResult<()> {
@@ -504,4 +508,76 @@ fn save_checkpoint(
         rotate_checkpoints(out, limit.max(1))?;
     }
     Ok(dir)
+}
+
+/// What rank 0 writes when a run completes: weights, last checkpoint, trainer state, results
+/// files, the closing log record and plots. Returns the final evaluation loss, if any.
+#[allow(clippy::too_many_arguments)]
+fn write_final_outputs(
+    model: &mut CausalLm,
+    run: &Run<'_>,
+    trainables: &Trainables,
+    optimizer: &AdamW,
+    state: &mut TrainerState,
+    total_steps: u64,
+    steps_run: f64,
+    runtime: f64,
+    train_loss: f64,
+    samples: f64,
+    eval_enabled: bool,
+) -> TrainResult<Option<f64>> {
+    let (args, out) = (run.args, &run.output_dir);
+    let mut eval_loss = None;
+    save_weights(model, &run.weights, &run.base_model, out)?;
+    // Hugging Face saves a last checkpoint at the end whatever the interval.
+    if args.save_strategy != "no" {
+        save_checkpoint(model, run, trainables, optimizer, state)?;
+    }
+    let train_metrics = json!({
+        "epoch": round(state.epoch, 4),
+        "train_loss": train_loss,
+        "train_runtime": round(runtime, 4),
+        "train_samples_per_second": round(samples / runtime, 3),
+        "train_steps_per_second": round(steps_run / runtime, 3),
+    });
+    let mut final_record = train_metrics.as_object().cloned().unwrap_or_default();
+    final_record.insert("step".into(), json!(state.global_step));
+    state.log_history.push(Value::Object(final_record));
+    // LLaMA-Factory's log ends with a progress record for the end of training.
+    append_log_line(
+        out,
+        &json!({
+            "current_steps": state.global_step,
+            "total_steps": total_steps,
+            "epoch": round(state.epoch, 4),
+            "percentage": round(state.global_step as f64 / total_steps as f64 * 100.0, 2),
+            "elapsed_time": duration(runtime),
+            "remaining_time": duration(0.0),
+        }),
+    )?;
+    write_json(&out.join(TRAINER_STATE), state)?;
+    write_json(&out.join("train_results.json"), &train_metrics)?;
+    let mut all = train_metrics.as_object().cloned().unwrap_or_default();
+    if eval_enabled {
+        let loss = evaluate(model, run.eval, args, run.pad_token_id)?;
+        let eval_metrics = json!({"epoch": round(state.epoch, 4), "eval_loss": loss});
+        write_json(&out.join("eval_results.json"), &eval_metrics)?;
+        all.insert("eval_loss".into(), json!(loss));
+        eval_loss = Some(loss);
+    }
+    write_json(&out.join("all_results.json"), &Value::Object(all))?;
+    if args.plot_loss {
+        crate::plot::plot_losses(out, &state.log_history)?;
+    }
+    Ok(eval_loss)
+}
+
+/// Samples trained, as Hugging Face counts them: the planned steps times the global batch under
+/// max_steps, else the epochs over the dataset.
+fn samples_of(args: &TrainArgs, plan: &EpochPlan, total_steps: u64, num_examples: usize) -> f64 {
+    if args.max_steps > 0 {
+        total_steps as f64 * (plan.global_micro_batch * plan.accumulation) as f64
+    } else {
+        num_examples as f64 * args.num_train_epochs
+    }
 }

@@ -34,6 +34,7 @@ fn steps(model: &CausalLm, trainables: &mut Trainables, n: usize, lr: f64) -> Ve
                 lr,
                 options,
                 0,
+                &ff_dist::SingleProcessGroup,
             )
             .unwrap()
             .loss
@@ -161,6 +162,7 @@ fn checkpointing_gives_the_same_gradients_with_dropout() {
             1e-2,
             options,
             11,
+            &ff_dist::SingleProcessGroup,
         )
         .unwrap();
         losses.push((s.loss, s.grad_norm));

@@ -57,6 +57,7 @@ fn run_steps(
                 lr,
                 options,
                 0,
+                &ff_dist::SingleProcessGroup,
             )
             .unwrap();
             (s.loss, s.grad_norm)

@@ -103,6 +103,7 @@ fn run(
             eval: &train_set[..2],
             pad_token_id: 2,
             stop: &stop,
+            group: &ff_dist::SingleProcessGroup,
             observer: &mut recorder,
         },
     )
