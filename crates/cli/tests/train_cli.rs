@@ -359,3 +359,117 @@ fn two_processes_with_half_the_batch_train_like_one() {
     // The tolerance the PyTorch reference adapter is held to: summation order differs across ranks.
     assert!(diff < 1e-4, "adapters differ by {diff}");
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Two launcher invocations on this machine acting as two nodes, with the node rank in
+/// `rank_var` (NODE_RANK, or RANK as LLaMA-Factory's documentation writes it).
+fn two_nodes(rank_var: &str) -> Vec<f64> {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fixture_config(dir.path(), "");
+    let port = free_port().to_string();
+    let nodes: Vec<_> = (0..2)
+        .map(|node| {
+            Command::new(env!("CARGO_BIN_EXE_ferrofactory"))
+                .args([
+                    "train",
+                    config.to_str().unwrap(),
+                    "per_device_train_batch_size=1",
+                ])
+                .current_dir(dir.path())
+                .env("FORCE_TORCHRUN", "1")
+                .env("NNODES", "2")
+                .env(rank_var, node.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env_remove(if rank_var == "RANK" {
+                    "NODE_RANK"
+                } else {
+                    "RANK"
+                })
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for node in nodes {
+        let output = node.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    logged_losses(&dir.path().join("out"))
+}
+
+#[test]
+fn two_nodes_on_one_machine_train_like_one_process() {
+    let single = tempfile::tempdir().unwrap();
+    let config = fixture_config(single.path(), "");
+    let output = ferrofactory(&["train", config.to_str().unwrap()], single.path());
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let one = logged_losses(&single.path().join("out"));
+    for rank_var in ["NODE_RANK", "RANK"] {
+        let two = two_nodes(rank_var);
+        assert_eq!(two.len(), one.len(), "{rank_var}");
+        for (step, (a, b)) in one.iter().zip(&two).enumerate() {
+            assert!(
+                (a - b).abs() / a <= 1e-4,
+                "{rank_var} step {}: {a} vs {b}",
+                step + 1
+            );
+        }
+    }
+}
+
+#[test]
+fn nodes_with_different_configs_are_refused_naming_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fixture_config(dir.path(), "");
+    let port = free_port().to_string();
+    let nodes: Vec<_> = (0..2)
+        .map(|node| {
+            let mut args = vec!["train".to_string(), config.to_str().unwrap().to_string()];
+            if node == 1 {
+                args.push("learning_rate=2e-2".into());
+            }
+            Command::new(env!("CARGO_BIN_EXE_ferrofactory"))
+                .args(&args)
+                .current_dir(dir.path())
+                .env("FORCE_TORCHRUN", "1")
+                .env("NNODES", "2")
+                .env("NODE_RANK", node.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for node in nodes {
+        let output = node.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("node 1"),
+            "names the differing node: {stderr}"
+        );
+    }
+    assert!(
+        !dir.path().join("out").join("trainer_log.jsonl").exists(),
+        "no training ran"
+    );
+}
