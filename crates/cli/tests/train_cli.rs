@@ -370,34 +370,46 @@ fn free_port() -> u16 {
 
 /// Two launcher invocations on this machine acting as two nodes, with the node rank in
 /// `rank_var` (NODE_RANK, or RANK as LLaMA-Factory's documentation writes it).
+/// Starts `ferrofactory train` as node `node` of a two-node job on this machine, with the node
+/// rank in `rank_var` (NODE_RANK, or RANK as LLaMA-Factory's documentation writes it).
+fn start_node(
+    dir: &Path,
+    args: &[String],
+    port: &str,
+    rank_var: &str,
+    node: usize,
+) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_ferrofactory"))
+        .args(args)
+        .current_dir(dir)
+        .env("FORCE_TORCHRUN", "1")
+        .env("NNODES", "2")
+        .env(rank_var, node.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port)
+        .env_remove(if rank_var == "RANK" {
+            "NODE_RANK"
+        } else {
+            "RANK"
+        })
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Losses of the fixture run as two nodes of one process each, batch 1 per process.
 fn two_nodes(rank_var: &str) -> Vec<f64> {
     let dir = tempfile::tempdir().unwrap();
     let config = fixture_config(dir.path(), "");
+    let args = [
+        "train".to_string(),
+        config.to_str().unwrap().to_string(),
+        "per_device_train_batch_size=1".to_string(),
+    ];
     let port = free_port().to_string();
     let nodes: Vec<_> = (0..2)
-        .map(|node| {
-            Command::new(env!("CARGO_BIN_EXE_ferrofactory"))
-                .args([
-                    "train",
-                    config.to_str().unwrap(),
-                    "per_device_train_batch_size=1",
-                ])
-                .current_dir(dir.path())
-                .env("FORCE_TORCHRUN", "1")
-                .env("NNODES", "2")
-                .env(rank_var, node.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .env_remove(if rank_var == "RANK" {
-                    "NODE_RANK"
-                } else {
-                    "RANK"
-                })
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
+        .map(|node| start_node(dir.path(), &args, &port, rank_var, node))
         .collect();
     for node in nodes {
         let output = node.wait_with_output().unwrap();
@@ -445,18 +457,7 @@ fn nodes_with_different_configs_are_refused_naming_the_node() {
             if node == 1 {
                 args.push("learning_rate=2e-2".into());
             }
-            Command::new(env!("CARGO_BIN_EXE_ferrofactory"))
-                .args(&args)
-                .current_dir(dir.path())
-                .env("FORCE_TORCHRUN", "1")
-                .env("NNODES", "2")
-                .env("NODE_RANK", node.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
+            start_node(dir.path(), &args, &port, "NODE_RANK", node)
         })
         .collect();
     for node in nodes {
