@@ -2,6 +2,7 @@
 
 mod bench;
 mod data;
+mod model_source;
 mod preprocess;
 mod progress;
 mod train;

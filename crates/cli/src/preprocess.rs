@@ -13,7 +13,7 @@ pub fn run(config: &Path, overrides: &[String], output: Option<&PathBuf>) -> Res
         .model_name_or_path
         .as_deref()
         .context("`model_name_or_path` is required: its tokenizer defines the token ids")?;
-    let source = crate::train::ModelSource::open(Path::new(model))?;
+    let source = crate::model_source::ModelSource::open(Path::new(model))?;
     let data_args = crate::data::data_args(&args)?;
     let (template, tokenizer) = ff_data::load_template(&data_args, source.files_dir())?;
     let examples = ff_data::encode_datasets(&data_args.dataset, &data_args, &template, &tokenizer)?;

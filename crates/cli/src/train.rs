@@ -1,5 +1,5 @@
 //! `ferrofactory train CONFIG.yaml [key=value …]`: what `llamafactory-cli train` does for
-//! stage sft, in one process.
+//! stage sft, in one process or as a torchrun-style job of several.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -10,17 +10,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use ff_config::TrainArgs;
 use ff_model::finetune::{apply_freeze, apply_lora, make_all_trainable, LoraSpec};
-use ff_model::gguf::{is_gguf_file, GgufModel};
-use ff_model::load::load_model_dir;
 use ff_model::peft::load_adapter;
 use ff_model::CausalLm;
 use ff_train::checkpoint::SavedWeights;
 use ff_train::trainer::{train, Run};
 use ff_train::TrainError;
 
+use crate::model_source::ModelSource;
 use crate::progress::Progress;
 
 /// Exit status of a run stopped by Ctrl-C, as shells report SIGINT.
@@ -160,51 +159,6 @@ fn launch_workers(
                 e.exit_code().clamp(1, 255) as u8
             ))
         }
-    }
-}
-
-/// Where weights, config and tokenizer come from: a Hugging Face directory, or a GGUF file whose
-/// metadata is written out as config.json and tokenizer files in a temporary folder.
-pub enum ModelSource {
-    Dir(PathBuf),
-    Gguf { gguf: GgufModel, files_dir: PathBuf },
-}
-
-impl ModelSource {
-    pub fn open(path: &Path) -> Result<Self> {
-        if !path.exists() {
-            bail!(
-                "model_name_or_path {} does not exist; give a Hugging Face model directory or a .gguf file (this machine cannot download models)",
-                path.display()
-            );
-        }
-        if !is_gguf_file(path) {
-            return Ok(Self::Dir(path.to_path_buf()));
-        }
-        let gguf = GgufModel::open(path)?;
-        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or_default();
-        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
-        let files_dir = std::env::temp_dir().join(format!("ferrofactory-gguf-{stem}-{len}"));
-        std::fs::create_dir_all(&files_dir)
-            .with_context(|| format!("creating {}", files_dir.display()))?;
-        gguf.write_tokenizer_files(&files_dir)?;
-        gguf.write_config_files(&files_dir)?;
-        Ok(Self::Gguf { gguf, files_dir })
-    }
-
-    /// The folder holding config.json and the tokenizer files.
-    pub fn files_dir(&self) -> &Path {
-        match self {
-            Self::Dir(dir) => dir,
-            Self::Gguf { files_dir, .. } => files_dir,
-        }
-    }
-
-    fn load(&self, dtype: DType) -> Result<CausalLm> {
-        Ok(match self {
-            Self::Dir(dir) => load_model_dir(dir, dtype, &Device::Cpu)?,
-            Self::Gguf { gguf, .. } => gguf.load(dtype, &Device::Cpu)?,
-        })
     }
 }
 
