@@ -367,14 +367,15 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
                 "epoch" => epoch_end,
                 _ => false,
             };
-        if eval_now {
+        // Evaluation involves no collective, so rank 0 alone runs it; the others wait for it
+        // at the next step's first collective.
+        if eval_now && main {
             let eval_loss = evaluate(model, run.eval, args, run.pad_token_id)?;
             let mut record = Map::new();
             record.insert("eval_loss".into(), json!(eval_loss));
             record.insert("epoch".into(), json!(round(state.epoch, 4)));
             run.observer.on_log(&record);
-            append_log_line_on(
-                main,
+            append_log_line(
                 out,
                 &json!({
                     "current_steps": step,
@@ -438,13 +439,6 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         train_loss,
         eval_loss,
     })
-}
-
-fn append_log_line_on(main: bool, out: &Path, line: &Value) -> TrainResult<()> {
-    if main {
-        append_log_line(out, line)?;
-    }
-    Ok(())
 }
 
 fn append_log_line(out: &Path, line: &Value) -> TrainResult<()> {
