@@ -2,9 +2,13 @@
 //! config files, parsed, overridden with `key=value` and validated before any work starts.
 
 pub mod error;
+pub mod fsdp;
 pub mod train_args;
 pub mod value;
 
 pub use error::ConfigError;
+pub use fsdp::{
+    AutoWrapPolicy, BackwardPrefetch, FsdpConfig, ShardingStrategy, StateDictType, FSDP_ENV_VAR,
+};
 pub use train_args::{TrainArgs, KEYS_WITHOUT_EFFECT};
 pub use value::CommaList;
