@@ -19,7 +19,7 @@ pub use env::{
 };
 pub use launcher::{
     launch, LaunchError, LaunchSpec, WorkerExit, WorkerFailure, DEFAULT_RENDEZVOUS_TIMEOUT,
-    DEFAULT_STOP_GRACE,
+    DEFAULT_STOP_GRACE, RENDEZVOUS_TIMEOUT_VAR,
 };
 pub use process_group::{
     DistError, GlooOptions, GlooProcessGroup, GlooTransport, ProcessGroup, SingleProcessGroup,

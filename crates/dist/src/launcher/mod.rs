@@ -23,7 +23,9 @@ mod workers;
 use std::time::Duration;
 
 pub use error::{LaunchError, WorkerExit, WorkerFailure};
-pub use spec::{LaunchSpec, DEFAULT_RENDEZVOUS_TIMEOUT, DEFAULT_STOP_GRACE};
+pub use spec::{
+    LaunchSpec, DEFAULT_RENDEZVOUS_TIMEOUT, DEFAULT_STOP_GRACE, RENDEZVOUS_TIMEOUT_VAR,
+};
 
 use records::{done_key, node_key, StopCause};
 use signals::SignalWatch;

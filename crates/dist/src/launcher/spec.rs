@@ -11,6 +11,10 @@ use crate::env::{parse_count, parse_index, parse_port, EnvError, DEFAULT_MASTER_
 /// How long launchers wait for each other by default (joining the store, the node check).
 pub const DEFAULT_RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// Overrides [`DEFAULT_RENDEZVOUS_TIMEOUT`], in whole seconds. torchrun's equivalent is
+/// `--rdzv-conf join_timeout=…`, which a launch through environment variables cannot pass.
+pub const RENDEZVOUS_TIMEOUT_VAR: &str = "FERROFACTORY_RDZV_TIMEOUT";
+
 /// How long workers get to exit after SIGTERM before they are killed, by default.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -41,8 +45,9 @@ impl LaunchSpec {
     /// Builds a spec from the launcher variables in `env` (LLaMA-Factory's conventions):
     /// NNODES (default 1); NODE_RANK, or RANK as the node rank when NODE_RANK is unset and
     /// NNODES > 1; NPROC_PER_NODE (default `accelerators`, at least 1); MASTER_ADDR (default
-    /// 127.0.0.1); MASTER_PORT (required with several nodes, else a free port). The timeouts
-    /// take their defaults and the config hash is empty; set those fields afterwards.
+    /// 127.0.0.1); MASTER_PORT (required with several nodes, else a free port);
+    /// [`RENDEZVOUS_TIMEOUT_VAR`] (default [`DEFAULT_RENDEZVOUS_TIMEOUT`]). The stop grace takes
+    /// its default and the config hash is empty; set those fields afterwards.
     pub fn from_env(
         env: &HashMap<String, String>,
         accelerators: usize,
@@ -73,6 +78,10 @@ impl LaunchSpec {
             _ => DEFAULT_MASTER_ADDR.to_string(),
         };
         let master_port = parse_port(env, "MASTER_PORT")?;
+        let rendezvous_timeout = parse_count(env, RENDEZVOUS_TIMEOUT_VAR)?
+            .map_or(DEFAULT_RENDEZVOUS_TIMEOUT, |secs| {
+                Duration::from_secs(secs as u64)
+            });
         let spec = LaunchSpec {
             nnodes,
             node_rank,
@@ -82,7 +91,7 @@ impl LaunchSpec {
             program: program.into(),
             args,
             env: Vec::new(),
-            rendezvous_timeout: DEFAULT_RENDEZVOUS_TIMEOUT,
+            rendezvous_timeout,
             config_hash: String::new(),
             stop_grace: DEFAULT_STOP_GRACE,
         };
@@ -208,5 +217,26 @@ mod tests {
         assert!(err.starts_with("NNODES='x'"), "{err}");
         let err = spec(&[("MASTER_PORT", "port")], 1).unwrap_err().to_string();
         assert!(err.contains("a TCP port between 1 and 65535"), "{err}");
+    }
+
+    #[test]
+    fn rendezvous_timeout_comes_from_its_variable_in_seconds() {
+        assert_eq!(
+            spec(&[], 1).unwrap().rendezvous_timeout,
+            DEFAULT_RENDEZVOUS_TIMEOUT
+        );
+        assert_eq!(
+            spec(&[(RENDEZVOUS_TIMEOUT_VAR, "3")], 1)
+                .unwrap()
+                .rendezvous_timeout,
+            Duration::from_secs(3)
+        );
+        let err = spec(&[(RENDEZVOUS_TIMEOUT_VAR, "0")], 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("FERROFACTORY_RDZV_TIMEOUT='0' is not a whole number of at least 1"),
+            "{err}"
+        );
     }
 }
