@@ -92,9 +92,9 @@ impl CausalLm {
         let mut total = 0;
         let mut trainable = 0;
         for (_, p) in self.params_mut() {
-            total += p.tensor().elem_count();
+            total += p.elem_count();
             if p.is_trainable() {
-                trainable += p.tensor().elem_count();
+                trainable += p.elem_count();
             }
         }
         for layer in &self.layers {

@@ -1,4 +1,4 @@
-//! LLaMA-family decoder on candle: configuration, layers, Linear kinds (dense and LoRA), and
+//! LLaMA-family decoder on candle: configuration, layers, Linear kinds (dense, LoRA, quantized), and
 //! checkpoint I/O (Hugging Face safetensors, sharded indexes, PEFT adapters).
 //!
 //! The model knows nothing about training loops or distribution: it computes a forward pass
@@ -15,6 +15,7 @@ pub mod linear;
 pub mod load;
 pub mod param;
 pub mod peft;
+pub mod quant;
 pub mod safetensors_io;
 
 pub use causal_lm::CausalLm;

@@ -1,4 +1,4 @@
-//! Linear layers: dense, and dense with a LoRA adapter on top.
+//! Linear layers: dense or quantized, with or without a LoRA adapter on top.
 
 use candle_core::{DType, Result, Tensor, Var};
 
@@ -32,11 +32,11 @@ impl Linear {
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.tensor().dims()[1]
+        self.weight.dims()[1]
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.tensor().dims()[0]
+        self.weight.dims()[0]
     }
 
     /// `x` is `[..., in]`; `dropout_seed` must be the same on a recomputation as on the first pass.
@@ -45,7 +45,10 @@ impl Linear {
         let dims = x.dims().to_vec();
         let rows = x.elem_count() / self.in_features();
         let x2 = x.reshape((rows, self.in_features()))?;
-        let mut y = x2.matmul(&self.weight.in_dtype(dtype)?.t()?)?;
+        let mut y = match &self.weight {
+            Param::Quantized(q) => q.matmul_t(&x2)?,
+            dense => x2.matmul(&dense.in_dtype(dtype)?.t()?)?,
+        };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(&bias.in_dtype(dtype)?)?;
         }
