@@ -43,13 +43,28 @@ train_args! {
     model_name_or_path: Option<String> = None,
     /// A PEFT adapter directory to continue training from.
     adapter_name_or_path: Option<String> = None,
-    /// 4 or 8: quantize the frozen base for QLoRA.
+    /// 4 or 8: quantize the frozen base for QLoRA (bitsandbytes' layouts).
     quantization_bit: Option<u64> = None,
+    /// `nf4` or `fp4`, for 4 bits.
     quantization_type: String = "nf4".into(),
+    /// Quantize the 4-bit absmax statistics again (8 bits in blocks of 256).
     double_quantization: bool = true,
     quantization_method: String = "bitsandbytes".into(),
     /// Keep the whole graph instead of recomputing each decoder layer in backward.
     disable_gradient_checkpointing: bool = false,
+
+    // Export (read by `export`; `train` ignores them, as LLaMA-Factory does).
+    /// Where `export` writes the merged model.
+    export_dir: Option<String> = None,
+    /// Shard size of the exported safetensors, in GB.
+    export_size: u64 = 5,
+    export_device: String = "cpu".into(),
+    export_legacy_format: bool = false,
+    export_quantization_bit: Option<u64> = None,
+    export_quantization_dataset: Option<String> = None,
+    export_quantization_nsamples: u64 = 128,
+    export_quantization_maxlen: u64 = 1024,
+    export_hub_model_id: Option<String> = None,
 
     // Method.
     stage: String = "sft".into(),
@@ -271,17 +286,6 @@ impl TrainArgs {
 
     /// Checks every value on its own and against the others, before any work starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let one_of = |key: &str, value: &str, allowed: &[&str]| -> Result<(), ConfigError> {
-            if allowed.contains(&value) {
-                Ok(())
-            } else {
-                Err(ConfigError::OutOfRange {
-                    key: key.into(),
-                    got: format!("`{value}`"),
-                    range: format!("one of {}", allowed.join(", ")),
-                })
-            }
-        };
         let range = |key: &str, v: f64, ok: bool, what: &str| -> Result<(), ConfigError> {
             if ok {
                 Ok(())
@@ -332,11 +336,13 @@ impl TrainArgs {
                 hint: "remove it; only Linear layers inside decoder layers take adapters".into(),
             });
         }
-        if self.quantization_bit.is_some() {
-            return Err(ConfigError::Invalid(
-                "quantization_bit (QLoRA) is not supported yet; remove it to train LoRA on the float model".into(),
-            ));
-        }
+        self.validate_quantization()?;
+        range(
+            "export_size",
+            self.export_size as f64,
+            self.export_size >= 1,
+            "at least 1 (GB)",
+        )?;
         one_of("mix_strategy", &self.mix_strategy, &["concat"])?;
         range(
             "lora_rank",
@@ -485,6 +491,82 @@ impl TrainArgs {
         Ok(())
     }
 
+    /// quantization_bit as LLaMA-Factory accepts it with bitsandbytes: 4 (nf4 or fp4) or 8, on
+    /// LoRA only, with a single adapter that is continued rather than stacked.
+    fn validate_quantization(&self) -> Result<(), ConfigError> {
+        let Some(bits) = self.quantization_bit else {
+            return Ok(());
+        };
+        one_of(
+            "quantization_method",
+            &self.quantization_method,
+            &["bitsandbytes"],
+        )?;
+        if bits != 4 && bits != 8 {
+            return Err(ConfigError::Invalid(format!(
+                "quantization_bit is {bits}, but bitsandbytes quantization takes 4 or 8 bits"
+            )));
+        }
+        if self.finetuning_type != "lora" {
+            return Err(ConfigError::Invalid(format!(
+                "quantization_bit works with finetuning_type lora only (QLoRA), not `{}`; quantized weights cannot be trained",
+                self.finetuning_type
+            )));
+        }
+        if self.adapter_name_or_path.is_some() && self.create_new_adapter {
+            return Err(ConfigError::Invalid(
+                "create_new_adapter cannot stack a new adapter upon a quantized model; remove it to continue training the adapter".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The checks `export` needs beyond [`validate`](Self::validate), with LLaMA-Factory's
+    /// conditions; what ferrofactory cannot do yet is refused with the reason.
+    pub fn require_for_export(&self) -> Result<(), ConfigError> {
+        for (key, missing) in [
+            ("model_name_or_path", self.model_name_or_path.is_none()),
+            ("export_dir", self.export_dir.is_none()),
+        ] {
+            if missing {
+                return Err(ConfigError::Invalid(format!(
+                    "`{key}` is required to export; add it to the config or pass {key}=..."
+                )));
+            }
+        }
+        if self.adapter_name_or_path.is_some() && self.export_quantization_bit.is_some() {
+            return Err(ConfigError::Invalid(
+                "export_quantization_bit with adapter_name_or_path: merge the adapter first (export without export_quantization_bit), then quantize the merged model".into(),
+            ));
+        }
+        if self.adapter_name_or_path.is_some() && self.quantization_bit.is_some() {
+            return Err(ConfigError::Invalid(
+                "cannot merge adapters into a quantized model; remove quantization_bit to merge into the float base".into(),
+            ));
+        }
+        for (key, set, why) in [
+            ("export_quantization_bit", self.export_quantization_bit.is_some(), "GPTQ quantization on export is not supported; export the float model"),
+            ("export_legacy_format", self.export_legacy_format, "only safetensors is written; .bin (pickle) files are not supported, set it to false"),
+            ("export_hub_model_id", self.export_hub_model_id.is_some(), "this machine cannot upload to the Hugging Face hub; remove it and upload export_dir yourself"),
+            ("quantization_bit", self.quantization_bit.is_some(), "export writes a float model; remove it"),
+        ] {
+            if set {
+                return Err(ConfigError::UnsupportedKey {
+                    key: key.into(),
+                    hint: why.into(),
+                });
+            }
+        }
+        one_of("export_device", &self.export_device, &["cpu", "auto"])?;
+        if self.finetuning_type != "lora" && self.adapter_name_or_path.is_some() {
+            return Err(ConfigError::Invalid(format!(
+                "adapter_name_or_path works with finetuning_type lora only, not `{}`",
+                self.finetuning_type
+            )));
+        }
+        Ok(())
+    }
+
     /// The checks `train` needs beyond [`validate`](Self::validate): the keys a run cannot do without.
     pub fn require_for_training(&self) -> Result<(), ConfigError> {
         for (key, missing) in [
@@ -505,5 +587,18 @@ impl TrainArgs {
             )));
         }
         Ok(())
+    }
+}
+
+/// `value` of `key` must be one of `allowed`.
+fn one_of(key: &str, value: &str, allowed: &[&str]) -> Result<(), ConfigError> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange {
+            key: key.into(),
+            got: format!("`{value}`"),
+            range: format!("one of {}", allowed.join(", ")),
+        })
     }
 }

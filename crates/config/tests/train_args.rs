@@ -164,3 +164,60 @@ fn bad_yaml_names_the_file() {
         "{message}"
     );
 }
+
+#[test]
+fn quantization_bit_4_and_8_for_lora_only() {
+    let base = "model_name_or_path: m\nfinetuning_type: lora\n";
+    let args = parse(base, &["quantization_bit=4", "quantization_type=fp4"]).unwrap();
+    assert_eq!(args.quantization_bit, Some(4));
+    assert!(args.double_quantization);
+    assert!(parse(base, &["quantization_bit=8"]).is_ok());
+    let err = parse(base, &["quantization_bit=3"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("takes 4 or 8 bits"), "{err}");
+    let err = parse(base, &["quantization_bit=4", "quantization_type=int4"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("quantization_type"), "{err}");
+    let err = parse(base, &["quantization_bit=4", "finetuning_type=full"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("finetuning_type lora only"), "{err}");
+    let err = parse(base, &["quantization_bit=4", "quantization_method=hqq"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("quantization_method"), "{err}");
+}
+
+#[test]
+fn export_keys_parse_and_unsupported_ones_are_refused_with_a_reason() {
+    let base = "model_name_or_path: m\nexport_dir: out\n";
+    let args = parse(base, &[]).unwrap();
+    assert_eq!(args.export_size, 5);
+    args.require_for_export().unwrap();
+    let err = parse(base, &["export_legacy_format=true"])
+        .unwrap()
+        .require_for_export()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("export_legacy_format") && err.contains(".bin"),
+        "{err}"
+    );
+    let err = parse(base, &["adapter_name_or_path=a", "quantization_bit=4"])
+        .unwrap()
+        .require_for_export()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cannot merge adapters into a quantized model"),
+        "{err}"
+    );
+    let err = parse("model_name_or_path: m\n", &[])
+        .unwrap()
+        .require_for_export()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("export_dir"), "{err}");
+}

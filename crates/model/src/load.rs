@@ -10,11 +10,23 @@ use crate::error::{ModelError, Result};
 use crate::layers::{Attention, DecoderLayer, Mlp, RmsNorm};
 use crate::linear::Linear;
 use crate::param::Param;
+use crate::quant::{QuantFormat, QuantizedWeight};
 use crate::safetensors_io::SafetensorsFiles;
 
 /// Loads every weight frozen, in `dtype`. Fine-tuning setups (LoRA, full, freeze) are applied
 /// afterwards by [`crate::finetune`].
 pub fn load_model_dir(dir: &Path, dtype: DType, device: &Device) -> Result<CausalLm> {
+    load_model_dir_quantized(dir, dtype, device, None)
+}
+
+/// [`load_model_dir`], with the decoder layers' Linear weights quantized to `quant` as they are
+/// read (see [`from_tensors_quantized`]).
+pub fn load_model_dir_quantized(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    quant: Option<QuantFormat>,
+) -> Result<CausalLm> {
     if !dir.is_dir() {
         return Err(ModelError::file(
             dir,
@@ -29,7 +41,7 @@ pub fn load_model_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Causa
         )));
     }
     let files = SafetensorsFiles::open_model_dir(dir)?;
-    from_tensors(config, &files, dtype, device)
+    from_tensors_quantized(config, &files, dtype, device, quant)
 }
 
 /// Where weights come from: checkpoint files, or a random initialisation for benchmarks.
@@ -68,9 +80,31 @@ pub fn from_tensors(
     dtype: DType,
     device: &Device,
 ) -> Result<CausalLm> {
+    from_tensors_quantized(config, source, dtype, device, None)
+}
+
+/// [`from_tensors`], with every Linear weight of the decoder layers quantized to `quant` right
+/// after it is read, so that only one float matrix exists at a time. Embeddings, norms, biases
+/// and `lm_head` stay in `dtype`, as transformers leaves them under bitsandbytes.
+pub fn from_tensors_quantized(
+    config: ModelConfig,
+    source: &dyn TensorSource,
+    dtype: DType,
+    device: &Device,
+    quant: Option<QuantFormat>,
+) -> Result<CausalLm> {
     let c = &config;
     let get = |name: &str, shape: &[usize]| -> Result<Param> {
         Ok(Param::Frozen(source.tensor(name, shape, dtype, device)?))
+    };
+    let get_weight = |name: &str, shape: &[usize]| -> Result<Param> {
+        match quant {
+            None => get(name, shape),
+            Some(format) => {
+                let float = source.tensor(name, shape, dtype, device)?;
+                Ok(Param::Quantized(QuantizedWeight::quantize(&float, format)?))
+            }
+        }
     };
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let (q_out, kv_out) = (
@@ -78,7 +112,7 @@ pub fn from_tensors(
         c.num_key_value_heads * c.head_dim,
     );
     let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-        let weight = get(&format!("{name}.weight"), &[out, inp])?;
+        let weight = get_weight(&format!("{name}.weight"), &[out, inp])?;
         let bias = if bias {
             Some(get(&format!("{name}.bias"), &[out])?)
         } else {
