@@ -39,7 +39,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<std::process::ExitCode
     args.require_for_training()?;
     let env: HashMap<String, String> = std::env::vars().collect();
     if needs_launcher(&env) {
-        return launch_workers(config, overrides, &env);
+        return launch_workers(config, overrides, &env, Vec::new());
     }
     let group = ff_dist::init_from_env(Duration::from_secs(args.ddp_timeout))?;
     let main = group.rank() == 0;
@@ -134,11 +134,13 @@ fn needs_launcher(env: &HashMap<String, String>) -> bool {
             > 1
 }
 
-/// Runs this same command as NPROC_PER_NODE workers of a torchrun-style job and waits for them.
-fn launch_workers(
+/// Runs `train config overrides` as NPROC_PER_NODE workers of a torchrun-style job (the
+/// launcher variables read from `env`) and waits for them; `extra_env` is set in every worker.
+pub(crate) fn launch_workers(
     config: &Path,
     overrides: &[String],
     env: &HashMap<String, String>,
+    extra_env: Vec<(String, String)>,
 ) -> Result<std::process::ExitCode> {
     let program = std::env::current_exe().context("finding the ferrofactory executable")?;
     let mut worker_args: Vec<OsString> = vec!["train".into(), config.as_os_str().to_owned()];
@@ -150,6 +152,8 @@ fn launch_workers(
         .with_context(|| format!("reading {}", config.display()))?
         .hash(&mut hasher);
     overrides.hash(&mut hasher);
+    extra_env.hash(&mut hasher);
+    spec.env = extra_env;
     spec.config_hash = format!("{:016x}", hasher.finish());
     match ff_dist::launch(&spec) {
         Ok(()) => Ok(std::process::ExitCode::SUCCESS),
