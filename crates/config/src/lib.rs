@@ -3,12 +3,16 @@
 
 pub mod error;
 pub mod fsdp;
+pub mod launch;
 pub mod train_args;
 pub mod value;
 
 pub use error::ConfigError;
 pub use fsdp::{
     AutoWrapPolicy, BackwardPrefetch, FsdpConfig, ShardingStrategy, StateDictType, FSDP_ENV_VAR,
+};
+pub use launch::{
+    default_launch_file, DistributedType, LaunchConfig, MixedPrecision, LAUNCH_KEYS_WITHOUT_EFFECT,
 };
 pub use train_args::{TrainArgs, KEYS_WITHOUT_EFFECT};
 pub use value::CommaList;
