@@ -139,7 +139,9 @@ impl QuantizedWeight {
     fn with_code_bytes<T>(&self, f: impl FnOnce(&[u8]) -> T) -> Result<T> {
         let (storage, layout) = self.codes.storage_and_layout();
         let Storage::Cpu(cpu) = &*storage else {
-            return Err(Error::Msg("quantized codes must live in host memory".into()));
+            return Err(Error::Msg(
+                "quantized codes must live in host memory".into(),
+            ));
         };
         let bytes = cpu.as_slice::<u8>()?;
         let Some((start, end)) = layout.contiguous_offsets() else {
@@ -191,9 +193,9 @@ impl QuantizedWeight {
         let len = rows * cols;
         let mut buffers: HashMap<String, RawBuffer> = buffers.into_iter().collect();
         let mut take = |name: &str, expected_len: usize| -> Result<RawBuffer> {
-            let b = buffers
-                .remove(name)
-                .ok_or_else(|| Error::Msg(format!("quantized weight buffer `{name}` is missing")))?;
+            let b = buffers.remove(name).ok_or_else(|| {
+                Error::Msg(format!("quantized weight buffer `{name}` is missing"))
+            })?;
             if b.len() != expected_len {
                 return Err(Error::Msg(format!(
                     "quantized weight buffer `{name}` has {} elements, expected {expected_len}",
