@@ -10,6 +10,7 @@ pub mod dropout;
 pub mod error;
 pub mod finetune;
 pub mod gguf;
+pub mod hf_export;
 pub mod layers;
 pub mod linear;
 pub mod load;
