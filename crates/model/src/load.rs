@@ -56,6 +56,23 @@ impl TensorSource for SafetensorsFiles {
     }
 }
 
+/// Zeros of the right shapes, for a rank that will receive its weights from rank 0 (FSDP's
+/// cpu_ram_efficient_loading): no weight file is read, and the zero pages the allocator maps
+/// cost no memory until written.
+pub struct Zeros;
+
+impl TensorSource for Zeros {
+    fn tensor(
+        &self,
+        _name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        Ok(Tensor::zeros(shape, dtype, device)?)
+    }
+}
+
 /// Weights drawn as transformers initialises a fresh model: normal(0, 0.02) matrices, norms at 1.
 pub struct RandomInit;
 

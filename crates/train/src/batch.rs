@@ -23,6 +23,16 @@ impl Batch {
         self.input_ids.is_empty()
     }
 
+    /// One padding-free token with no label: a rank without examples walks it so that it
+    /// joins every collective of a sharded step while adding nothing to the loss or gradient.
+    pub fn placeholder() -> Self {
+        Self {
+            input_ids: vec![vec![0]],
+            attention_mask: vec![vec![1]],
+            labels: vec![vec![IGNORE_INDEX]],
+        }
+    }
+
     pub fn seq_len(&self) -> usize {
         self.input_ids.first().map_or(0, Vec::len)
     }

@@ -85,11 +85,19 @@ pub fn save_weights(
 
 /// Refuses a checkpoint folder that lacks a file resume needs, naming it.
 pub fn check_complete(weights: &SavedWeights, dir: &Path) -> TrainResult<()> {
-    let weight_files: &[&str] = match weights {
-        SavedWeights::Lora(_) => &["adapter_config.json", "adapter_model.safetensors"],
-        SavedWeights::Full => &[MODEL_FILE],
+    let weight_files: Vec<String> = match (sharded_world_size(dir)?, weights) {
+        (Some(world), _) => (0..world).map(|r| shard_file(r, world)).collect(),
+        (None, SavedWeights::Lora(_)) => vec![
+            "adapter_config.json".into(),
+            "adapter_model.safetensors".into(),
+        ],
+        (None, SavedWeights::Full) => vec![MODEL_FILE.into()],
     };
-    for name in weight_files.iter().chain(&[TRAINER_STATE]) {
+    for name in weight_files
+        .iter()
+        .map(String::as_str)
+        .chain([TRAINER_STATE])
+    {
         if !dir.join(name).is_file() {
             return Err(TrainError::Checkpoint(format!(
                 "checkpoint {} is incomplete: it has no {name}; resume from another checkpoint or start over",
@@ -119,6 +127,94 @@ pub fn load_weights(model: &mut CausalLm, weights: &SavedWeights, dir: &Path) ->
         }
     }
     Ok(())
+}
+
+/// Marks a checkpoint saved with SHARDED_STATE_DICT; holds the number of shard files.
+pub const SHARDED_MARKER: &str = "fsdp_sharded.json";
+
+/// The file rank `rank` of `world` writes in a SHARDED_STATE_DICT checkpoint.
+pub fn shard_file(rank: usize, world: usize) -> String {
+    format!("fsdp_rank{rank}_of_{world}.safetensors")
+}
+
+/// The number of ranks that wrote `dir`, when it is a SHARDED_STATE_DICT checkpoint.
+pub fn sharded_world_size(dir: &Path) -> TrainResult<Option<usize>> {
+    let path = dir.join(SHARDED_MARKER);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+    let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    match value.get("world_size").and_then(Value::as_u64) {
+        Some(world) if world > 0 => Ok(Some(world as usize)),
+        _ => Err(TrainError::Checkpoint(format!(
+            "{} is corrupt: it does not say how many ranks wrote the checkpoint",
+            path.display()
+        ))),
+    }
+}
+
+/// One rank's part of a SHARDED_STATE_DICT checkpoint: its pieces of the trained tensors and
+/// their optimizer moments, under labels that say which elements they are.
+pub fn save_shard(
+    path: &Path,
+    labels: &[String],
+    values: &[Vec<f32>],
+    optimizer: &AdamWState,
+) -> TrainResult<()> {
+    let mut tensors = Vec::new();
+    for ((label, v), m) in labels.iter().zip(values).zip(&optimizer.moments) {
+        tensors.push((
+            format!("param.{label}"),
+            Tensor::from_slice(v, v.len(), &Device::Cpu)?,
+        ));
+        if !m.exp_avg.is_empty() {
+            let n = m.exp_avg.len();
+            tensors.push((
+                format!("exp_avg.{label}"),
+                Tensor::from_slice(&m.exp_avg, n, &Device::Cpu)?,
+            ));
+            tensors.push((
+                format!("exp_avg_sq.{label}"),
+                Tensor::from_slice(&m.exp_avg_sq, n, &Device::Cpu)?,
+            ));
+        }
+    }
+    let metadata = HashMap::from([("step".to_string(), optimizer.step.to_string())]);
+    save_atomic(&tensors, Some(metadata), path)?;
+    Ok(())
+}
+
+/// Reads what [`save_shard`] wrote for the pieces `labels`.
+pub fn load_shard(path: &Path, labels: &[String]) -> TrainResult<(Vec<Vec<f32>>, AdamWState)> {
+    let step = read_step_metadata(path)?;
+    let files = SafetensorsFiles::open(&[path.to_path_buf()])?;
+    let read = |k: &str| -> TrainResult<Vec<f32>> {
+        if !files.contains(k) {
+            return Err(TrainError::Checkpoint(format!(
+                "{} has no `{k}`; it was written by a run with other FSDP or fine-tuning settings",
+                path.display()
+            )));
+        }
+        Ok(files
+            .load(k, None, DType::F32, &Device::Cpu)?
+            .to_vec1::<f32>()?)
+    };
+    let mut values = Vec::with_capacity(labels.len());
+    let mut moments = Vec::with_capacity(labels.len());
+    for label in labels {
+        values.push(read(&format!("param.{label}"))?);
+        let key = format!("exp_avg.{label}");
+        moments.push(if files.contains(&key) {
+            Moments {
+                exp_avg: read(&key)?,
+                exp_avg_sq: read(&format!("exp_avg_sq.{label}"))?,
+            }
+        } else {
+            Moments::default()
+        });
+    }
+    Ok((values, AdamWState { step, moments }))
 }
 
 pub fn save_optimizer(state: &AdamWState, names: &[String], path: &Path) -> TrainResult<()> {

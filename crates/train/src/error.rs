@@ -20,6 +20,9 @@ pub enum TrainError {
     #[error(transparent)]
     Dist(#[from] ff_dist::DistError),
 
+    #[error(transparent)]
+    Fsdp(#[from] ff_fsdp::FsdpError),
+
     #[error("{0}")]
     Config(String),
 

@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod checkpoint;
+pub mod engine;
 pub mod error;
 pub mod loss;
 pub mod optim;
@@ -13,6 +14,7 @@ pub mod step;
 pub mod trainer;
 
 pub use batch::{collate, Batch, Example, IGNORE_INDEX};
+pub use engine::Engine;
 pub use error::{TrainError, TrainResult};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::{Schedule, ScheduleKind};

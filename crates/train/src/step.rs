@@ -11,9 +11,12 @@ use std::collections::HashMap;
 
 use candle_core::{backprop::GradStore, Result, Tensor, TensorId, Var};
 use ff_dist::ProcessGroup;
+use ff_fsdp::{BackwardExtent, Part, Pass, Residency, Walk};
 use ff_model::{CausalLm, ForwardCtx};
 
 use crate::batch::Batch;
+use crate::engine::Engine;
+use crate::error::TrainResult;
 use crate::loss::{head_forward_backward, LabelPositions};
 
 /// The trained tensors of a model, in a fixed order, with gradient accumulators.
@@ -22,10 +25,8 @@ pub struct Trainables {
     pub vars: Vec<Var>,
     pub grads: Vec<Option<Tensor>>,
     index: HashMap<TensorId, usize>,
-    /// Lowest decoder layer that holds a trained tensor (`layers.len()` when none does), below
-    /// which backward has nothing to compute.
-    lowest_trained_layer: usize,
-    embed_trains: bool,
+    /// How far down backward must go.
+    pub(crate) extent: BackwardExtent,
 }
 
 impl Trainables {
@@ -55,8 +56,10 @@ impl Trainables {
             names,
             vars,
             index,
-            lowest_trained_layer,
-            embed_trains,
+            extent: BackwardExtent {
+                lowest_layer: lowest_trained_layer,
+                embedding: embed_trains,
+            },
         }
     }
 
@@ -87,7 +90,7 @@ impl Trainables {
     }
 
     /// Sums every gradient over `group` in one collective (missing gradients count as zero).
-    pub fn all_reduce_grads(&mut self, group: &dyn ProcessGroup) -> crate::error::TrainResult<()> {
+    pub fn all_reduce_grads(&mut self, group: &dyn ProcessGroup) -> TrainResult<()> {
         let mut flat: Vec<f32> = Vec::with_capacity(self.num_elements());
         for (var, grad) in self.vars.iter().zip(&self.grads) {
             match grad {
@@ -110,7 +113,7 @@ impl Trainables {
     }
 
     /// Makes every rank start from rank 0's values of the trained tensors.
-    pub fn broadcast_from_rank0(&self, group: &dyn ProcessGroup) -> crate::error::TrainResult<()> {
+    pub fn broadcast_from_rank0(&self, group: &dyn ProcessGroup) -> TrainResult<()> {
         if group.world_size() == 1 {
             return Ok(());
         }
@@ -137,60 +140,68 @@ impl Trainables {
     }
 }
 
-/// Forward and backward of `batch`, adding the gradient of `nll_sum / loss_denominator` to
-/// `trainables`. `loss_denominator` is the number of label tokens of the whole optimizer step
-/// (all micro-batches, all ranks), so that accumulation and data parallelism give the gradient
-/// of one big batch. Returns the micro-batch's un-normalised NLL sum.
+/// Forward and backward of `batch`, adding the gradient of `nll_sum / loss_denominator` to the
+/// trained tensors through `params`. `loss_denominator` is the number of label tokens of the
+/// whole optimizer step (all micro-batches, all ranks), so that accumulation and data
+/// parallelism give the gradient of one big batch. Returns the micro-batch's un-normalised NLL
+/// sum. `params` is told when each part of the model is entered and left, so that a sharded
+/// engine can gather it just in time.
 pub fn forward_backward(
-    model: &CausalLm,
-    trainables: &mut Trainables,
+    model: &mut CausalLm,
+    params: &mut dyn Residency,
     batch: &Batch,
     loss_denominator: f64,
     gradient_checkpointing: bool,
     dropout_seed: u64,
-) -> Result<f64> {
-    let device = &model.device;
+) -> TrainResult<f64> {
     let ctx = ForwardCtx::new(
         &model.config,
         &batch.attention_mask,
         model.dtype,
         dropout_seed,
-        device,
+        &model.device,
     )?;
-    let input_ids = batch.input_ids_tensor(device)?;
+    let input_ids = batch.input_ids_tensor(&model.device)?;
     let positions = LabelPositions::of(batch);
-    let first = trainables.lowest_trained_layer;
-    let embed_trains = trainables.embed_trains;
+    let extent = params.backward_extent();
+    params.begin(Walk::Train)?;
+    params.enter(model, Part::Embed, Pass::Forward)?;
     let embedded = model.embed(&input_ids)?;
+    params.leave(model, Part::Embed, Pass::Forward)?;
+    let num_layers = model.layers.len();
 
-    if gradient_checkpointing {
-        let mut saved = Vec::with_capacity(model.layers.len() + 1);
+    let nll_sum = if gradient_checkpointing {
+        let mut saved = Vec::with_capacity(num_layers + 1);
         saved.push(embedded.detach());
-        for layer in &model.layers {
+        for i in 0..num_layers {
+            params.enter(model, Part::Layer(i), Pass::Forward)?;
             let x = saved.last().expect("holds the embedding");
-            saved.push(layer.forward(x, &ctx)?.detach());
+            let y = model.layers[i].forward(x, &ctx)?.detach();
+            params.leave(model, Part::Layer(i), Pass::Forward)?;
+            saved.push(y);
         }
         let top = saved.pop().expect("holds the last layer's output");
-        let head = head_forward_backward(model, &top, &positions, loss_denominator, &mut |g| {
-            trainables.accumulate(g)
-        })?;
+        let head = head_backward(model, params, &top, &positions, loss_denominator)?;
         let mut grad = head.grad_hidden;
-        let lowest = if embed_trains { 0 } else { first };
-        for (i, layer) in model.layers.iter().enumerate().rev() {
-            if i < lowest {
-                break;
-            }
+        let lowest = if extent.embedding {
+            0
+        } else {
+            extent.lowest_layer
+        };
+        for i in (lowest..num_layers).rev() {
             let input = saved.pop().expect("one saved input per layer");
-            let needs_input_grad = i > lowest || embed_trains;
+            let needs_input_grad = i > lowest || extent.embedding;
             let input = if needs_input_grad {
                 Var::from_tensor(&input)?.as_tensor().clone()
             } else {
                 input
             };
-            let store = (layer.forward(&input, &ctx)? * &grad)?
+            params.enter(model, Part::Layer(i), Pass::Backward)?;
+            let store = (model.layers[i].forward(&input, &ctx)? * &grad)?
                 .sum_all()?
                 .backward()?;
-            trainables.accumulate(&store)?;
+            params.add_grads(Part::Layer(i), &store)?;
+            params.leave(model, Part::Layer(i), Pass::Backward)?;
             if needs_input_grad {
                 grad = match store.get(&input) {
                     Some(g) => g.detach(),
@@ -198,24 +209,50 @@ pub fn forward_backward(
                 };
             }
         }
-        if embed_trains {
+        if extent.embedding {
+            params.enter(model, Part::Embed, Pass::Backward)?;
             let store = (embedded * &grad)?.sum_all()?.backward()?;
-            trainables.accumulate(&store)?;
+            params.add_grads(Part::Embed, &store)?;
+            params.leave(model, Part::Embed, Pass::Backward)?;
         }
-        Ok(head.nll_sum)
+        head.nll_sum
     } else {
+        // The whole graph is kept, so every parameter must stay in the model from forward to
+        // backward: only the replicated engine runs this way.
         let mut x = embedded;
-        for layer in &model.layers {
-            x = layer.forward(&x, &ctx)?;
+        for i in 0..num_layers {
+            x = model.layers[i].forward(&x, &ctx)?;
         }
-        let head =
-            head_forward_backward(model, &x.detach(), &positions, loss_denominator, &mut |g| {
-                trainables.accumulate(g)
-            })?;
+        let head = head_backward(model, params, &x.detach(), &positions, loss_denominator)?;
         let store = (x * head.grad_hidden)?.sum_all()?.backward()?;
-        trainables.accumulate(&store)?;
-        Ok(head.nll_sum)
+        params.add_grads(Part::Layer(0), &store)?;
+        head.nll_sum
+    };
+    params.end(model)?;
+    Ok(nll_sum)
+}
+
+/// The head's forward and backward, as one use of the head part.
+fn head_backward(
+    model: &mut CausalLm,
+    params: &mut dyn Residency,
+    top: &Tensor,
+    positions: &LabelPositions,
+    loss_denominator: f64,
+) -> TrainResult<crate::loss::HeadOutput> {
+    params.enter(model, Part::Head, Pass::Backward)?;
+    let mut failed = None;
+    let head = head_forward_backward(model, top, positions, loss_denominator, &mut |g| {
+        if let Err(e) = params.add_grads(Part::Head, g) {
+            failed = Some(e);
+        }
+        Ok(())
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
     }
+    params.leave(model, Part::Head, Pass::Backward)?;
+    Ok(head)
 }
 
 /// What one optimizer step reports.
@@ -236,20 +273,21 @@ pub struct StepOptions {
 }
 
 /// One optimizer step over this rank's `micro_batches` (gradient accumulation): forward and
-/// backward of each, gradients summed over `group` (each rank's loss is already divided by the
+/// backward of each, gradients summed over ranks (each rank's loss is already divided by the
 /// label tokens of all ranks, so the sum is the gradient of the whole step), clip, AdamW update
-/// at `lr`. Every rank must call it, even with no examples, since the sums are collective.
+/// at `lr` of what this rank owns. Every rank must call it, even with no examples, since the
+/// sums are collective.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
-    model: &CausalLm,
-    trainables: &mut Trainables,
+    model: &mut CausalLm,
+    engine: &mut Engine,
     optimizer: &mut crate::optim::AdamW,
     micro_batches: &[Batch],
     lr: f64,
     options: StepOptions,
     dropout_seed: u64,
     group: &dyn ProcessGroup,
-) -> crate::error::TrainResult<StepStats> {
+) -> TrainResult<StepStats> {
     let mut tokens = [micro_batches
         .iter()
         .map(Batch::num_label_tokens)
@@ -257,32 +295,36 @@ pub fn train_step(
     group.all_reduce_sum_f64(&mut tokens)?;
     let num_label_tokens = tokens[0] as usize;
     let denominator = num_label_tokens.max(1) as f64;
-    trainables.zero_grads();
+    engine.zero_grads();
     let mut nll_sum = 0.0;
+    let placeholder = Batch::placeholder();
     for (i, batch) in micro_batches.iter().enumerate() {
-        if batch.is_empty() {
-            continue;
-        }
+        // A sharded engine's walk is collective: a rank without examples walks a placeholder.
+        let batch = match (batch.is_empty(), &*engine) {
+            (false, _) => batch,
+            (true, Engine::Replicated(_)) => continue,
+            (true, Engine::Sharded(_)) => &placeholder,
+        };
         nll_sum += forward_backward(
             model,
-            trainables,
+            engine.residency(),
             batch,
             denominator,
             options.gradient_checkpointing,
             crate::seed_for(dropout_seed, i as u64),
         )?;
     }
-    if group.world_size() > 1 {
-        trainables.all_reduce_grads(group)?;
-    }
+    engine.reduce_grads(group)?;
     let mut nll = [nll_sum];
     group.all_reduce_sum_f64(&mut nll)?;
     let nll_sum = nll[0];
-    let grad_norm = crate::optim::grad_sq_norm(&trainables.grads)?.sqrt();
+    let grad_norm = engine.grad_norm()?;
     if let Some(max_norm) = options.max_grad_norm {
-        crate::optim::clip_grads(&mut trainables.grads, grad_norm, max_norm)?;
+        crate::optim::clip_grads(engine.grads_mut(), grad_norm, max_norm)?;
     }
-    optimizer.step(&trainables.vars, &trainables.grads, lr)?;
+    let grads = std::mem::take(engine.grads_mut());
+    optimizer.step(engine.vars(), &grads, lr)?;
+    *engine.grads_mut() = grads;
     Ok(StepStats {
         loss: nll_sum / denominator,
         grad_norm,
@@ -291,14 +333,32 @@ pub fn train_step(
 }
 
 /// Sum of NLLs and number of label tokens of `batch`, without gradients (evaluation).
-pub fn eval_nll(model: &CausalLm, batch: &Batch) -> Result<(f64, usize)> {
-    let device = &model.device;
-    let ctx = ForwardCtx::new(&model.config, &batch.attention_mask, model.dtype, 0, device)?;
-    let mut x = model.embed(&batch.input_ids_tensor(device)?)?.detach();
-    for layer in &model.layers {
-        x = layer.forward(&x, &ctx)?.detach();
+pub fn eval_nll(
+    model: &mut CausalLm,
+    params: &mut dyn Residency,
+    batch: &Batch,
+) -> TrainResult<(f64, usize)> {
+    let device = model.device.clone();
+    let ctx = ForwardCtx::new(
+        &model.config,
+        &batch.attention_mask,
+        model.dtype,
+        0,
+        &device,
+    )?;
+    params.begin(Walk::Eval)?;
+    params.enter(model, Part::Embed, Pass::Forward)?;
+    let mut x = model.embed(&batch.input_ids_tensor(&device)?)?.detach();
+    params.leave(model, Part::Embed, Pass::Forward)?;
+    for i in 0..model.layers.len() {
+        params.enter(model, Part::Layer(i), Pass::Forward)?;
+        x = model.layers[i].forward(&x, &ctx)?.detach();
+        params.leave(model, Part::Layer(i), Pass::Forward)?;
     }
     let positions = LabelPositions::of(batch);
+    params.enter(model, Part::Head, Pass::Forward)?;
     let nll = crate::loss::head_nll(model, &x, &positions)?;
+    params.leave(model, Part::Head, Pass::Forward)?;
+    params.end(model)?;
     Ok((nll, positions.rows.len()))
 }

@@ -5,20 +5,22 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use ff_config::TrainArgs;
+use ff_config::{FsdpConfig, ShardingStrategy, StateDictType, TrainArgs};
 use ff_dist::ProcessGroup;
+use ff_fsdp::{Residency, Sharded, ShardedSetup};
 use ff_model::dropout::derive_seed;
 use ff_model::CausalLm;
 use serde_json::{json, Map, Value};
 
 use crate::batch::{collate, Example};
 use crate::checkpoint::{
-    check_complete, list_checkpoints, load_optimizer, load_weights, read_trainer_state,
-    rotate_checkpoints, save_optimizer, save_weights, write_json, SavedWeights, TrainerState,
-    OPTIMIZER_FILE, TRAINER_STATE,
+    check_complete, list_checkpoints, load_optimizer, load_shard, load_weights, read_trainer_state,
+    rotate_checkpoints, save_optimizer, save_shard, save_weights, shard_file, sharded_world_size,
+    write_json, SavedWeights, TrainerState, OPTIMIZER_FILE, SHARDED_MARKER, TRAINER_STATE,
 };
+use crate::engine::Engine;
 use crate::error::{TrainError, TrainResult};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig, AdamWState, Moments};
 use crate::sampler::{epoch_order, rank_slice, EpochPlan};
 use crate::schedule::{warmup_steps, Schedule, ScheduleKind};
 use crate::step::{eval_nll, train_step, StepOptions, Trainables};
@@ -49,7 +51,32 @@ pub struct Run<'a> {
     pub stop: &'a AtomicBool,
     /// The data-parallel group; rank 0 alone writes files.
     pub group: &'a dyn ProcessGroup,
+    /// FSDP settings from `launch`; `None` (or NO_SHARD) trains replicated.
+    pub fsdp: Option<FsdpRun>,
     pub observer: &'a mut dyn Observer,
+}
+
+/// FSDP settings and the node layout they need.
+#[derive(Clone, Debug)]
+pub struct FsdpRun {
+    pub config: FsdpConfig,
+    /// Ranks per node (HYBRID_SHARD shards within a node).
+    pub local_world_size: usize,
+}
+
+/// What this rank held, as the engine counts it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MemoryReport {
+    /// Parameter bytes this rank keeps between uses (its shards, or the whole model).
+    pub parameter_bytes: usize,
+    /// The whole model's parameter bytes.
+    pub model_bytes: usize,
+    /// Optimizer moment bytes this rank keeps.
+    pub optimizer_bytes: usize,
+    /// The largest unit gathered (0 when nothing is sharded).
+    pub largest_unit_bytes: usize,
+    /// The most parameter bytes gathered at one time.
+    pub peak_gathered_bytes: usize,
 }
 
 /// What `train_results.json` holds.
@@ -58,6 +85,8 @@ pub struct Summary {
     pub global_step: u64,
     pub train_loss: f64,
     pub eval_loss: Option<f64>,
+    /// Present for a sharded run.
+    pub memory: Option<MemoryReport>,
 }
 
 /// Checks `output_dir` before any work, as LLaMA-Factory does: an existing non-empty folder is
@@ -230,16 +259,45 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         ferrofactory_run_hash: hash.clone(),
         ..TrainerState::default()
     };
-    if let Some(dir) = &resume_from {
-        check_complete(&run.weights, dir)?;
-        load_weights(model, &run.weights, dir)?;
-    }
-    let mut trainables = Trainables::of(model);
-    if trainables.is_empty() {
+    let resumed_shards = match &resume_from {
+        Some(dir) => {
+            check_complete(&run.weights, dir)?;
+            let shards = sharded_world_size(dir)?;
+            if shards.is_none() {
+                load_weights(model, &run.weights, dir)?;
+            }
+            shards
+        }
+        None => None,
+    };
+    let full_names = Trainables::of(model).names;
+    if full_names.is_empty() {
         return Err(TrainError::Config(
             "nothing to train: the fine-tuning settings leave every parameter frozen".into(),
         ));
     }
+    let sharding = run
+        .fsdp
+        .as_ref()
+        .filter(|f| f.config.sharding_strategy != ShardingStrategy::NoShard);
+    let gradient_checkpointing = !args.disable_gradient_checkpointing
+        || sharding.is_some_and(|f| f.config.activation_checkpointing);
+    let mut engine = match sharding {
+        Some(_) if !gradient_checkpointing => {
+            return Err(TrainError::Config(
+                "sharded FSDP recomputes each unit in backward, so it needs gradient checkpointing: remove disable_gradient_checkpointing or set fsdp_activation_checkpointing: true".into(),
+            ))
+        }
+        Some(f) => Engine::Sharded(Sharded::wrap(
+            model,
+            ShardedSetup {
+                config: &f.config,
+                group: run.group,
+                local_world_size: f.local_world_size,
+            },
+        )?),
+        None => Engine::Replicated(Trainables::of(model)),
+    };
     let mut optimizer = AdamW::new(
         AdamWConfig {
             beta1: args.adam_beta1,
@@ -247,7 +305,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
             eps: args.adam_epsilon,
             weight_decay: args.weight_decay,
         },
-        &trainables.names,
+        engine.names(),
     );
     if let Some(dir) = &resume_from {
         let saved = read_trainer_state(dir)?;
@@ -257,14 +315,42 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
                 dir.display()
             )));
         }
-        let optimizer_file = dir.join(OPTIMIZER_FILE);
-        if !optimizer_file.exists() {
-            return Err(TrainError::Checkpoint(format!(
-                "{} has no optimizer state (it was saved with save_only_model) and cannot be resumed",
-                dir.display()
-            )));
-        }
-        optimizer.state = load_optimizer(&trainables.names, &optimizer_file)?;
+        optimizer.state = match (&engine, resumed_shards) {
+            (Engine::Sharded(s), Some(world)) => {
+                if world != world_size_of(run.group) {
+                    return Err(TrainError::Checkpoint(format!(
+                        "{} was saved with SHARDED_STATE_DICT by {world} ranks; resume it with {world} ranks",
+                        dir.display()
+                    )));
+                }
+                let path = dir.join(shard_file(rank, world));
+                let (values, state) = load_shard(&path, &s.piece_labels())?;
+                for (var, v) in s.vars.iter().zip(values) {
+                    var.set(&candle_core::Tensor::from_vec(v, var.shape(), var.device())?)?;
+                }
+                state
+            }
+            (Engine::Replicated(_), Some(_)) => {
+                return Err(TrainError::Checkpoint(format!(
+                    "{} was saved with SHARDED_STATE_DICT; resume it with the same FSDP launch settings",
+                    dir.display()
+                )))
+            }
+            (engine, None) => {
+                let optimizer_file = dir.join(OPTIMIZER_FILE);
+                if !optimizer_file.exists() {
+                    return Err(TrainError::Checkpoint(format!(
+                        "{} has no optimizer state (it was saved with save_only_model) and cannot be resumed",
+                        dir.display()
+                    )));
+                }
+                let full = load_optimizer(&full_names, &optimizer_file)?;
+                match engine {
+                    Engine::Replicated(_) => full,
+                    Engine::Sharded(s) => scatter_optimizer(s, &full_names, full)?,
+                }
+            }
+        };
         state.global_step = saved.global_step;
         state.epoch = saved.epoch;
         state.log_history = saved.log_history;
@@ -275,10 +361,12 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         ));
     }
 
-    trainables.broadcast_from_rank0(run.group)?;
+    if let Engine::Replicated(t) = &engine {
+        t.broadcast_from_rank0(run.group)?;
+    }
     let options = StepOptions {
         max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
-        gradient_checkpointing: !args.disable_gradient_checkpointing,
+        gradient_checkpointing,
     };
     let eval_enabled = !run.eval.is_empty() && (args.do_eval || args.eval_strategy != "no");
     let start = Instant::now();
@@ -313,7 +401,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         let lr = schedule.lr(step);
         let stats = train_step(
             model,
-            &mut trainables,
+            &mut engine,
             &mut optimizer,
             &micro_batches,
             lr,
@@ -367,10 +455,21 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
                 "epoch" => epoch_end,
                 _ => false,
             };
-        // Evaluation involves no collective, so rank 0 alone runs it; the others wait for it
-        // at the next step's first collective.
-        if eval_now && main {
-            let eval_loss = evaluate(model, run.eval, args, run.pad_token_id)?;
+        // Replicated evaluation involves no collective, so rank 0 alone runs it and the others
+        // wait at the next step's first collective; sharded evaluation gathers, so all run it.
+        let sharded = matches!(engine, Engine::Sharded(_));
+        let eval_loss = if eval_now && (main || sharded) {
+            Some(evaluate(
+                model,
+                engine.residency(),
+                run.eval,
+                args,
+                run.pad_token_id,
+            )?)
+        } else {
+            None
+        };
+        if let (Some(eval_loss), true) = (eval_loss, main) {
             let mut record = Map::new();
             record.insert("eval_loss".into(), json!(eval_loss));
             record.insert("epoch".into(), json!(round(state.epoch, 4)));
@@ -400,10 +499,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
             _ => false,
         };
         if (save_now || interrupted) && step < total_steps {
-            let dir = out.join(format!("checkpoint-{step}"));
-            if main {
-                save_checkpoint(model, &run, &trainables, &optimizer, &state)?;
-            }
+            let dir = save_checkpoint(model, &run, &mut engine, &optimizer, &state, &full_names)?;
             if interrupted {
                 run.observer.on_finish();
                 return Err(TrainError::Interrupted {
@@ -418,27 +514,153 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
     let runtime = start.elapsed().as_secs_f64();
     let steps_run = (state.global_step - first_step).max(1) as f64;
     let train_loss = loss_total / steps_run;
-    let mut eval_loss = None;
-    if main {
-        eval_loss = write_final_outputs(
-            model,
-            &run,
-            &trainables,
-            &optimizer,
-            &mut state,
+    let eval_loss = write_final_outputs(
+        model,
+        &run,
+        &mut engine,
+        &optimizer,
+        &mut state,
+        &full_names,
+        FinalFigures {
             total_steps,
             steps_run,
             runtime,
             train_loss,
-            samples_of(args, &plan, total_steps, run.train.len()),
+            samples: samples_of(args, &plan, total_steps, run.train.len()),
             eval_enabled,
-        )?;
-    }
+        },
+    )?;
+    let memory = match &engine {
+        Engine::Sharded(s) => {
+            let a = s.accounting();
+            Some(MemoryReport {
+                parameter_bytes: a.shard_bytes,
+                model_bytes: a.full_bytes,
+                optimizer_bytes: optimizer_bytes(&optimizer.state),
+                largest_unit_bytes: a.largest_unit_bytes,
+                peak_gathered_bytes: a.peak_gathered_bytes,
+            })
+        }
+        Engine::Replicated(_) => None,
+    };
     Ok(Summary {
         global_step: state.global_step,
         train_loss,
         eval_loss,
+        memory,
     })
+}
+
+fn world_size_of(group: &dyn ProcessGroup) -> usize {
+    group.world_size()
+}
+
+fn optimizer_bytes(state: &AdamWState) -> usize {
+    state
+        .moments
+        .iter()
+        .map(|m| (m.exp_avg.len() + m.exp_avg_sq.len()) * 4)
+        .sum()
+}
+
+/// The optimizer state of whole tensors (as a replicated run keeps it) cut into this rank's pieces.
+fn scatter_optimizer(
+    engine: &Sharded,
+    names: &[String],
+    full: AdamWState,
+) -> TrainResult<AdamWState> {
+    let mut avg = std::collections::HashMap::new();
+    let mut avg_sq = std::collections::HashMap::new();
+    for (name, m) in names.iter().zip(full.moments) {
+        if !m.exp_avg.is_empty() {
+            avg.insert(name.clone(), m.exp_avg);
+            avg_sq.insert(name.clone(), m.exp_avg_sq);
+        }
+    }
+    let moments = engine
+        .scatter_values(&avg)?
+        .into_iter()
+        .zip(engine.scatter_values(&avg_sq)?)
+        .map(|(exp_avg, exp_avg_sq)| Moments {
+            exp_avg,
+            exp_avg_sq,
+        })
+        .collect();
+    Ok(AdamWState {
+        step: full.step,
+        moments,
+    })
+}
+
+/// The optimizer state of whole tensors, in `names` order, gathered from the pieces of a
+/// sharded run (collective) or taken as it is.
+fn full_optimizer_state(
+    engine: &Engine,
+    optimizer: &AdamW,
+    names: &[String],
+) -> TrainResult<AdamWState> {
+    let Engine::Sharded(s) = engine else {
+        return Ok(optimizer.state.clone());
+    };
+    let piece_lens: Vec<usize> = s.vars.iter().map(|v| v.elem_count()).collect();
+    let or_zeros = |v: &Vec<f32>, n: usize| {
+        if v.is_empty() {
+            vec![0.0; n]
+        } else {
+            v.clone()
+        }
+    };
+    let avg: Vec<Vec<f32>> = optimizer
+        .state
+        .moments
+        .iter()
+        .zip(&piece_lens)
+        .map(|(m, &n)| or_zeros(&m.exp_avg, n))
+        .collect();
+    let avg_sq: Vec<Vec<f32>> = optimizer
+        .state
+        .moments
+        .iter()
+        .zip(&piece_lens)
+        .map(|(m, &n)| or_zeros(&m.exp_avg_sq, n))
+        .collect();
+    let avg: std::collections::HashMap<_, _> = s.gather_values(&avg)?.into_iter().collect();
+    let mut avg_sq: std::collections::HashMap<_, _> =
+        s.gather_values(&avg_sq)?.into_iter().collect();
+    let moments = names
+        .iter()
+        .map(|name| match (avg.get(name), avg_sq.remove(name)) {
+            (Some(a), Some(b)) if optimizer.state.step > 0 => Moments {
+                exp_avg: a.clone(),
+                exp_avg_sq: b,
+            },
+            _ => Moments::default(),
+        })
+        .collect();
+    Ok(AdamWState {
+        step: optimizer.state.step,
+        moments,
+    })
+}
+
+/// Puts every trained tensor (and the frozen ones too for a full save) back into the model of
+/// a sharded run, so that the usual writers see whole tensors. Collective.
+fn gather_for_saving(
+    model: &mut CausalLm,
+    engine: &mut Engine,
+    weights: &SavedWeights,
+) -> TrainResult<()> {
+    if let Engine::Sharded(s) = engine {
+        s.materialize(model, matches!(weights, SavedWeights::Full))?;
+    }
+    Ok(())
+}
+
+fn release_after_saving(model: &mut CausalLm, engine: &mut Engine) -> TrainResult<()> {
+    if let Engine::Sharded(s) = engine {
+        s.end(model)?;
+    }
+    Ok(())
 }
 
 fn append_log_line(out: &Path, line: &Value) -> TrainResult<()> {
@@ -453,12 +675,18 @@ fn append_log_line(out: &Path, line: &Value) -> TrainResult<()> {
 }
 
 /// Hugging Face's evaluation loss: each batch's mean token NLL, averaged over examples.
-fn evaluate(model: &CausalLm, eval: &[Example], args: &TrainArgs, pad: u32) -> TrainResult<f64> {
+fn evaluate(
+    model: &mut CausalLm,
+    params: &mut dyn Residency,
+    eval: &[Example],
+    args: &TrainArgs,
+    pad: u32,
+) -> TrainResult<f64> {
     let mut weighted = 0.0;
     let mut examples = 0usize;
     for chunk in eval.chunks(args.per_device_eval_batch_size as usize) {
         let refs: Vec<&Example> = chunk.iter().collect();
-        let (nll, tokens) = eval_nll(model, &collate(&refs, pad))?;
+        let (nll, tokens) = eval_nll(model, params, &collate(&refs, pad))?;
         if tokens > 0 {
             weighted += nll / tokens as f64 * chunk.len() as f64;
             examples += chunk.len();
@@ -472,61 +700,130 @@ fn evaluate(model: &CausalLm, eval: &[Example], args: &TrainArgs, pad: u32) -> T
 }
 
 /// Writes `checkpoint-N` through a temporary folder renamed at the end, so that a crash never
-/// leaves a checkpoint that looks complete.
+/// leaves a checkpoint that looks complete. Every rank calls it: a sharded run gathers (full
+/// state dict) or has every rank write its shard (sharded state dict); rank 0 writes the rest.
 fn save_checkpoint(
     model: &mut CausalLm,
     run: &Run<'_>,
-    trainables: &Trainables,
+    engine: &mut Engine,
     optimizer: &AdamW,
     state: &TrainerState,
+    full_names: &[String],
 ) -> TrainResult<PathBuf> {
     let out = &run.output_dir;
+    let main = run.group.rank() == 0;
     let name = format!("checkpoint-{}", state.global_step);
     let dir = out.join(&name);
     let tmp = out.join(format!(".{name}.tmp"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    if main {
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     }
-    save_weights(model, &run.weights, &run.base_model, &tmp)?;
-    save_optimizer(
-        &optimizer.state,
-        &trainables.names,
-        &tmp.join(OPTIMIZER_FILE),
-    )?;
-    write_json(&tmp.join(TRAINER_STATE), state)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    let sharded_dict = match (&*engine, &run.fsdp) {
+        (Engine::Sharded(_), Some(f)) => {
+            f.config.state_dict_type == StateDictType::ShardedStateDict
+        }
+        _ => false,
+    };
+    if let (true, Engine::Sharded(s)) = (sharded_dict, &*engine) {
+        // Every rank writes its own file into the folder rank 0 made.
+        run.group.barrier()?;
+        let world = run.group.world_size();
+        let values = s
+            .vars
+            .iter()
+            .map(|v| v.to_vec1::<f32>())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let path = tmp.join(shard_file(run.group.rank(), world));
+        save_shard(&path, &s.piece_labels(), &values, &optimizer.state)?;
+        run.group.barrier()?;
+        if main {
+            write_json(
+                &tmp.join(SHARDED_MARKER),
+                &json!({"world_size": world, "state_dict_type": "SHARDED_STATE_DICT"}),
+            )?;
+        }
+    } else {
+        gather_for_saving(model, engine, &run.weights)?;
+        let optimizer_state = full_optimizer_state(engine, optimizer, full_names)?;
+        if main {
+            save_weights(model, &run.weights, &run.base_model, &tmp)?;
+            save_optimizer(&optimizer_state, full_names, &tmp.join(OPTIMIZER_FILE))?;
+        }
+        release_after_saving(model, engine)?;
     }
-    std::fs::rename(&tmp, &dir).map_err(|e| TrainError::io(&dir, e))?;
-    if let Some(limit) = run.args.save_total_limit {
-        rotate_checkpoints(out, limit.max(1))?;
+    if main {
+        write_json(&tmp.join(TRAINER_STATE), state)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(|e| TrainError::io(&dir, e))?;
+        if let Some(limit) = run.args.save_total_limit {
+            rotate_checkpoints(out, limit.max(1))?;
+        }
     }
     Ok(dir)
 }
 
-/// What rank 0 writes when a run completes: weights, last checkpoint, trainer state, results
-/// files, the closing log record and plots. Returns the final evaluation loss, if any.
-#[allow(clippy::too_many_arguments)]
-fn write_final_outputs(
-    model: &mut CausalLm,
-    run: &Run<'_>,
-    trainables: &Trainables,
-    optimizer: &AdamW,
-    state: &mut TrainerState,
+/// The figures of a finished run that its result files report.
+struct FinalFigures {
     total_steps: u64,
     steps_run: f64,
     runtime: f64,
     train_loss: f64,
     samples: f64,
     eval_enabled: bool,
+}
+
+/// What a completed run leaves: weights (always whole, whatever the state dict type), last
+/// checkpoint, trainer state, results files, the closing log record and plots. Every rank
+/// calls it; rank 0 writes. Returns the final evaluation loss, if any.
+fn write_final_outputs(
+    model: &mut CausalLm,
+    run: &Run<'_>,
+    engine: &mut Engine,
+    optimizer: &AdamW,
+    state: &mut TrainerState,
+    full_names: &[String],
+    figures: FinalFigures,
 ) -> TrainResult<Option<f64>> {
     let (args, out) = (run.args, &run.output_dir);
-    let mut eval_loss = None;
-    save_weights(model, &run.weights, &run.base_model, out)?;
+    let main = run.group.rank() == 0;
+    let FinalFigures {
+        total_steps,
+        steps_run,
+        runtime,
+        train_loss,
+        samples,
+        eval_enabled,
+    } = figures;
+    gather_for_saving(model, engine, &run.weights)?;
+    if main {
+        save_weights(model, &run.weights, &run.base_model, out)?;
+    }
+    release_after_saving(model, engine)?;
     // Hugging Face saves a last checkpoint at the end whatever the interval.
     if args.save_strategy != "no" {
-        save_checkpoint(model, run, trainables, optimizer, state)?;
+        save_checkpoint(model, run, engine, optimizer, state, full_names)?;
     }
+    let sharded = matches!(engine, Engine::Sharded(_));
+    let final_eval = if eval_enabled && (main || sharded) {
+        Some(evaluate(
+            model,
+            engine.residency(),
+            run.eval,
+            args,
+            run.pad_token_id,
+        )?)
+    } else {
+        None
+    };
+    if !main {
+        return Ok(None);
+    }
+    let mut eval_loss = None;
     let train_metrics = json!({
         "epoch": round(state.epoch, 4),
         "train_loss": train_loss,
@@ -552,8 +849,7 @@ fn write_final_outputs(
     write_json(&out.join(TRAINER_STATE), state)?;
     write_json(&out.join("train_results.json"), &train_metrics)?;
     let mut all = train_metrics.as_object().cloned().unwrap_or_default();
-    if eval_enabled {
-        let loss = evaluate(model, run.eval, args, run.pad_token_id)?;
+    if let Some(loss) = final_eval {
         let eval_metrics = json!({"epoch": round(state.epoch, 4), "eval_loss": loss});
         write_json(&out.join("eval_results.json"), &eval_metrics)?;
         all.insert("eval_loss".into(), json!(loss));

@@ -5,7 +5,7 @@ use ff_model::finetune::{apply_freeze, make_all_trainable};
 use ff_model::load::load_model_dir;
 use ff_model::peft::load_adapter;
 use ff_model::CausalLm;
-use ff_train::{train_step, AdamW, AdamWConfig, Batch, StepOptions, Trainables};
+use ff_train::{train_step, AdamW, AdamWConfig, Batch, Engine, StepOptions, Trainables};
 
 mod common;
 use common::{reference, testdata};
@@ -18,8 +18,8 @@ fn model(dtype: DType) -> CausalLm {
     load_model_dir(&testdata().join("tiny-llama"), dtype, &Device::Cpu).unwrap()
 }
 
-fn steps(model: &CausalLm, trainables: &mut Trainables, n: usize, lr: f64) -> Vec<f64> {
-    let mut optimizer = AdamW::new(AdamWConfig::default(), &trainables.names);
+fn steps(model: &mut CausalLm, engine: &mut Engine, n: usize, lr: f64) -> Vec<f64> {
+    let mut optimizer = AdamW::new(AdamWConfig::default(), engine.names());
     let options = StepOptions {
         max_grad_norm: Some(1.0),
         gradient_checkpointing: true,
@@ -28,7 +28,7 @@ fn steps(model: &CausalLm, trainables: &mut Trainables, n: usize, lr: f64) -> Ve
         .map(|_| {
             train_step(
                 model,
-                trainables,
+                engine,
                 &mut optimizer,
                 &[batch()],
                 lr,
@@ -53,14 +53,14 @@ fn half_precision_compute_trains_float32_adapters_close_to_float32() {
     for dtype in [DType::BF16, DType::F16] {
         let mut m = model(dtype);
         load_adapter(&mut m, &testdata().join("tiny-llama-lora-init")).unwrap();
-        let mut trainables = Trainables::of(&mut m);
-        assert!(trainables.vars.iter().all(|v| v.dtype() == DType::F32));
-        let losses = steps(&m, &mut trainables, 5, 1e-2);
+        let mut engine = Engine::Replicated(Trainables::of(&mut m));
+        assert!(engine.vars().iter().all(|v| v.dtype() == DType::F32));
+        let losses = steps(&mut m, &mut engine, 5, 1e-2);
         for (i, (a, e)) in losses.iter().zip(&expected).enumerate() {
             let rel = (a - e).abs() / e;
             assert!(rel < 2e-2, "{dtype:?} step {}: {a} vs {e}", i + 1);
         }
-        assert!(trainables.vars.iter().all(|v| v.dtype() == DType::F32));
+        assert!(engine.vars().iter().all(|v| v.dtype() == DType::F32));
     }
 }
 
@@ -68,8 +68,8 @@ fn half_precision_compute_trains_float32_adapters_close_to_float32() {
 fn freeze_tuning_trains_only_the_chosen_layers() {
     let mut m = model(DType::F32);
     apply_freeze(&mut m, 1, &["mlp".to_string()], &[]).unwrap();
-    let mut trainables = Trainables::of(&mut m);
-    let mut names = trainables.names.clone();
+    let mut engine = Engine::Replicated(Trainables::of(&mut m));
+    let mut names = engine.names().to_vec();
     names.sort();
     assert_eq!(
         names,
@@ -88,8 +88,8 @@ fn freeze_tuning_trains_only_the_chosen_layers() {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let trained_before: Vec<f32> = trainables.vars[0].flatten_all().unwrap().to_vec1().unwrap();
-    let losses = steps(&m, &mut trainables, 3, 1e-3);
+    let trained_before: Vec<f32> = engine.vars()[0].flatten_all().unwrap().to_vec1().unwrap();
+    let losses = steps(&mut m, &mut engine, 3, 1e-3);
     assert!(losses[2] < losses[0], "{losses:?}");
     let frozen_after: Vec<f32> = m.layers[0]
         .mlp
@@ -100,7 +100,7 @@ fn freeze_tuning_trains_only_the_chosen_layers() {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let trained_after: Vec<f32> = trainables.vars[0].flatten_all().unwrap().to_vec1().unwrap();
+    let trained_after: Vec<f32> = engine.vars()[0].flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(frozen_before, frozen_after);
     assert_ne!(trained_before, trained_after);
 
@@ -131,9 +131,9 @@ fn tied_embeddings_train_as_one_tensor() {
     m.config.tie_word_embeddings = true;
     m.lm_head = None;
     make_all_trainable(&mut m).unwrap();
-    let mut trainables = Trainables::of(&mut m);
-    assert!(!trainables.names.iter().any(|n| n == "lm_head.weight"));
-    let losses = steps(&m, &mut trainables, 3, 1e-3);
+    let mut engine = Engine::Replicated(Trainables::of(&mut m));
+    assert!(!engine.names().iter().any(|n| n == "lm_head.weight"));
+    let losses = steps(&mut m, &mut engine, 3, 1e-3);
     assert!(losses[2] < losses[0], "{losses:?}");
 }
 
@@ -148,15 +148,15 @@ fn checkpointing_gives_the_same_gradients_with_dropout() {
                 linear.lora.as_mut().unwrap().dropout = 0.3;
             }
         }
-        let mut trainables = Trainables::of(&mut m);
-        let mut optimizer = AdamW::new(AdamWConfig::default(), &trainables.names);
+        let mut engine = Engine::Replicated(Trainables::of(&mut m));
+        let mut optimizer = AdamW::new(AdamWConfig::default(), engine.names());
         let options = StepOptions {
             max_grad_norm: None,
             gradient_checkpointing: checkpointing,
         };
         let s = train_step(
-            &m,
-            &mut trainables,
+            &mut m,
+            &mut engine,
             &mut optimizer,
             &[batch()],
             1e-2,

@@ -6,7 +6,7 @@ use ff_model::load::load_model_dir;
 use ff_model::peft::load_adapter;
 use ff_model::safetensors_io::SafetensorsFiles;
 use ff_model::{CausalLm, ForwardCtx};
-use ff_train::{train_step, AdamW, AdamWConfig, Batch, StepOptions, Trainables};
+use ff_train::{train_step, AdamW, AdamWConfig, Batch, Engine, StepOptions, Trainables};
 use serde_json::Value;
 
 mod common;
@@ -25,8 +25,8 @@ fn assert_rel(actual: f64, expected: f64, rel: f64, what: &str) {
 }
 
 fn run_steps(
-    model: &CausalLm,
-    trainables: &mut Trainables,
+    model: &mut CausalLm,
+    engine: &mut Engine,
     micro_batches: &[Batch],
     spec: &Value,
     checkpointing: bool,
@@ -38,7 +38,7 @@ fn run_steps(
         eps: spec["eps"].as_f64().unwrap(),
         weight_decay: spec["weight_decay"].as_f64().unwrap(),
     };
-    let mut optimizer = AdamW::new(config, &trainables.names);
+    let mut optimizer = AdamW::new(config, engine.names());
     let options = StepOptions {
         max_grad_norm: spec["max_grad_norm"].as_f64(),
         gradient_checkpointing: checkpointing,
@@ -51,7 +51,7 @@ fn run_steps(
         .map(|_| {
             let s = train_step(
                 model,
-                trainables,
+                engine,
                 &mut optimizer,
                 micro_batches,
                 lr,
@@ -184,8 +184,9 @@ fn base_loss_through_the_chunked_head() {
     let n = batch.num_label_tokens() as f64;
     for checkpointing in [true, false] {
         trainables.zero_grads();
-        let nll = ff_train::forward_backward(&model, &mut trainables, &batch, n, checkpointing, 0)
-            .unwrap();
+        let nll =
+            ff_train::forward_backward(&mut model, &mut trainables, &batch, n, checkpointing, 0)
+                .unwrap();
         assert_rel(
             nll / n,
             reference["base"]["loss"].as_f64().unwrap(),
@@ -201,12 +202,12 @@ fn lora_adamw_five_steps_and_adapter() {
     let batch = batch(&reference);
     let mut model = tiny_model();
     load_adapter(&mut model, &testdata().join("tiny-llama-lora-init")).unwrap();
-    let mut trainables = Trainables::of(&mut model);
-    assert_eq!(trainables.len(), 2 * 7 * 2);
+    let mut engine = Engine::Replicated(Trainables::of(&mut model));
+    assert_eq!(engine.names().len(), 2 * 7 * 2);
     let spec = &reference["lora_adamw"];
     let steps = run_steps(
-        &model,
-        &mut trainables,
+        &mut model,
+        &mut engine,
         std::slice::from_ref(&batch),
         spec,
         true,
@@ -218,7 +219,7 @@ fn lora_adamw_five_steps_and_adapter() {
     ])
     .unwrap();
     let mut worst = 0f32;
-    for (name, var) in trainables.names.iter().zip(&trainables.vars) {
+    for (name, var) in engine.names().iter().zip(engine.vars()) {
         let expected = after
             .load(
                 &format!("base_model.model.{name}"),
@@ -244,11 +245,11 @@ fn lora_without_checkpointing_gives_the_same_steps() {
     let batch = batch(&reference);
     let mut model = tiny_model();
     load_adapter(&mut model, &testdata().join("tiny-llama-lora-init")).unwrap();
-    let mut trainables = Trainables::of(&mut model);
+    let mut engine = Engine::Replicated(Trainables::of(&mut model));
     let spec = &reference["lora_adamw"];
     let steps = run_steps(
-        &model,
-        &mut trainables,
+        &mut model,
+        &mut engine,
         std::slice::from_ref(&batch),
         spec,
         false,
@@ -263,10 +264,10 @@ fn gradient_accumulation_two_equals_the_single_batch() {
     let halves = [batch.rows(0, 1), batch.rows(1, 1)];
     let mut model = tiny_model();
     load_adapter(&mut model, &testdata().join("tiny-llama-lora-init")).unwrap();
-    let mut trainables = Trainables::of(&mut model);
+    let mut engine = Engine::Replicated(Trainables::of(&mut model));
     let mut spec = reference["lora_adamw"].clone();
     spec["steps"] = Value::Array(spec["steps"].as_array().unwrap()[..1].to_vec());
-    let steps = run_steps(&model, &mut trainables, &halves, &spec, true);
+    let steps = run_steps(&mut model, &mut engine, &halves, &spec, true);
     assert_rel(
         steps[0].0,
         reference["grad_accumulation_2"]["loss"].as_f64().unwrap(),
@@ -282,11 +283,11 @@ fn full_finetuning_three_steps() {
     let batch = batch(&reference);
     let mut model = tiny_model();
     make_all_trainable(&mut model).unwrap();
-    let mut trainables = Trainables::of(&mut model);
+    let mut engine = Engine::Replicated(Trainables::of(&mut model));
     let spec = &reference["full_adamw"];
     let steps = run_steps(
-        &model,
-        &mut trainables,
+        &mut model,
+        &mut engine,
         std::slice::from_ref(&batch),
         spec,
         true,

@@ -104,6 +104,7 @@ fn run(
             pad_token_id: 2,
             stop: &stop,
             group: &ff_dist::SingleProcessGroup,
+            fsdp: None,
             observer: &mut recorder,
         },
     )

@@ -1,0 +1,16 @@
+use ff_dist::DistError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsdpError {
+    /// A setting that cannot work with this model or world.
+    #[error("{0}")]
+    Config(String),
+
+    #[error(transparent)]
+    Dist(#[from] DistError),
+
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type FsdpResult<T> = std::result::Result<T, FsdpError>;

@@ -1,0 +1,91 @@
+//! Gathers of the next unit on a background thread, so that communication overlaps the
+//! computation of the current unit.
+//!
+//! The thread has its own communicator (a second Gloo context over the same ranks): collectives
+//! on one context run while the main thread's reduce-scatters use the other. Every rank issues
+//! the same prefetches in the same order, so the background collectives always match up.
+
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::thread::JoinHandle;
+
+use ff_dist::{DistError, ProcessGroup};
+
+struct Request {
+    unit: usize,
+    shard: Vec<u8>,
+}
+
+pub struct Prefetcher {
+    requests: Option<Sender<Request>>,
+    results: Receiver<(usize, Result<Vec<u8>, DistError>)>,
+    pending: Option<usize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    pub fn new(group: Box<dyn ProcessGroup>) -> Self {
+        let (requests, inbox) = channel::<Request>();
+        let (outbox, results) = channel();
+        let thread = std::thread::Builder::new()
+            .name("fsdp-prefetch".into())
+            .spawn(move || {
+                for Request { unit, shard } in inbox {
+                    let mut full = vec![0u8; shard.len() * group.world_size()];
+                    let result = group.all_gather_bytes(&shard, &mut full).map(|()| full);
+                    if outbox.send((unit, result)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawning the prefetch thread");
+        Self {
+            requests: Some(requests),
+            results,
+            pending: None,
+            thread: Some(thread),
+        }
+    }
+
+    /// The unit whose gather is in flight, if any.
+    pub fn pending(&self) -> Option<usize> {
+        self.pending
+    }
+
+    /// Starts gathering `unit` from this rank's `shard`; at most one gather is in flight.
+    pub fn start(&mut self, unit: usize, shard: Vec<u8>) {
+        debug_assert!(self.pending.is_none());
+        if let Some(tx) = &self.requests {
+            if tx.send(Request { unit, shard }).is_ok() {
+                self.pending = Some(unit);
+            }
+        }
+    }
+
+    /// Waits for the gather in flight and returns its unit and bytes.
+    pub fn finish(&mut self) -> Result<Option<(usize, Vec<u8>)>, DistError> {
+        let Some(unit) = self.pending.take() else {
+            return Ok(None);
+        };
+        match self.results.recv() {
+            Ok((done, bytes)) => {
+                debug_assert_eq!(done, unit);
+                Ok(Some((done, bytes?)))
+            }
+            Err(_) => Err(DistError::Broken {
+                op: "all_gather_bytes",
+                group: "fsdp-prefetch".into(),
+                failed_op: "all_gather_bytes",
+                message: "the prefetch thread stopped".into(),
+            }),
+        }
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,691 @@
+//! The sharded engine: FULL_SHARD, SHARD_GRAD_OP and HYBRID_SHARD.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use ff_config::{BackwardPrefetch, FsdpConfig, ShardingStrategy};
+use ff_dist::ProcessGroup;
+use ff_model::CausalLm;
+
+use crate::error::{FsdpError, FsdpResult};
+use crate::layout::{Piece, UnitLayout};
+use crate::plan::plan_units;
+use crate::prefetch::Prefetcher;
+use crate::slots::{slots_of, Part};
+use crate::{BackwardExtent, Pass, Residency, Walk};
+
+/// What wrapping a model needs besides the settings.
+pub struct ShardedSetup<'a> {
+    pub config: &'a FsdpConfig,
+    /// Every rank of the job.
+    pub group: &'a dyn ProcessGroup,
+    /// Ranks per node; HYBRID_SHARD shards inside a node and replicates across nodes.
+    pub local_world_size: usize,
+}
+
+/// One unit's state on this rank.
+struct Unit {
+    parts: Vec<Part>,
+    layout: UnitLayout,
+    /// This rank's frozen bytes.
+    frozen: Vec<u8>,
+    pieces: Vec<Piece>,
+    /// Index of the unit's first piece in [`Sharded::vars`].
+    first_piece: usize,
+    /// While gathered: the trained [`Var`]s put in the model, by entry.
+    installed: Option<Vec<Option<Var>>>,
+    /// During backward: the unit's full gradient, summed over its parts.
+    grad_sum: Option<Vec<f32>>,
+}
+
+/// Bytes this rank holds, as the engine counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Accounting {
+    /// Shards of trained (float32) and frozen tensors.
+    pub shard_bytes: usize,
+    /// What every unit would take gathered: the unsharded model.
+    pub full_bytes: usize,
+    /// The largest unit, gathered.
+    pub largest_unit_bytes: usize,
+    /// The most bytes gathered at one time so far.
+    pub peak_gathered_bytes: usize,
+}
+
+pub struct Sharded {
+    units: Vec<Unit>,
+    unit_of: HashMap<Part, usize>,
+    shard_group: Box<dyn ProcessGroup>,
+    /// HYBRID_SHARD: the ranks holding the same shard on other nodes.
+    replicas: Option<Box<dyn ProcessGroup>>,
+    strategy: ShardingStrategy,
+    forward_prefetch: bool,
+    backward_prefetch: BackwardPrefetch,
+    prefetcher: Option<Prefetcher>,
+    device: Device,
+    num_layers: usize,
+    extent: BackwardExtent,
+    /// The walk under way, and how far it has come.
+    events: Vec<(Part, Pass)>,
+    cursor: usize,
+    gathered_bytes: usize,
+    accounting: Accounting,
+    /// The pieces this rank trains, in unit order: names (the tensor's), values, gradients.
+    pub names: Vec<String>,
+    pub vars: Vec<Var>,
+    pub grads: Vec<Option<Tensor>>,
+}
+
+impl Sharded {
+    /// Cuts `model` into units, keeps this rank's shard of each and empties the model's slots.
+    /// With `sync_module_states` (or `cpu_ram_efficient_loading`) rank 0's values are sent to
+    /// every rank, so the others may have been built without reading the weight files.
+    pub fn wrap(model: &mut CausalLm, setup: ShardedSetup<'_>) -> FsdpResult<Self> {
+        let config = setup.config;
+        let global = setup.group;
+        let local = setup.local_world_size.max(1);
+        if config.sharding_strategy == ShardingStrategy::NoShard {
+            return Err(FsdpError::Config(
+                "NO_SHARD is data parallelism; train it with the replicated engine".into(),
+            ));
+        }
+        let (shard_group, replicas) = if config.sharding_strategy == ShardingStrategy::HybridShard {
+            let node = global.rank() / local;
+            let local_rank = global.rank() % local;
+            let nodes = global.world_size() / local;
+            let intra: Vec<usize> = (node * local..(node + 1) * local).collect();
+            let inter: Vec<usize> = (0..nodes).map(|n| n * local + local_rank).collect();
+            (
+                global.subgroup(&format!("fsdp-shard-node{node}"), &intra)?,
+                Some(global.subgroup(&format!("fsdp-replicas-local{local_rank}"), &inter)?),
+            )
+        } else {
+            let all: Vec<usize> = (0..global.world_size()).collect();
+            (global.subgroup("fsdp-shard", &all)?, None)
+        };
+        let prefetcher = if config.forward_prefetch
+            || config.backward_prefetch != BackwardPrefetch::NoPrefetch
+        {
+            let members: Vec<usize> = (0..shard_group.world_size()).collect();
+            Some(Prefetcher::new(
+                shard_group.subgroup("fsdp-prefetch", &members)?,
+            ))
+        } else {
+            None
+        };
+        let plan = plan_units(
+            &model.config,
+            config.auto_wrap_policy,
+            &config.transformer_layer_cls_to_wrap,
+            config.min_num_params,
+        )?;
+        let sync = config.sync_module_states || config.cpu_ram_efficient_loading;
+        let (world, rank) = (shard_group.world_size(), shard_group.rank());
+        let device = model.device.clone();
+        let mut engine = Self {
+            units: Vec::with_capacity(plan.len()),
+            unit_of: HashMap::new(),
+            shard_group,
+            replicas,
+            strategy: config.sharding_strategy,
+            forward_prefetch: config.forward_prefetch,
+            backward_prefetch: config.backward_prefetch,
+            prefetcher,
+            device: device.clone(),
+            num_layers: model.layers.len(),
+            extent: BackwardExtent {
+                lowest_layer: model.layers.len(),
+                embedding: false,
+            },
+            events: Vec::new(),
+            cursor: 0,
+            gathered_bytes: 0,
+            accounting: Accounting::default(),
+            names: Vec::new(),
+            vars: Vec::new(),
+            grads: Vec::new(),
+        };
+        for (u, parts) in plan.into_iter().enumerate() {
+            let mut meta = Vec::new();
+            for &part in &parts {
+                engine.unit_of.insert(part, u);
+                for (name, slot) in slots_of(model, part) {
+                    let t = slot.tensor();
+                    if slot.is_trainable() {
+                        match part {
+                            Part::Layer(i) => {
+                                engine.extent.lowest_layer = engine.extent.lowest_layer.min(i)
+                            }
+                            Part::Embed => engine.extent.embedding = true,
+                            Part::Head => {}
+                        }
+                    }
+                    meta.push((name, t.dims().to_vec(), t.dtype(), slot.is_trainable()));
+                }
+            }
+            let layout = UnitLayout::new(meta, world);
+            let mut full = if !sync || global.rank() == 0 {
+                flatten_unit(model, &parts, &layout)?
+            } else {
+                vec![0u8; layout.trained_shard * world * 4 + layout.frozen_shard * world]
+            };
+            if sync {
+                global.broadcast_bytes(&mut full, 0)?;
+            }
+            let trained_bytes = layout.trained_shard * world * 4;
+            let (trained, frozen) = full.split_at(trained_bytes);
+            let trained: &[f32] = bytemuck::cast_slice(trained);
+            let pieces = layout.pieces(rank);
+            let first_piece = engine.vars.len();
+            for piece in &pieces {
+                let entry = &layout.entries[piece.entry];
+                let start = entry.offset + piece.in_entry.start;
+                let values = &trained[start..start + piece.in_entry.len()];
+                engine.names.push(entry.name.clone());
+                engine
+                    .vars
+                    .push(Var::from_slice(values, values.len(), &device)?);
+                engine.grads.push(None);
+            }
+            let frozen_range = rank * layout.frozen_shard..(rank + 1) * layout.frozen_shard;
+            engine.accounting.shard_bytes +=
+                layout.trained_range(rank).len() * 4 + layout.frozen_shard;
+            engine.accounting.full_bytes += layout.full_bytes();
+            engine.accounting.largest_unit_bytes = engine
+                .accounting
+                .largest_unit_bytes
+                .max(layout.full_bytes());
+            engine.units.push(Unit {
+                frozen: frozen[frozen_range].to_vec(),
+                parts,
+                layout,
+                pieces,
+                first_piece,
+                installed: None,
+                grad_sum: None,
+            });
+            engine.empty_slots(model, u)?;
+        }
+        Ok(engine)
+    }
+
+    pub fn accounting(&self) -> Accounting {
+        self.accounting
+    }
+
+    /// The group a shard is spread over (all ranks, or one node's under HYBRID_SHARD).
+    pub fn shard_group(&self) -> &dyn ProcessGroup {
+        self.shard_group.as_ref()
+    }
+
+    /// A label per piece that says which elements of its tensor it holds (`name[start:end]`).
+    pub fn piece_labels(&self) -> Vec<String> {
+        let mut out = Vec::with_capacity(self.vars.len());
+        for unit in &self.units {
+            for piece in &unit.pieces {
+                let entry = &unit.layout.entries[piece.entry];
+                out.push(format!(
+                    "{}[{}:{}]",
+                    entry.name, piece.in_entry.start, piece.in_entry.end
+                ));
+            }
+        }
+        out
+    }
+
+    /// After every micro-batch's backward: sums gradients across HYBRID_SHARD's replicas.
+    pub fn finish_grads(&mut self) -> FsdpResult<()> {
+        let Some(replicas) = &self.replicas else {
+            return Ok(());
+        };
+        let mut flat = Vec::new();
+        for (var, grad) in self.vars.iter().zip(&self.grads) {
+            match grad {
+                Some(g) => flat.extend(g.to_vec1::<f32>()?),
+                None => flat.extend(std::iter::repeat_n(0f32, var.elem_count())),
+            }
+        }
+        replicas.all_reduce_sum(&mut flat)?;
+        let mut offset = 0;
+        for (var, grad) in self.vars.iter().zip(self.grads.iter_mut()) {
+            let n = var.elem_count();
+            *grad = Some(Tensor::from_slice(
+                &flat[offset..offset + n],
+                n,
+                &self.device,
+            )?);
+            offset += n;
+        }
+        Ok(())
+    }
+
+    pub fn zero_grads(&mut self) {
+        self.grads.iter_mut().for_each(|g| *g = None);
+    }
+
+    /// Puts every unit's full tensors back into the model (trained ones only unless
+    /// `with_frozen`), for saving; [`Residency::end`] empties them again.
+    pub fn materialize(&mut self, model: &mut CausalLm, with_frozen: bool) -> FsdpResult<()> {
+        self.drain_prefetch()?;
+        for u in 0..self.units.len() {
+            if self.units[u].installed.is_none() {
+                let shard = self.shard_of(u, with_frozen)?;
+                let mut full = vec![0u8; shard.len() * self.shard_group.world_size()];
+                self.shard_group.all_gather_bytes(&shard, &mut full)?;
+                self.fill(model, u, &full, with_frozen)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whole tensors from per-piece values (optimizer moments, for example), by name; every
+    /// rank of the shard group must call it.
+    pub fn gather_values(&self, per_piece: &[Vec<f32>]) -> FsdpResult<Vec<(String, Vec<f32>)>> {
+        let world = self.shard_group.world_size();
+        let mut out = Vec::new();
+        for unit in &self.units {
+            let layout = &unit.layout;
+            if layout.trained_len == 0 {
+                continue;
+            }
+            let mut shard = vec![0f32; layout.trained_shard];
+            for (i, piece) in unit.pieces.iter().enumerate() {
+                let values = &per_piece[unit.first_piece + i];
+                if values.len() == piece.in_shard.len() {
+                    shard[piece.in_shard.clone()].copy_from_slice(values);
+                }
+            }
+            let mut full = vec![0f32; layout.trained_shard * world];
+            self.shard_group.all_gather(&shard, &mut full)?;
+            for entry in layout.entries.iter().filter(|e| e.trainable) {
+                out.push((
+                    entry.name.clone(),
+                    full[entry.offset..entry.offset + entry.numel()].to_vec(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// This rank's piece of each whole tensor in `full` (the inverse of [`Self::gather_values`]);
+    /// a tensor missing from `full` gives zeros, as optimizer moments never updated are.
+    pub fn scatter_values(&self, full: &HashMap<String, Vec<f32>>) -> FsdpResult<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(self.vars.len());
+        for unit in &self.units {
+            for piece in &unit.pieces {
+                let entry = &unit.layout.entries[piece.entry];
+                let Some(values) = full.get(&entry.name) else {
+                    out.push(vec![0.0; piece.in_entry.len()]);
+                    continue;
+                };
+                if values.len() != entry.numel() {
+                    return Err(FsdpError::Config(format!(
+                        "the saved state's `{}` has {} elements but the model's has {}",
+                        entry.name,
+                        values.len(),
+                        entry.numel()
+                    )));
+                }
+                out.push(values[piece.in_entry.clone()].to_vec());
+            }
+        }
+        Ok(out)
+    }
+
+    /// This rank's shard of unit `u` as it travels in an all-gather.
+    fn shard_of(&self, u: usize, with_frozen: bool) -> FsdpResult<Vec<u8>> {
+        let unit = &self.units[u];
+        let mut trained = vec![0f32; unit.layout.trained_shard];
+        for (i, piece) in unit.pieces.iter().enumerate() {
+            let values = self.vars[unit.first_piece + i].to_vec1::<f32>()?;
+            trained[piece.in_shard.clone()].copy_from_slice(&values);
+        }
+        let mut bytes: Vec<u8> = bytemuck::cast_slice(&trained).to_vec();
+        if with_frozen {
+            bytes.extend_from_slice(&unit.frozen);
+        }
+        Ok(bytes)
+    }
+
+    /// Puts unit `u`'s tensors, from the gathered bytes of every rank, into the model.
+    fn fill(
+        &mut self,
+        model: &mut CausalLm,
+        u: usize,
+        gathered: &[u8],
+        with_frozen: bool,
+    ) -> FsdpResult<()> {
+        let world = self.shard_group.world_size();
+        let unit = &self.units[u];
+        let layout = &unit.layout;
+        let trained_bytes = layout.trained_shard * 4;
+        let per_rank = trained_bytes + if with_frozen { layout.frozen_shard } else { 0 };
+        let mut trained = Vec::with_capacity(layout.trained_shard * world);
+        let mut frozen = Vec::with_capacity(if with_frozen {
+            layout.frozen_shard * world
+        } else {
+            0
+        });
+        for chunk in gathered.chunks_exact(per_rank) {
+            let (t, f) = chunk.split_at(trained_bytes);
+            trained.extend(
+                t.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+            frozen.extend_from_slice(f);
+        }
+        let mut installed = vec![None; layout.entries.len()];
+        let mut index = 0;
+        for &part in &unit.parts {
+            for (name, mut slot) in slots_of(model, part) {
+                let entry = &layout.entries[index];
+                debug_assert_eq!(entry.name, name);
+                if entry.trainable {
+                    let values = &trained[entry.offset..entry.offset + entry.numel()];
+                    let t = Tensor::from_slice(values, entry.shape.as_slice(), &self.device)?;
+                    installed[index] = slot.fill(t)?;
+                } else if with_frozen {
+                    let bytes = &frozen[entry.offset..entry.offset + entry.num_bytes()];
+                    let t = Tensor::from_raw_buffer(
+                        bytes,
+                        entry.dtype,
+                        entry.shape.as_slice(),
+                        &self.device,
+                    )?;
+                    slot.fill(t)?;
+                }
+                index += 1;
+            }
+        }
+        let full = if with_frozen {
+            layout.full_bytes()
+        } else {
+            layout.trained_len * 4
+        };
+        self.gathered_bytes += full;
+        self.accounting.peak_gathered_bytes =
+            self.accounting.peak_gathered_bytes.max(self.gathered_bytes);
+        self.units[u].installed = Some(installed);
+        Ok(())
+    }
+
+    fn empty_slots(&mut self, model: &mut CausalLm, u: usize) -> FsdpResult<()> {
+        for &part in &self.units[u].parts {
+            for (_, mut slot) in slots_of(model, part) {
+                slot.empty(&self.device)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, model: &mut CausalLm, u: usize) -> FsdpResult<()> {
+        if self.units[u].installed.take().is_some() {
+            self.empty_slots(model, u)?;
+            self.gathered_bytes = self
+                .gathered_bytes
+                .saturating_sub(self.units[u].layout.full_bytes());
+        }
+        Ok(())
+    }
+
+    fn gather(&mut self, model: &mut CausalLm, u: usize) -> FsdpResult<()> {
+        let prefetched = match &mut self.prefetcher {
+            Some(p) if p.pending() == Some(u) => p.finish()?.map(|(_, bytes)| bytes),
+            _ => None,
+        };
+        let full = match prefetched {
+            Some(bytes) => bytes,
+            None => {
+                let shard = self.shard_of(u, true)?;
+                let mut full = vec![0u8; shard.len() * self.shard_group.world_size()];
+                self.shard_group.all_gather_bytes(&shard, &mut full)?;
+                full
+            }
+        };
+        self.fill(model, u, &full, true)
+    }
+
+    /// Starts gathering the first unit after event `k` that is not in the model yet.
+    fn prefetch_after(&mut self, k: usize) -> FsdpResult<()> {
+        let Some(p) = &self.prefetcher else {
+            return Ok(());
+        };
+        if p.pending().is_some() {
+            return Ok(());
+        }
+        let current = self.unit_of[&self.events[k].0];
+        let next = self.events[k + 1..]
+            .iter()
+            .map(|(part, _)| self.unit_of[part])
+            .find(|&v| v != current);
+        if let Some(v) = next {
+            if self.units[v].installed.is_none() {
+                let shard = self.shard_of(v, true)?;
+                if let Some(p) = &mut self.prefetcher {
+                    p.start(v, shard);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn drain_prefetch(&mut self) -> FsdpResult<()> {
+        if let Some(p) = &mut self.prefetcher {
+            p.finish()?;
+        }
+        Ok(())
+    }
+
+    /// Adds the gradients `grads` holds for unit `u`'s trained tensors to the unit's sum. Any
+    /// entry may have one: the head's backward reaches a tied embedding.
+    fn add_unit_grads(&mut self, u: usize, grads: &GradStore) -> FsdpResult<()> {
+        let world = self.shard_group.world_size();
+        let unit = &mut self.units[u];
+        let Some(installed) = &unit.installed else {
+            return Ok(());
+        };
+        let sum = unit
+            .grad_sum
+            .get_or_insert_with(|| vec![0f32; unit.layout.trained_shard * world]);
+        for (i, entry) in unit.layout.entries.iter().enumerate() {
+            if !entry.trainable {
+                continue;
+            }
+            let Some(var) = &installed[i] else { continue };
+            if let Some(g) = grads.get(var.as_tensor()) {
+                let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                for (acc, v) in sum[entry.offset..entry.offset + g.len()].iter_mut().zip(g) {
+                    *acc += v;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reduce-scatters unit `u`'s summed gradient; each rank adds its shard to its pieces.
+    fn reduce_grads(&mut self, u: usize) -> FsdpResult<()> {
+        let world = self.shard_group.world_size();
+        let unit = &mut self.units[u];
+        if unit.layout.trained_len == 0 {
+            return Ok(());
+        }
+        // Every rank joins the collective, with zeros when nothing reached the unit.
+        let sum = unit
+            .grad_sum
+            .take()
+            .unwrap_or_else(|| vec![0f32; unit.layout.trained_shard * world]);
+        let mut shard = vec![0f32; unit.layout.trained_shard];
+        self.shard_group.reduce_scatter_sum(&sum, &mut shard)?;
+        for (i, piece) in unit.pieces.iter().enumerate() {
+            let values = &shard[piece.in_shard.clone()];
+            let g = Tensor::from_slice(values, values.len(), &self.device)?;
+            let slot = &mut self.grads[unit.first_piece + i];
+            *slot = Some(match slot.take() {
+                Some(acc) => (acc + g)?,
+                None => g,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_event(&self, part: Part, pass: Pass) -> FsdpResult<usize> {
+        match self.events.get(self.cursor) {
+            Some(&(p, q)) if p == part && q == pass => Ok(self.cursor),
+            expected => Err(FsdpError::Config(format!(
+                "the training walk used {part:?} ({pass:?}) where {expected:?} was due"
+            ))),
+        }
+    }
+
+    /// The next event after `k` that uses unit `u`, in the given pass if any.
+    fn next_use(&self, k: usize, u: usize, pass: Option<Pass>) -> Option<usize> {
+        self.events[k + 1..]
+            .iter()
+            .position(|(part, p)| self.unit_of[part] == u && pass.is_none_or(|q| q == *p))
+            .map(|j| k + 1 + j)
+    }
+}
+
+impl Residency for Sharded {
+    fn backward_extent(&self) -> BackwardExtent {
+        self.extent
+    }
+
+    fn begin(&mut self, walk: Walk) -> FsdpResult<()> {
+        let layers = (0..self.num_layers).map(|i| (Part::Layer(i), Pass::Forward));
+        let mut events = vec![(Part::Embed, Pass::Forward)];
+        events.extend(layers);
+        match walk {
+            Walk::Eval => events.push((Part::Head, Pass::Forward)),
+            Walk::Train => {
+                events.push((Part::Head, Pass::Backward));
+                let lowest = if self.extent.embedding {
+                    0
+                } else {
+                    self.extent.lowest_layer
+                };
+                events.extend(
+                    (lowest..self.num_layers)
+                        .rev()
+                        .map(|i| (Part::Layer(i), Pass::Backward)),
+                );
+                if self.extent.embedding {
+                    events.push((Part::Embed, Pass::Backward));
+                }
+            }
+        }
+        self.events = events;
+        self.cursor = 0;
+        Ok(())
+    }
+
+    fn enter(&mut self, model: &mut CausalLm, part: Part, pass: Pass) -> FsdpResult<()> {
+        let k = self.check_event(part, pass)?;
+        let u = self.unit_of[&part];
+        if self.units[u].installed.is_none() {
+            self.gather(model, u)?;
+        }
+        let prefetch = match pass {
+            Pass::Forward => self.forward_prefetch,
+            Pass::Backward => self.backward_prefetch == BackwardPrefetch::BackwardPre,
+        };
+        if prefetch {
+            self.prefetch_after(k)?;
+        }
+        Ok(())
+    }
+
+    fn add_grads(&mut self, part: Part, grads: &GradStore) -> FsdpResult<()> {
+        self.add_unit_grads(self.unit_of[&part], grads)
+    }
+
+    fn leave(&mut self, model: &mut CausalLm, part: Part, pass: Pass) -> FsdpResult<()> {
+        let k = self.check_event(part, pass)?;
+        self.cursor += 1;
+        let u = self.unit_of[&part];
+        if pass == Pass::Backward {
+            if self.backward_prefetch == BackwardPrefetch::BackwardPost {
+                self.prefetch_after(k)?;
+            }
+            if self.next_use(k, u, Some(Pass::Backward)).is_none() {
+                self.reduce_grads(u)?;
+            }
+        }
+        let release = match self.next_use(k, u, None) {
+            None => true,
+            Some(j) => match self.strategy {
+                ShardingStrategy::ShardGradOp => false,
+                _ => j != k + 1,
+            },
+        };
+        if release {
+            self.release(model, u)?;
+        }
+        Ok(())
+    }
+
+    fn end(&mut self, model: &mut CausalLm) -> FsdpResult<()> {
+        self.drain_prefetch()?;
+        for u in 0..self.units.len() {
+            self.units[u].grad_sum = None;
+            self.release(model, u)?;
+        }
+        self.events.clear();
+        self.cursor = 0;
+        Ok(())
+    }
+}
+
+/// Unit `parts`' tensors from the model, as the bytes of its padded trained buffer (float32)
+/// followed by its padded frozen buffer.
+fn flatten_unit(model: &mut CausalLm, parts: &[Part], layout: &UnitLayout) -> FsdpResult<Vec<u8>> {
+    let world = layout.world_size;
+    let mut trained = vec![0f32; layout.trained_shard * world];
+    let mut frozen = vec![0u8; layout.frozen_shard * world];
+    let mut index = 0;
+    for &part in parts {
+        for (_, slot) in slots_of(model, part) {
+            let entry = &layout.entries[index];
+            let t = slot.tensor();
+            if entry.trainable {
+                let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                trained[entry.offset..entry.offset + values.len()].copy_from_slice(&values);
+            } else {
+                let range: Range<usize> = entry.offset..entry.offset + entry.num_bytes();
+                frozen[range].copy_from_slice(&tensor_bytes(t)?);
+            }
+            index += 1;
+        }
+    }
+    let mut out: Vec<u8> = bytemuck::cast_slice(&trained).to_vec();
+    out.extend_from_slice(&frozen);
+    Ok(out)
+}
+
+/// The raw little-endian bytes of a tensor's elements.
+fn tensor_bytes(t: &Tensor) -> FsdpResult<Vec<u8>> {
+    let flat = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => bytemuck::cast_slice(&flat.to_vec1::<f32>()?).to_vec(),
+        DType::F64 => bytemuck::cast_slice(&flat.to_vec1::<f64>()?).to_vec(),
+        DType::BF16 => flat
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect(),
+        DType::F16 => flat
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect(),
+        DType::U8 => flat.to_vec1::<u8>()?,
+        DType::U32 => bytemuck::cast_slice(&flat.to_vec1::<u32>()?).to_vec(),
+        DType::I64 => bytemuck::cast_slice(&flat.to_vec1::<i64>()?).to_vec(),
+        other => {
+            return Err(FsdpError::Config(format!(
+                "FSDP cannot shard {other:?} tensors"
+            )))
+        }
+    })
+}

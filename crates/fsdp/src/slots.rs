@@ -1,0 +1,168 @@
+//! The tensors of one part of the model, by name, as slots that can be emptied and refilled.
+//!
+//! FSDP keeps a unit's tensors out of the model between uses: a released slot holds an empty
+//! tensor, and gathering puts the full tensor back. The model itself never knows.
+
+use candle_core::{Device, Result, Tensor, Var};
+use ff_model::layers::{Attention, Mlp};
+use ff_model::linear::Linear;
+use ff_model::{CausalLm, DecoderLayer, Param};
+
+/// Where a step of the forward/backward walk is: the embedding, a decoder layer, or the head
+/// (final norm and language-model head).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Part {
+    Embed,
+    Layer(usize),
+    Head,
+}
+
+/// A tensor of the model that FSDP can empty and refill.
+pub enum Slot<'a> {
+    /// A base-model parameter, frozen or trained.
+    Param(&'a mut Param),
+    /// A LoRA matrix (always trained).
+    Adapter(&'a mut Var),
+}
+
+impl Slot<'_> {
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            Slot::Param(p) => p.tensor(),
+            Slot::Adapter(v) => v.as_tensor(),
+        }
+    }
+
+    pub fn is_trainable(&self) -> bool {
+        match self {
+            Slot::Param(p) => p.is_trainable(),
+            Slot::Adapter(_) => true,
+        }
+    }
+
+    /// Puts `tensor` in the slot; a trained slot gets a fresh [`Var`], returned so that its
+    /// gradient can be found after backward.
+    pub fn fill(&mut self, tensor: Tensor) -> Result<Option<Var>> {
+        match self {
+            Slot::Param(p) if p.is_trainable() => {
+                let var = Var::from_tensor(&tensor)?;
+                **p = Param::Trainable(var.clone());
+                Ok(Some(var))
+            }
+            Slot::Param(p) => {
+                **p = Param::Frozen(tensor);
+                Ok(None)
+            }
+            Slot::Adapter(v) => {
+                **v = Var::from_tensor(&tensor)?;
+                Ok(Some((*v).clone()))
+            }
+        }
+    }
+
+    /// Drops the slot's tensor, keeping whether it trains.
+    pub fn empty(&mut self, device: &Device) -> Result<()> {
+        let dtype = self.tensor().dtype();
+        let empty = Tensor::zeros(0, dtype, device)?;
+        match self {
+            Slot::Param(p) if p.is_trainable() => **p = Param::Trainable(Var::from_tensor(&empty)?),
+            Slot::Param(p) => **p = Param::Frozen(empty),
+            Slot::Adapter(v) => **v = Var::from_tensor(&empty)?,
+        }
+        Ok(())
+    }
+}
+
+/// The named slots of `part`. Names are the model's own: Hugging Face names for base
+/// parameters, PEFT names (without `base_model.model.`) for adapters, as
+/// [`CausalLm::trainable_params`] gives them.
+pub fn slots_of(model: &mut CausalLm, part: Part) -> Vec<(String, Slot<'_>)> {
+    match part {
+        Part::Embed => vec![(
+            "model.embed_tokens.weight".into(),
+            Slot::Param(&mut model.embed_tokens),
+        )],
+        Part::Head => {
+            let mut out = vec![(
+                "model.norm.weight".to_string(),
+                Slot::Param(&mut model.norm.weight),
+            )];
+            if let Some(head) = &mut model.lm_head {
+                out.push(("lm_head.weight".into(), Slot::Param(head)));
+            }
+            out
+        }
+        Part::Layer(i) => {
+            let layer = &mut model.layers[i];
+            let prefix = format!("model.layers.{}.", layer.index);
+            let DecoderLayer {
+                input_layernorm,
+                self_attn,
+                post_attention_layernorm,
+                mlp,
+                ..
+            } = layer;
+            let Attention {
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
+                q_norm,
+                k_norm,
+                ..
+            } = self_attn;
+            let Mlp {
+                gate_proj,
+                up_proj,
+                down_proj,
+            } = mlp;
+            let mut out: Vec<(String, Slot<'_>)> = vec![
+                (
+                    format!("{prefix}input_layernorm.weight"),
+                    Slot::Param(&mut input_layernorm.weight),
+                ),
+                (
+                    format!("{prefix}post_attention_layernorm.weight"),
+                    Slot::Param(&mut post_attention_layernorm.weight),
+                ),
+            ];
+            for (module, norm) in [("q_norm", q_norm), ("k_norm", k_norm)] {
+                if let Some(norm) = norm {
+                    out.push((
+                        format!("{prefix}self_attn.{module}.weight"),
+                        Slot::Param(&mut norm.weight),
+                    ));
+                }
+            }
+            let linears = [
+                ("self_attn.q_proj", q_proj),
+                ("self_attn.k_proj", k_proj),
+                ("self_attn.v_proj", v_proj),
+                ("self_attn.o_proj", o_proj),
+                ("mlp.gate_proj", gate_proj),
+                ("mlp.up_proj", up_proj),
+                ("mlp.down_proj", down_proj),
+            ];
+            for (module, linear) in linears {
+                let Linear {
+                    weight, bias, lora, ..
+                } = linear;
+                out.push((format!("{prefix}{module}.weight"), Slot::Param(weight)));
+                if let Some(bias) = bias {
+                    out.push((format!("{prefix}{module}.bias"), Slot::Param(bias)));
+                }
+                if let Some(lora) = lora {
+                    out.push((
+                        format!("{prefix}{module}.lora_A.weight"),
+                        Slot::Adapter(&mut lora.a),
+                    ));
+                    out.push((
+                        format!("{prefix}{module}.lora_B.weight"),
+                        Slot::Adapter(&mut lora.b),
+                    ));
+                }
+            }
+            out
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Where the trained parameters live: replicated on every rank (one process, or data
+//! parallelism, which is FSDP's NO_SHARD) or sharded across ranks (FSDP's other strategies).
+//! The step and the trainer talk to this enum; neither knows how a strategy works inside.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use ff_dist::ProcessGroup;
+use ff_fsdp::{BackwardExtent, FsdpResult, Part, Pass, Residency, Sharded, Walk};
+use ff_model::CausalLm;
+
+use crate::error::TrainResult;
+use crate::optim::grad_sq_norm;
+use crate::step::Trainables;
+
+pub enum Engine {
+    Replicated(Trainables),
+    Sharded(Sharded),
+}
+
+impl Engine {
+    pub fn residency(&mut self) -> &mut dyn Residency {
+        match self {
+            Engine::Replicated(t) => t,
+            Engine::Sharded(s) => s,
+        }
+    }
+
+    /// The optimizer's parameter names (a sharded rank's pieces carry their tensor's name).
+    pub fn names(&self) -> &[String] {
+        match self {
+            Engine::Replicated(t) => &t.names,
+            Engine::Sharded(s) => &s.names,
+        }
+    }
+
+    pub fn vars(&self) -> &[Var] {
+        match self {
+            Engine::Replicated(t) => &t.vars,
+            Engine::Sharded(s) => &s.vars,
+        }
+    }
+
+    pub fn grads_mut(&mut self) -> &mut Vec<Option<Tensor>> {
+        match self {
+            Engine::Replicated(t) => &mut t.grads,
+            Engine::Sharded(s) => &mut s.grads,
+        }
+    }
+
+    pub fn zero_grads(&mut self) {
+        match self {
+            Engine::Replicated(t) => t.zero_grads(),
+            Engine::Sharded(s) => s.zero_grads(),
+        }
+    }
+
+    /// After every micro-batch: makes each rank's gradients the sum over ranks of what it owns.
+    pub fn reduce_grads(&mut self, group: &dyn ProcessGroup) -> TrainResult<()> {
+        match self {
+            Engine::Replicated(t) if group.world_size() > 1 => t.all_reduce_grads(group),
+            Engine::Replicated(_) => Ok(()),
+            Engine::Sharded(s) => Ok(s.finish_grads()?),
+        }
+    }
+
+    /// The global L2 norm of the gradient, across shards.
+    pub fn grad_norm(&mut self) -> TrainResult<f64> {
+        Ok(match self {
+            Engine::Replicated(t) => grad_sq_norm(&t.grads)?.sqrt(),
+            Engine::Sharded(s) => {
+                let mut total = [grad_sq_norm(&s.grads)?];
+                s.shard_group().all_reduce_sum_f64(&mut total)?;
+                total[0].sqrt()
+            }
+        })
+    }
+}
+
+/// Replicated tensors are always in the model; backward only adds gradients.
+impl Residency for Trainables {
+    fn backward_extent(&self) -> BackwardExtent {
+        self.extent
+    }
+
+    fn begin(&mut self, _walk: Walk) -> FsdpResult<()> {
+        Ok(())
+    }
+
+    fn enter(&mut self, _model: &mut CausalLm, _part: Part, _pass: Pass) -> FsdpResult<()> {
+        Ok(())
+    }
+
+    fn add_grads(&mut self, _part: Part, grads: &GradStore) -> FsdpResult<()> {
+        Ok(self.accumulate(grads)?)
+    }
+
+    fn leave(&mut self, _model: &mut CausalLm, _part: Part, _pass: Pass) -> FsdpResult<()> {
+        Ok(())
+    }
+
+    fn end(&mut self, _model: &mut CausalLm) -> FsdpResult<()> {
+        Ok(())
+    }
+}
