@@ -1,7 +1,9 @@
 //! The `ferrofactory` command line.
 
 mod bench;
+mod config_cmd;
 mod data;
+mod launch_cmd;
 mod model_source;
 mod preprocess;
 mod progress;
@@ -33,6 +35,10 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         overrides: Vec<String>,
     },
+    /// Write a launch file by answering accelerate's questions, as `accelerate config` does.
+    Config(config_cmd::ConfigArgs),
+    /// Start a training job from a launch file and accelerate's flags, as `accelerate launch`.
+    Launch(launch_cmd::LaunchArgs),
     /// Write the tokenized training examples, one JSON line each, without training.
     Preprocess {
         config: PathBuf,
@@ -53,6 +59,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train { config, overrides } => train::run(&config, &overrides),
+        Command::Config(args) => config_cmd::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Launch(args) => launch_cmd::run(args),
         Command::Preprocess {
             config,
             overrides,
