@@ -102,7 +102,26 @@ impl Job {
 
     /// A `ferrofactory` command that belongs to this job, with no launch variables but `env`.
     pub fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ferrofactory"));
+        self.wrapped_command(&[], args, env)
+    }
+
+    /// [`Job::command`] run through `wrapper` (e.g. `ip netns exec NAME`), which must pass its
+    /// environment on.
+    pub fn wrapped_command(
+        &self,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Command {
+        let binary = env!("CARGO_BIN_EXE_ferrofactory");
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
         command.args(args).current_dir(&self.dir);
         for var in LAUNCH_VARS {
             command.env_remove(var);
