@@ -38,7 +38,7 @@ enum Command {
     /// Write a launch file by answering accelerate's questions, as `accelerate config` does.
     Config(config_cmd::ConfigArgs),
     /// Start a training job from a launch file and accelerate's flags, as `accelerate launch`.
-    Launch(launch_cmd::LaunchArgs),
+    Launch(Box<launch_cmd::LaunchArgs>),
     /// Write the tokenized training examples, one JSON line each, without training.
     Preprocess {
         config: PathBuf,
@@ -60,7 +60,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train { config, overrides } => train::run(&config, &overrides),
         Command::Config(args) => config_cmd::run(args).map(|()| ExitCode::SUCCESS),
-        Command::Launch(args) => launch_cmd::run(args),
+        Command::Launch(args) => launch_cmd::run(*args),
         Command::Preprocess {
             config,
             overrides,
