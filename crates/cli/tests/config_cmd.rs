@@ -367,3 +367,74 @@ fn launch_mistakes_are_one_sentence_before_any_work() {
     assert!(err.contains("cannot read missing.yaml"), "{err}");
     assert!(!dir.path().join("out").exists(), "no training ran");
 }
+
+/// Drives `config` on a pseudo-terminal (util-linux `script`): arrow and digit keys move the
+/// menus, a refused choice or a wrong answer is shown and asked again.
+#[test]
+fn on_a_terminal_menus_take_arrow_keys_and_wrong_answers_are_asked_again() {
+    const DOWN: &str = "\x1b[B";
+    const UP: &str = "\x1b[A";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tty.yaml");
+    let command = format!(
+        "{} config --config_file {}",
+        env!("CARGO_BIN_EXE_ferrofactory"),
+        file.display()
+    );
+    let keys = [
+        DOWN, "\r", // AWS: refused, the menu stays
+        UP, "\r", // this machine
+        "1", "\r",  // multi-CPU by its digit
+        "x\r", // not a number: asked again
+        "\r",  // one machine
+        "yes\r", "\r",    // FSDP, version 2
+        "\r",    // reshard after forward
+        "yes\r", // offload
+        "2", "\r", // NO_WRAP
+        "\r", // SHARDED_STATE_DICT
+        "\r", "yes\r", // CPU RAM efficient loading, activation checkpointing
+        "2\r",   // processes
+        DOWN, DOWN, "\r", // bf16
+    ]
+    .concat();
+    let mut child = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("util-linux `script` runs");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(keys.as_bytes()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("config did not finish on the terminal");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    let screen = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{screen}");
+    assert!(
+        screen.contains("Amazon SageMaker is not supported"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("Please enter a whole number of at least 1."),
+        "{screen}"
+    );
+
+    let config = LaunchConfig::load(&file, &[]).unwrap();
+    assert_eq!(config.distributed_type, DistributedType::Fsdp);
+    assert_eq!(config.num_processes, 2);
+    assert_eq!(config.mixed_precision, MixedPrecision::Bf16);
+    let fsdp = config.fsdp.unwrap();
+    assert_eq!(fsdp.version, 2);
+    assert_eq!(fsdp.sharding_strategy, ShardingStrategy::FullShard);
+    assert!(fsdp.offload_params && fsdp.activation_checkpointing);
+    assert_eq!(fsdp.auto_wrap_policy, AutoWrapPolicy::NoWrap);
+    assert_eq!(fsdp.state_dict_type, StateDictType::ShardedStateDict);
+}
