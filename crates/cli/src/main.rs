@@ -3,6 +3,7 @@
 mod bench;
 mod config_cmd;
 mod data;
+mod env_cmd;
 mod launch_cmd;
 mod model_source;
 mod preprocess;
@@ -51,6 +52,8 @@ enum Command {
     /// Measure speed and memory (benchmarks, not tests).
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Print versions, backends, devices and launcher variables, as `llamafactory-cli env`.
+    Env,
     /// Print the version.
     Version,
 }
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
             output,
         } => preprocess::run(&config, &overrides, output.as_ref()).map(|()| ExitCode::SUCCESS),
         Command::Bench(b) => bench::run(b).map(|()| ExitCode::SUCCESS),
+        Command::Env => env_cmd::run().map(|()| ExitCode::SUCCESS),
         Command::Version => {
             println!("ferrofactory {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)

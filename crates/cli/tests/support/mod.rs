@@ -176,9 +176,7 @@ impl Job {
                     .split(|&b| b == 0)
                     .map(|v| String::from_utf8_lossy(v).into_owned())
                     .collect();
-                env.iter()
-                    .any(|v| *v == marker)
-                    .then_some(JobProcess { pid, env })
+                env.contains(&marker).then_some(JobProcess { pid, env })
             })
             .collect()
     }
