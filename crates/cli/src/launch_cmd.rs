@@ -23,6 +23,7 @@ pub struct LaunchArgs {
     /// Processes of all machines together.
     #[arg(long = "num_processes")]
     num_processes: Option<String>,
+    /// Machines (nodes) of the job.
     #[arg(long = "num_machines")]
     num_machines: Option<String>,
     /// This machine's rank, 0 to num_machines - 1.
@@ -31,45 +32,62 @@ pub struct LaunchArgs {
     /// Machine 0's address.
     #[arg(long = "main_process_ip")]
     main_process_ip: Option<String>,
+    /// The rendezvous port, the same on every machine [default: a free port on one machine, 29500 on several].
     #[arg(long = "main_process_port")]
     main_process_port: Option<String>,
     /// no, fp16 or bf16.
     #[arg(long = "mixed_precision")]
     mixed_precision: Option<String>,
+    /// static or c10d: either way machine 0 hosts the rendezvous.
     #[arg(long = "rdzv_backend")]
     rdzv_backend: Option<String>,
+    /// true or false; no effect (the rendezvous is always at main_process_ip:main_process_port).
     #[arg(long = "same_network")]
     same_network: Option<String>,
     /// Train with FSDP (distributed_type FSDP), set up by the file's fsdp_config and the
     /// --fsdp_* flags.
     #[arg(long = "use_fsdp")]
     use_fsdp: bool,
+    /// 1 or 2.
     #[arg(long = "fsdp_version")]
     fsdp_version: Option<String>,
+    /// FULL_SHARD, SHARD_GRAD_OP, NO_SHARD or HYBRID_SHARD (or 1 to 4).
     #[arg(long = "fsdp_sharding_strategy")]
     fsdp_sharding_strategy: Option<String>,
+    /// true (FULL_SHARD) or false (SHARD_GRAD_OP); with FSDP1 also a strategy name.
     #[arg(long = "fsdp_reshard_after_forward")]
     fsdp_reshard_after_forward: Option<String>,
+    /// true or false: keep parameter shards and optimizer state in host memory between uses.
     #[arg(long = "fsdp_offload_params")]
     fsdp_offload_params: Option<String>,
+    /// TRANSFORMER_BASED_WRAP, SIZE_BASED_WRAP or NO_WRAP.
     #[arg(long = "fsdp_auto_wrap_policy")]
     fsdp_auto_wrap_policy: Option<String>,
+    /// Comma-separated layer class names to wrap [default: the model's decoder layer].
     #[arg(long = "fsdp_transformer_layer_cls_to_wrap")]
     fsdp_transformer_layer_cls_to_wrap: Option<String>,
+    /// The parameter count of a unit under SIZE_BASED_WRAP.
     #[arg(long = "fsdp_min_num_params")]
     fsdp_min_num_params: Option<String>,
+    /// BACKWARD_PRE, BACKWARD_POST or NO_PREFETCH.
     #[arg(long = "fsdp_backward_prefetch")]
     fsdp_backward_prefetch: Option<String>,
+    /// true or false: gather the next unit while the current one computes forward.
     #[arg(long = "fsdp_forward_prefetch")]
     fsdp_forward_prefetch: Option<String>,
+    /// FULL_STATE_DICT or SHARDED_STATE_DICT.
     #[arg(long = "fsdp_state_dict_type")]
     fsdp_state_dict_type: Option<String>,
+    /// true or false.
     #[arg(long = "fsdp_use_orig_params")]
     fsdp_use_orig_params: Option<String>,
+    /// true or false: only rank 0 reads the weight files.
     #[arg(long = "fsdp_cpu_ram_efficient_loading")]
     fsdp_cpu_ram_efficient_loading: Option<String>,
+    /// true or false: broadcast rank 0's parameters at the start.
     #[arg(long = "fsdp_sync_module_states")]
     fsdp_sync_module_states: Option<String>,
+    /// true or false: recompute each unit's forward during backward.
     #[arg(long = "fsdp_activation_checkpointing")]
     fsdp_activation_checkpointing: Option<String>,
     /// A LLaMA-Factory training YAML file.
