@@ -4,6 +4,7 @@ mod bench;
 mod config_cmd;
 mod data;
 mod env_cmd;
+mod export;
 mod launch_cmd;
 mod model_source;
 mod preprocess;
@@ -49,6 +50,15 @@ enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// Merge a LoRA adapter into its base and write a Hugging Face model directory, as
+    /// `llamafactory-cli export` does.
+    Export {
+        /// A LLaMA-Factory export YAML file.
+        config: PathBuf,
+        /// `key=value` pairs that override the file.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        overrides: Vec<String>,
+    },
     /// Measure speed and memory (benchmarks, not tests).
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -69,6 +79,9 @@ fn main() -> ExitCode {
             overrides,
             output,
         } => preprocess::run(&config, &overrides, output.as_ref()).map(|()| ExitCode::SUCCESS),
+        Command::Export { config, overrides } => {
+            export::run(&config, &overrides).map(|()| ExitCode::SUCCESS)
+        }
         Command::Bench(b) => bench::run(b).map(|()| ExitCode::SUCCESS),
         Command::Env => env_cmd::run().map(|()| ExitCode::SUCCESS),
         Command::Version => {

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use ff_model::gguf::{is_gguf_file, GgufModel};
-use ff_model::load::load_model_dir;
+use ff_model::load::{from_tensors_quantized, load_model_dir_quantized};
+use ff_model::quant::QuantFormat;
 use ff_model::CausalLm;
 
 /// Where weights, config and tokenizer come from: a Hugging Face directory, or a GGUF file whose
@@ -45,10 +46,13 @@ impl ModelSource {
         }
     }
 
-    pub fn load(&self, dtype: DType) -> Result<CausalLm> {
+    /// The model, frozen, in `dtype`; with `quant`, the decoder Linears are quantized as they load.
+    pub fn load(&self, dtype: DType, quant: Option<QuantFormat>) -> Result<CausalLm> {
         Ok(match self {
-            Self::Dir(dir) => load_model_dir(dir, dtype, &Device::Cpu)?,
-            Self::Gguf { gguf, .. } => gguf.load(dtype, &Device::Cpu)?,
+            Self::Dir(dir) => load_model_dir_quantized(dir, dtype, &Device::Cpu, quant)?,
+            Self::Gguf { gguf, .. } => {
+                from_tensors_quantized(gguf.config()?, gguf, dtype, &Device::Cpu, quant)?
+            }
         })
     }
 }

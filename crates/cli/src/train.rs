@@ -22,6 +22,8 @@ use ff_train::TrainError;
 use crate::model_source::ModelSource;
 use crate::progress::Progress;
 
+mod qlora;
+
 /// Exit status of a run stopped by Ctrl-C, as shells report SIGINT.
 pub const INTERRUPTED_EXIT: u8 = 130;
 
@@ -37,6 +39,10 @@ const TOKENIZER_FILES: &[&str] = &[
 pub fn run(config: &Path, overrides: &[String]) -> Result<std::process::ExitCode> {
     let args = TrainArgs::load(config, overrides)?;
     args.require_for_training()?;
+    qlora::refuse_prequantized(
+        &args,
+        Path::new(args.model_name_or_path.as_deref().unwrap_or_default()),
+    )?;
     let env: HashMap<String, String> = std::env::vars().collect();
     if needs_launcher(&env) {
         return launch_workers(config, overrides, &env, Vec::new());
@@ -66,7 +72,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<std::process::ExitCode
     if local_rank == 0 {
         group.barrier()?;
     }
-    let mut model = source.load(dtype)?;
+    let mut model = source.load(dtype, qlora::quant_format(&args))?;
     let weights = apply_finetuning(&mut model, &args)?;
     let (total, trainable) = model.num_params();
     if main {
@@ -216,7 +222,7 @@ fn install_interrupt_handler(stop: Arc<AtomicBool>) -> Result<()> {
     .context("installing the Ctrl-C handler")
 }
 
-fn copy_tokenizer_files(model_dir: &Path, output_dir: &Path) -> Result<()> {
+pub(crate) fn copy_tokenizer_files(model_dir: &Path, output_dir: &Path) -> Result<()> {
     for name in TOKENIZER_FILES {
         let from = model_dir.join(name);
         if from.is_file() {
