@@ -34,7 +34,7 @@ impl RowwiseInt8 {
 
     /// Values `start..end` (flat, row-major) as float32: `code · absmax · (1/127)`.
     pub fn dequantize_range(&self, codes: &[u8], start: usize, end: usize, out: &mut Vec<f32>) {
-        const INV_127: f32 = 7.874_015_7e-3;
+        const INV_127: f32 = 7.874_016e-3;
         out.extend(
             (start..end).map(|i| codes[i] as i8 as f32 * self.row_absmax[i / self.cols] * INV_127),
         );
