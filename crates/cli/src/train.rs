@@ -22,6 +22,7 @@ use ff_train::TrainError;
 use crate::model_source::ModelSource;
 use crate::progress::Progress;
 
+mod fsdp;
 mod qlora;
 
 /// Exit status of a run stopped by Ctrl-C, as shells report SIGINT.
@@ -72,7 +73,13 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<std::process::ExitCode
     if local_rank == 0 {
         group.barrier()?;
     }
-    let mut model = source.load(dtype, qlora::quant_format(&args))?;
+    let fsdp = fsdp::settings(&env)?;
+    let quant = qlora::quant_format(&args);
+    let mut model = if fsdp::loads_placeholder(fsdp.as_ref(), group.rank()) {
+        fsdp::load_placeholder(&source, dtype, quant)?
+    } else {
+        source.load(dtype, quant)?
+    };
     let weights = apply_finetuning(&mut model, &args)?;
     let (total, trainable) = model.num_params();
     if main {
@@ -97,9 +104,15 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<std::process::ExitCode
             pad_token_id: data.pad_token_id,
             stop: &stop,
             group: group.as_ref(),
+            fsdp,
             observer: &mut progress,
         },
     );
+    if let Ok(summary) = &outcome {
+        if let Some(memory) = &summary.memory {
+            fsdp::report(group.rank(), memory);
+        }
+    }
     match outcome {
         Ok(_) if !main => Ok(std::process::ExitCode::SUCCESS),
         Ok(summary) => {

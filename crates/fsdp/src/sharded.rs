@@ -269,7 +269,9 @@ impl Sharded {
     pub fn materialize(&mut self, model: &mut CausalLm, with_frozen: bool) -> FsdpResult<()> {
         self.drain_prefetch()?;
         for u in 0..self.units.len() {
-            if self.units[u].installed.is_none() {
+            let unit = &self.units[u];
+            let nothing_to_fill = unit.layout.trained_len == 0 && !with_frozen;
+            if unit.installed.is_none() && !nothing_to_fill {
                 let shard = self.shard_of(u, with_frozen)?;
                 let mut full = vec![0u8; shard.len() * self.shard_group.world_size()];
                 self.shard_group.all_gather_bytes(&shard, &mut full)?;

@@ -210,8 +210,10 @@ pub fn forward_backward(
             }
         }
         if extent.embedding {
+            // Recomputed like the layers: a sharded engine has put a fresh embedding table in
+            // the model since the forward pass.
             params.enter(model, Part::Embed, Pass::Backward)?;
-            let store = (embedded * &grad)?.sum_all()?.backward()?;
+            let store = (model.embed(&input_ids)? * &grad)?.sum_all()?.backward()?;
             params.add_grads(Part::Embed, &store)?;
             params.leave(model, Part::Embed, Pass::Backward)?;
         }

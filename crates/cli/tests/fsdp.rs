@@ -1,0 +1,479 @@
+//! FSDP through the real binary: workers started as `launch` starts them (torchrun variables
+//! plus the FSDP settings in FERROFACTORY_FSDP_CONFIG), compared with one process training the
+//! same global batch.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ff_config::{AutoWrapPolicy, BackwardPrefetch, FsdpConfig, ShardingStrategy, StateDictType};
+use serde_json::Value;
+use support::{assert_success, fixture_config, logged_losses, Finished, Job};
+
+const DEADLINE: Duration = Duration::from_secs(240);
+
+/// Runs `ferrofactory train config overrides` in one process and returns it finished.
+fn single(job: &Job, config: &Path, overrides: &[&str]) -> Finished {
+    let finished = job
+        .train("single", config, overrides, &[])
+        .wait_until(Instant::now() + DEADLINE);
+    assert_success(&finished);
+    finished
+}
+
+/// Runs the same as two local workers with `fsdp` settings.
+fn two_workers(
+    job: &Job,
+    name: &str,
+    config: &Path,
+    overrides: &[&str],
+    fsdp: &FsdpConfig,
+) -> Finished {
+    let settings = fsdp.to_env_value();
+    let env = [
+        ("FORCE_TORCHRUN", "1"),
+        ("NPROC_PER_NODE", "2"),
+        (ff_config::FSDP_ENV_VAR, settings.as_str()),
+    ];
+    let finished = job
+        .train(name, config, overrides, &env)
+        .wait_until(Instant::now() + DEADLINE);
+    assert_success(&finished);
+    finished
+}
+
+fn assert_same_losses(one: &[f64], two: &[f64], what: &str) {
+    assert_eq!(one.len(), two.len(), "{what}: {one:?} vs {two:?}");
+    for (step, (a, b)) in one.iter().zip(two).enumerate() {
+        assert!(
+            (a - b).abs() / a.abs() <= 1e-4,
+            "{what} record {}: {a} vs {b}",
+            step + 1
+        );
+    }
+}
+
+fn eval_losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("trainer_log.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["eval_loss"].as_f64())
+        .collect()
+}
+
+/// Largest absolute difference between the tensors of two safetensors files.
+fn largest_difference(a: &Path, b: &Path) -> f32 {
+    let read = |path: &Path| -> Vec<(String, Vec<f32>)> {
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut out: Vec<(String, Vec<f32>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                let data = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                (name, data)
+            })
+            .collect();
+        out.sort_by(|x, y| x.0.cmp(&y.0));
+        out
+    };
+    let (ta, tb) = (read(a), read(b));
+    assert_eq!(ta.len(), tb.len(), "{} vs {}", a.display(), b.display());
+    ta.iter()
+        .zip(&tb)
+        .flat_map(|((na, va), (nb, vb))| {
+            assert_eq!(na, nb);
+            assert_eq!(va.len(), vb.len(), "{na}");
+            va.iter().zip(vb).map(|(x, y)| (x - y).abs())
+        })
+        .fold(0f32, f32::max)
+}
+
+fn fsdp(strategy: ShardingStrategy) -> FsdpConfig {
+    FsdpConfig {
+        sharding_strategy: strategy,
+        ..FsdpConfig::default()
+    }
+}
+
+/// The strategies and options of the issue, each on 2 processes with batch 1 against 1
+/// process with batch 2: same losses (training and evaluation) and the same adapter.
+#[test]
+fn lora_under_every_strategy_trains_like_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job::new(dir.path());
+    let config = fixture_config(
+        dir.path(),
+        "eval_dataset: fixture_batch\neval_strategy: steps\neval_steps: 2\nper_device_eval_batch_size: 2\n",
+    );
+    single(&job, &config, &["output_dir=one"]);
+    let one = dir.path().join("one");
+    let variants = [
+        (
+            "full_shard_prefetch",
+            FsdpConfig {
+                forward_prefetch: true,
+                ..fsdp(ShardingStrategy::FullShard)
+            },
+        ),
+        (
+            "full_shard_offload_no_prefetch",
+            FsdpConfig {
+                backward_prefetch: BackwardPrefetch::NoPrefetch,
+                offload_params: true,
+                ..fsdp(ShardingStrategy::FullShard)
+            },
+        ),
+        (
+            "shard_grad_op_post",
+            FsdpConfig {
+                backward_prefetch: BackwardPrefetch::BackwardPost,
+                ..fsdp(ShardingStrategy::ShardGradOp)
+            },
+        ),
+        ("no_shard", fsdp(ShardingStrategy::NoShard)),
+        (
+            "size_based",
+            FsdpConfig {
+                auto_wrap_policy: AutoWrapPolicy::SizeBased,
+                min_num_params: 1000,
+                cpu_ram_efficient_loading: false,
+                ..fsdp(ShardingStrategy::FullShard)
+            },
+        ),
+        (
+            "no_wrap",
+            FsdpConfig {
+                auto_wrap_policy: AutoWrapPolicy::NoWrap,
+                ..fsdp(ShardingStrategy::FullShard)
+            },
+        ),
+    ];
+    for (name, settings) in variants {
+        let output = format!("output_dir={name}");
+        let finished = two_workers(
+            &job,
+            name,
+            &config,
+            &[&output, "per_device_train_batch_size=1"],
+            &settings,
+        );
+        let two = dir.path().join(name);
+        assert_same_losses(&logged_losses(&one), &logged_losses(&two), name);
+        assert_same_losses(&eval_losses(&one), &eval_losses(&two), name);
+        assert_eq!(
+            eval_losses(&two).len(),
+            2,
+            "{name}: evaluation at steps 2 and 4"
+        );
+        let final_eval = |dir: &Path| -> f64 {
+            let text = std::fs::read_to_string(dir.join("eval_results.json")).unwrap();
+            serde_json::from_str::<Value>(&text).unwrap()["eval_loss"]
+                .as_f64()
+                .unwrap()
+        };
+        assert_same_losses(&[final_eval(&one)], &[final_eval(&two)], name);
+        let diff = largest_difference(
+            &one.join("adapter_model.safetensors"),
+            &two.join("adapter_model.safetensors"),
+        );
+        assert!(diff < 1e-4, "{name}: adapters differ by {diff}");
+        let diff = largest_difference(
+            &one.join("checkpoint-5/optimizer.safetensors"),
+            &two.join("checkpoint-5/optimizer.safetensors"),
+        );
+        assert!(diff < 1e-4, "{name}: optimizer states differ by {diff}");
+        let sharded = settings.sharding_strategy != ShardingStrategy::NoShard;
+        assert_eq!(
+            finished.stderr.contains("fsdp rank 1:"),
+            sharded,
+            "{name}: a sharded run reports each rank's memory:\n{}",
+            finished.stderr
+        );
+    }
+}
+
+/// A config that fully fine-tunes the tiny fixture (no adapter).
+fn full_config(dir: &Path) -> std::path::PathBuf {
+    let config = fixture_config(dir, "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("adapter_name_or_path"))
+        .map(|l| {
+            if l.starts_with("finetuning_type") {
+                "finetuning_type: full\nlearning_rate: 1.0e-3".to_string()
+            } else if l.starts_with("learning_rate") {
+                String::new()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+#[test]
+fn full_finetuning_under_sharding_trains_like_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job::new(dir.path());
+    let config = full_config(dir.path());
+    single(&job, &config, &["output_dir=one", "max_steps=3"]);
+    let one = dir.path().join("one");
+    let variants = [
+        ("full_shard", fsdp(ShardingStrategy::FullShard)),
+        (
+            "shard_grad_op",
+            FsdpConfig {
+                backward_prefetch: BackwardPrefetch::NoPrefetch,
+                ..fsdp(ShardingStrategy::ShardGradOp)
+            },
+        ),
+        ("no_shard", fsdp(ShardingStrategy::NoShard)),
+    ];
+    for (name, settings) in variants {
+        let output = format!("output_dir={name}");
+        let finished = two_workers(
+            &job,
+            name,
+            &config,
+            &[&output, "max_steps=3", "per_device_train_batch_size=1"],
+            &settings,
+        );
+        let two = dir.path().join(name);
+        assert_same_losses(&logged_losses(&one), &logged_losses(&two), name);
+        let diff = largest_difference(
+            &one.join("model.safetensors"),
+            &two.join("model.safetensors"),
+        );
+        assert!(diff < 1e-5, "{name}: models differ by {diff}");
+        if settings.sharding_strategy == ShardingStrategy::FullShard {
+            assert_holds_half(&finished.stderr);
+        }
+    }
+}
+
+/// Each rank's parameter and optimizer bytes are at most half the single-process figure plus
+/// one unit, by the engine's own accounting.
+fn assert_holds_half(stderr: &str) {
+    let reports: Vec<Vec<u64>> = stderr
+        .lines()
+        .filter(|l| l.starts_with("fsdp rank "))
+        .map(|l| {
+            l.split(|c: char| !c.is_ascii_digit())
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(reports.len(), 2, "{stderr}");
+    // rank, parameter bytes held, model bytes, optimizer bytes, largest unit, ...
+    let optimizer_total: u64 = reports.iter().map(|r| r[3]).sum();
+    for r in &reports {
+        let (held, model, optimizer, unit) = (r[1], r[2], r[3], r[4]);
+        assert!(optimizer > 0 && held > 0, "{stderr}");
+        assert!(
+            held + optimizer <= (model + optimizer_total) / 2 + unit,
+            "rank {} holds {held} + {optimizer} bytes of {model} + {optimizer_total}",
+            r[0]
+        );
+        assert!(held < model, "{stderr}");
+    }
+}
+
+#[test]
+fn a_sharded_state_dict_checkpoint_resumes_to_the_same_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job::new(dir.path());
+    let config = fixture_config(dir.path(), "");
+    let settings = FsdpConfig {
+        state_dict_type: StateDictType::ShardedStateDict,
+        ..fsdp(ShardingStrategy::FullShard)
+    };
+    let overrides = ["per_device_train_batch_size=1", "save_steps=2"];
+    let mut straight = vec!["output_dir=straight"];
+    straight.extend(overrides);
+    two_workers(&job, "straight", &config, &straight, &settings);
+    let checkpoint = dir.path().join("straight/checkpoint-2");
+    for file in [
+        "fsdp_rank0_of_2.safetensors",
+        "fsdp_rank1_of_2.safetensors",
+        "fsdp_sharded.json",
+        "trainer_state.json",
+    ] {
+        assert!(checkpoint.join(file).is_file(), "checkpoint-2 has {file}");
+    }
+    assert!(!checkpoint.join("adapter_model.safetensors").exists());
+
+    let resume = format!("resume_from_checkpoint={}", checkpoint.display());
+    let mut resumed = vec!["output_dir=resumed", resume.as_str()];
+    resumed.extend(overrides);
+    two_workers(&job, "resumed", &config, &resumed, &settings);
+    let all = logged_losses(&dir.path().join("straight"));
+    let after = logged_losses(&dir.path().join("resumed"));
+    assert_eq!(all.len(), 5);
+    assert_same_losses(&all[2..], &after, "steps 3 to 5 after resuming at step 2");
+    let diff = largest_difference(
+        &dir.path().join("straight/adapter_model.safetensors"),
+        &dir.path().join("resumed/adapter_model.safetensors"),
+    );
+    assert!(diff < 1e-6, "adapters differ by {diff}");
+
+    // The same checkpoint cannot be resumed by another number of ranks.
+    let finished = job
+        .train(
+            "one_rank",
+            &config,
+            &[
+                "output_dir=one_rank",
+                resume.as_str(),
+                "per_device_train_batch_size=1",
+            ],
+            &[(ff_config::FSDP_ENV_VAR, settings.to_env_value().as_str())],
+        )
+        .wait_until(Instant::now() + DEADLINE);
+    assert!(!finished.status.success());
+    assert!(
+        finished
+            .last_error_line()
+            .contains("by 2 ranks; resume it with 2 ranks"),
+        "{}",
+        finished.stderr
+    );
+}
+
+/// A dataset of the fixture's two examples twice, so that 4 ranks each get one.
+fn four_example_dataset(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("data4");
+    std::fs::create_dir_all(&data).unwrap();
+    let source = support::root().join("testdata/cli/fixture_batch.json");
+    let examples: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(source).unwrap()).unwrap();
+    let doubled: Vec<Value> = examples.iter().chain(&examples).cloned().collect();
+    std::fs::write(
+        data.join("fixture_batch.json"),
+        serde_json::to_string(&doubled).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        support::root().join("testdata/cli/dataset_info.json"),
+        data.join("dataset_info.json"),
+    )
+    .unwrap();
+    data
+}
+
+#[test]
+fn hybrid_shard_on_two_nodes_of_two_processes_trains_like_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job::new(dir.path());
+    let data = four_example_dataset(dir.path());
+    let config = fixture_config(dir.path(), "");
+    let data_dir = format!("dataset_dir={}", data.display());
+    single(
+        &job,
+        &config,
+        &[
+            "output_dir=one",
+            &data_dir,
+            "per_device_train_batch_size=4",
+            "max_steps=3",
+        ],
+    );
+    let settings = fsdp(ShardingStrategy::HybridShard).to_env_value();
+    let port = support::free_port().to_string();
+    let nodes: Vec<_> = (0..2)
+        .map(|node| {
+            let rank = node.to_string();
+            let env = [
+                ("FORCE_TORCHRUN", "1"),
+                ("NNODES", "2"),
+                ("NODE_RANK", rank.as_str()),
+                ("NPROC_PER_NODE", "2"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", port.as_str()),
+                (ff_config::FSDP_ENV_VAR, settings.as_str()),
+            ];
+            job.train(
+                &format!("node{node}"),
+                &config,
+                &[
+                    "output_dir=hybrid",
+                    &data_dir,
+                    "per_device_train_batch_size=1",
+                    "max_steps=3",
+                ],
+                &env,
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + DEADLINE;
+    for node in nodes {
+        assert_success(&node.wait_until(deadline));
+    }
+    assert_same_losses(
+        &logged_losses(&dir.path().join("one")),
+        &logged_losses(&dir.path().join("hybrid")),
+        "HYBRID_SHARD",
+    );
+}
+
+#[test]
+fn settings_that_cannot_work_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job::new(dir.path());
+    let config = fixture_config(dir.path(), "");
+    let cases = [
+        (fsdp(ShardingStrategy::HybridShard), "HYBRID_SHARD"),
+        (
+            FsdpConfig {
+                offload_params: true,
+                ..fsdp(ShardingStrategy::NoShard)
+            },
+            "offload",
+        ),
+        (
+            FsdpConfig {
+                transformer_layer_cls_to_wrap: vec!["BertLayer".into()],
+                ..fsdp(ShardingStrategy::FullShard)
+            },
+            "LlamaDecoderLayer",
+        ),
+    ];
+    for (i, (settings, expected)) in cases.into_iter().enumerate() {
+        let output = format!("output_dir=refused{i}");
+        let settings = settings.to_env_value();
+        let finished = job
+            .train(
+                &format!("refused{i}"),
+                &config,
+                &[&output, "per_device_train_batch_size=1"],
+                &[
+                    ("FORCE_TORCHRUN", "1"),
+                    ("NPROC_PER_NODE", "2"),
+                    (ff_config::FSDP_ENV_VAR, settings.as_str()),
+                ],
+            )
+            .wait_until(Instant::now() + DEADLINE);
+        assert!(!finished.status.success(), "case {i}");
+        assert!(!finished.stderr.contains("panicked"), "{}", finished.stderr);
+        assert!(
+            finished.stderr.contains(expected),
+            "case {i} names {expected}:\n{}",
+            finished.stderr
+        );
+        assert!(
+            !dir.path()
+                .join(format!("refused{i}/trainer_log.jsonl"))
+                .exists(),
+            "case {i}: no training ran"
+        );
+    }
+}
