@@ -1,21 +1,32 @@
 //! `ferrofactory bench`: timings of the training step on a model of real shape with random
-//! weights. Figures are only comparable within one run on one machine.
+//! weights, of Gloo's collectives, and of data-parallel training. Figures are only comparable
+//! within one run on one machine.
 
-use std::path::PathBuf;
+mod collectives;
+mod dp;
+mod seeded_init;
+mod workers;
+
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Subcommand, ValueEnum};
+use ff_dist::ProcessGroup;
 use ff_model::finetune::{apply_lora, make_all_trainable, LoraSpec};
-use ff_model::load::{from_tensors, RandomInit};
-use ff_model::ModelConfig;
-use ff_train::{train_step, AdamW, AdamWConfig, Batch, StepOptions, Trainables};
+use ff_model::load::from_tensors;
+use ff_model::{CausalLm, ModelConfig};
+use ff_train::{train_step, AdamW, AdamWConfig, Batch, Engine, StepOptions, Trainables};
 
 #[derive(Subcommand)]
 pub enum Bench {
     /// One optimizer step of fine-tuning: tokens per second and peak resident memory.
     Step(StepArgs),
+    /// all_reduce and reduce_scatter bandwidth between processes on this machine (Gloo).
+    Collectives(collectives::CollectivesArgs),
+    /// Tokens per second of data-parallel training against one process with as many threads.
+    Dp(dp::DpArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -57,93 +68,164 @@ pub struct StepArgs {
 pub fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::Step(args) => step(args),
+        Bench::Collectives(args) => collectives::run(args),
+        Bench::Dp(args) => dp::run(args),
     }
+}
+
+/// A model of real shape with random weights (the same in every process), prepared for
+/// fine-tuning, and its optimizer.
+struct Workload {
+    model: CausalLm,
+    engine: Engine,
+    optimizer: AdamW,
+    total_params: usize,
+    trained_params: usize,
+    vocab: u64,
+}
+
+impl Workload {
+    fn new(
+        model_config: &Path,
+        dtype: DType,
+        finetuning: Finetuning,
+        lora_rank: usize,
+    ) -> Result<Self> {
+        let config = ModelConfig::from_dir(model_config)
+            .with_context(|| format!("reading the shape from {}", model_config.display()))?;
+        let vocab = config.vocab_size as u64;
+        let mut model = from_tensors(config, &seeded_init::SeededInit, dtype, &Device::Cpu)?;
+        match finetuning {
+            Finetuning::Lora => {
+                let spec = LoraSpec {
+                    rank: lora_rank,
+                    alpha: 2.0 * lora_rank as f64,
+                    dropout: 0.0,
+                    targets: LoraSpec::parse_targets("all")?,
+                    use_rslora: false,
+                };
+                apply_lora(&mut model, &spec, 0)?;
+            }
+            Finetuning::Full => make_all_trainable(&mut model)?,
+        }
+        let (total_params, trained_params) = model.num_params();
+        let engine = Engine::Replicated(Trainables::of(&mut model));
+        let optimizer = AdamW::new(AdamWConfig::default(), engine.names());
+        Ok(Self {
+            model,
+            engine,
+            optimizer,
+            total_params,
+            trained_params,
+            vocab,
+        })
+    }
+
+    /// `1 + steps` optimizer steps on `batch` (the first is an untimed warm-up). Every rank of
+    /// `group` calls it with its share of the batch.
+    fn timed_steps(
+        &mut self,
+        batch: &Batch,
+        steps: usize,
+        options: StepOptions,
+        group: &dyn ProcessGroup,
+    ) -> Result<Timings> {
+        let mut times = Vec::with_capacity(steps);
+        let mut last_loss = f64::NAN;
+        for i in 0..=steps {
+            let start = Instant::now();
+            let stats = train_step(
+                &mut self.model,
+                &mut self.engine,
+                &mut self.optimizer,
+                std::slice::from_ref(batch),
+                1e-4,
+                options,
+                i as u64,
+                group,
+            )?;
+            let seconds = start.elapsed().as_secs_f64();
+            last_loss = stats.loss;
+            if i > 0 {
+                times.push(seconds);
+            }
+            if group.rank() == 0 {
+                eprintln!(
+                    "step {i}{}: {seconds:.3} s, loss {:.4}",
+                    if i == 0 { " (warm-up)" } else { "" },
+                    stats.loss
+                );
+            }
+        }
+        Ok(Timings {
+            seconds: times,
+            last_loss,
+        })
+    }
+}
+
+struct Timings {
+    /// Of each timed step.
+    seconds: Vec<f64>,
+    /// The loss of the last step, the same on every rank.
+    last_loss: f64,
+}
+
+/// `rows` deterministic pseudo-random token rows of `seq` tokens below `vocab`.
+fn random_rows(rows: usize, seq: usize, vocab: u64) -> Vec<Vec<u32>> {
+    let mut state = 0x5EED_u64;
+    let mut next_token = || {
+        state = ff_model::dropout::derive_seed(state, 1);
+        (state % vocab) as u32
+    };
+    (0..rows)
+        .map(|_| (0..seq).map(|_| next_token()).collect())
+        .collect()
+}
+
+/// A batch of `rows` in which every position is a label, as in plain LM training.
+fn batch_of(rows: &[Vec<u32>]) -> Batch {
+    Batch {
+        labels: rows
+            .iter()
+            .map(|r| r.iter().map(|&t| t as i64).collect())
+            .collect(),
+        attention_mask: rows.iter().map(|r| vec![1; r.len()]).collect(),
+        input_ids: rows.to_vec(),
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 fn step(args: StepArgs) -> Result<()> {
     if args.steps == 0 || args.batch == 0 || args.seq < 2 {
         bail!("--steps and --batch must be positive and --seq at least 2");
     }
-    let device = Device::Cpu;
     let dtype = match args.precision {
         Precision::Float32 => DType::F32,
         Precision::Bf16 => DType::BF16,
         Precision::Fp16 => DType::F16,
     };
-    let config = ModelConfig::from_dir(&args.model_config)
-        .with_context(|| format!("reading the shape from {}", args.model_config.display()))?;
-    let vocab = config.vocab_size as u64;
-    let mut model = from_tensors(config, &RandomInit, dtype, &device)?;
-    match args.finetuning {
-        Finetuning::Lora => {
-            let spec = LoraSpec {
-                rank: args.lora_rank,
-                alpha: 2.0 * args.lora_rank as f64,
-                dropout: 0.0,
-                targets: LoraSpec::parse_targets("all")?,
-                use_rslora: false,
-            };
-            apply_lora(&mut model, &spec, 0)?;
-        }
-        Finetuning::Full => make_all_trainable(&mut model)?,
-    }
-    let (total, trainable) = model.num_params();
-    let mut trainables = Trainables::of(&mut model);
-    let mut optimizer = AdamW::new(AdamWConfig::default(), &trainables.names);
-
-    // Deterministic pseudo-random tokens; every position is a label, as in plain LM training.
-    let mut state = 0x5EED_u64;
-    let mut next_token = || {
-        state = ff_model::dropout::derive_seed(state, 1);
-        (state % vocab) as u32
-    };
-    let input_ids: Vec<Vec<u32>> = (0..args.batch)
-        .map(|_| (0..args.seq).map(|_| next_token()).collect())
-        .collect();
-    let batch = Batch {
-        labels: input_ids
-            .iter()
-            .map(|r| r.iter().map(|&t| t as i64).collect())
-            .collect(),
-        attention_mask: vec![vec![1; args.seq]; args.batch],
-        input_ids,
-    };
+    let mut workload = Workload::new(&args.model_config, dtype, args.finetuning, args.lora_rank)?;
+    let batch = batch_of(&random_rows(args.batch, args.seq, workload.vocab));
     let options = StepOptions {
         max_grad_norm: Some(1.0),
         gradient_checkpointing: !args.no_gradient_checkpointing,
     };
-
-    let mut times = Vec::with_capacity(args.steps);
-    for i in 0..=args.steps {
-        let start = Instant::now();
-        let stats = train_step(
-            &model,
-            &mut trainables,
-            &mut optimizer,
-            std::slice::from_ref(&batch),
-            1e-4,
-            options,
-            i as u64,
-            &ff_dist::SingleProcessGroup,
-        )?;
-        let seconds = start.elapsed().as_secs_f64();
-        if i > 0 {
-            times.push(seconds);
-        }
-        eprintln!(
-            "step {i}{}: {seconds:.3} s, loss {:.4}",
-            if i == 0 { " (warm-up)" } else { "" },
-            stats.loss
-        );
-    }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let times = workload
+        .timed_steps(&batch, args.steps, options, &ff_dist::SingleProcessGroup)?
+        .seconds;
+    let measured = times.len();
+    let median = median(times);
     let tokens = (args.batch * args.seq) as f64;
     println!("model           {}", args.model_config.display());
     println!(
         "parameters      {:.1} M total, {:.2} M trained",
-        total as f64 / 1e6,
-        trainable as f64 / 1e6
+        workload.total_params as f64 / 1e6,
+        workload.trained_params as f64 / 1e6
     );
     println!(
         "step            {} x {} tokens, {:?}, {}, gradient checkpointing {}",
@@ -162,7 +244,7 @@ fn step(args: StepArgs) -> Result<()> {
         }
     );
     println!("threads         {}", candle_core::utils::get_num_threads());
-    println!("median step     {median:.3} s over {} steps", times.len());
+    println!("median step     {median:.3} s over {measured} steps");
     println!("tokens/s        {:.1}", tokens / median);
     println!("peak RSS        {}", peak_rss()?);
     Ok(())
