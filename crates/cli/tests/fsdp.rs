@@ -477,3 +477,47 @@ fn settings_that_cannot_work_are_refused_before_any_work() {
         );
     }
 }
+
+/// FSDP+QLoRA: the NF4 base is sharded like any frozen weight, so each rank holds about half
+/// of the quantized bytes, and training matches one QLoRA process.
+#[test]
+fn qlora_under_full_shard_trains_like_one_process_with_half_the_quantized_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job::new(dir.path());
+    let config = fixture_config(dir.path(), "quantization_bit: 4\n");
+    single(&job, &config, &["output_dir=one"]);
+    let finished = two_workers(
+        &job,
+        "two",
+        &config,
+        &["output_dir=two", "per_device_train_batch_size=1"],
+        &fsdp(ShardingStrategy::FullShard),
+    );
+    assert_same_losses(
+        &logged_losses(&dir.path().join("one")),
+        &logged_losses(&dir.path().join("two")),
+        "FSDP+QLoRA",
+    );
+    let quantized: Vec<(u64, u64)> = finished
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("fsdp rank "))
+        .map(|l| {
+            let numbers: Vec<u64> = l
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse().unwrap())
+                .collect();
+            (numbers[7], numbers[8])
+        })
+        .collect();
+    assert_eq!(quantized.len(), 2, "{}", finished.stderr);
+    for (held, total) in quantized {
+        assert!(total > 0, "the base is quantized");
+        let share = held as f64 / total as f64;
+        assert!(
+            (0.45..=0.55).contains(&share),
+            "holds {held} of {total} quantized bytes"
+        );
+    }
+}

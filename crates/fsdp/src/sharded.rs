@@ -7,6 +7,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use ff_config::{BackwardPrefetch, FsdpConfig, ShardingStrategy};
 use ff_dist::ProcessGroup;
+use ff_model::quant::{QuantFormat, QuantizedWeight, RawBuffer};
 use ff_model::CausalLm;
 
 use crate::error::{FsdpError, FsdpResult};
@@ -25,10 +26,25 @@ pub struct ShardedSetup<'a> {
     pub local_world_size: usize,
 }
 
+/// Where a slot's values sit in its unit's layout.
+#[derive(Clone, Debug)]
+enum SlotLayout {
+    /// One entry holds the tensor.
+    Tensor(usize),
+    /// A quantized weight: one frozen entry per array it is made of.
+    Quantized {
+        format: QuantFormat,
+        dims: [usize; 2],
+        buffers: Vec<(String, usize)>,
+    },
+}
+
 /// One unit's state on this rank.
 struct Unit {
     parts: Vec<Part>,
     layout: UnitLayout,
+    /// Per slot of the unit's parts, in [`slots_of`] order.
+    slots: Vec<SlotLayout>,
     /// This rank's frozen bytes.
     frozen: Vec<u8>,
     pieces: Vec<Piece>,
@@ -51,6 +67,10 @@ pub struct Accounting {
     pub largest_unit_bytes: usize,
     /// The most bytes gathered at one time so far.
     pub peak_gathered_bytes: usize,
+    /// Of `shard_bytes`, the quantized weights' (QLoRA's base).
+    pub quantized_shard_bytes: usize,
+    /// The whole model's quantized weight bytes.
+    pub quantized_full_bytes: usize,
 }
 
 pub struct Sharded {
@@ -148,9 +168,28 @@ impl Sharded {
         };
         for (u, parts) in plan.into_iter().enumerate() {
             let mut meta = Vec::new();
+            let mut slot_layouts = Vec::new();
             for &part in &parts {
                 engine.unit_of.insert(part, u);
                 for (name, slot) in slots_of(model, part) {
+                    if let Some(q) = slot.quantized() {
+                        let mut buffers = Vec::new();
+                        for (buffer, raw) in q.buffers()? {
+                            let (len, dtype) = match &raw {
+                                RawBuffer::U8(v) => (v.len(), DType::U8),
+                                RawBuffer::F32(v) => (v.len(), DType::F32),
+                            };
+                            buffers.push((buffer.to_string(), meta.len()));
+                            meta.push((format!("{name}.{buffer}"), vec![len], dtype, false));
+                        }
+                        slot_layouts.push(SlotLayout::Quantized {
+                            format: q.format(),
+                            dims: q.dims(),
+                            buffers,
+                        });
+                        continue;
+                    }
+                    slot_layouts.push(SlotLayout::Tensor(meta.len()));
                     let t = slot.tensor();
                     if slot.is_trainable() {
                         match part {
@@ -166,7 +205,7 @@ impl Sharded {
             }
             let layout = UnitLayout::new(meta, world);
             let mut full = if !sync || global.rank() == 0 {
-                flatten_unit(model, &parts, &layout)?
+                flatten_unit(model, &parts, &slot_layouts, &layout)?
             } else {
                 vec![0u8; layout.trained_shard * world * 4 + layout.frozen_shard * world]
             };
@@ -192,6 +231,19 @@ impl Sharded {
             engine.accounting.shard_bytes +=
                 layout.trained_range(rank).len() * 4 + layout.frozen_shard;
             engine.accounting.full_bytes += layout.full_bytes();
+            let owned = layout.frozen_range(rank);
+            for slot in &slot_layouts {
+                if let SlotLayout::Quantized { buffers, .. } = slot {
+                    for (_, index) in buffers {
+                        let entry = &layout.entries[*index];
+                        let end = entry.offset + entry.num_bytes();
+                        engine.accounting.quantized_full_bytes += entry.num_bytes();
+                        engine.accounting.quantized_shard_bytes += end
+                            .min(owned.end)
+                            .saturating_sub(entry.offset.max(owned.start));
+                    }
+                }
+            }
             engine.accounting.largest_unit_bytes = engine
                 .accounting
                 .largest_unit_bytes
@@ -200,6 +252,7 @@ impl Sharded {
                 frozen: frozen[frozen_range].to_vec(),
                 parts,
                 layout,
+                slots: slot_layouts,
                 pieces,
                 first_piece,
                 installed: None,
@@ -378,26 +431,55 @@ impl Sharded {
             frozen.extend_from_slice(f);
         }
         let mut installed = vec![None; layout.entries.len()];
-        let mut index = 0;
+        let mut slot_layouts = unit.slots.iter();
         for &part in &unit.parts {
             for (name, mut slot) in slots_of(model, part) {
-                let entry = &layout.entries[index];
-                debug_assert_eq!(entry.name, name);
-                if entry.trainable {
-                    let values = &trained[entry.offset..entry.offset + entry.numel()];
-                    let t = Tensor::from_slice(values, entry.shape.as_slice(), &self.device)?;
-                    installed[index] = slot.fill(t)?;
-                } else if with_frozen {
-                    let bytes = &frozen[entry.offset..entry.offset + entry.num_bytes()];
-                    let t = Tensor::from_raw_buffer(
-                        bytes,
-                        entry.dtype,
-                        entry.shape.as_slice(),
-                        &self.device,
-                    )?;
-                    slot.fill(t)?;
+                match slot_layouts.next().expect("one layout per slot") {
+                    SlotLayout::Tensor(index) => {
+                        let entry = &layout.entries[*index];
+                        debug_assert_eq!(entry.name, name);
+                        if entry.trainable {
+                            let values = &trained[entry.offset..entry.offset + entry.numel()];
+                            let t =
+                                Tensor::from_slice(values, entry.shape.as_slice(), &self.device)?;
+                            installed[*index] = slot.fill(t)?;
+                        } else if with_frozen {
+                            let bytes = &frozen[entry.offset..entry.offset + entry.num_bytes()];
+                            let t = Tensor::from_raw_buffer(
+                                bytes,
+                                entry.dtype,
+                                entry.shape.as_slice(),
+                                &self.device,
+                            )?;
+                            slot.fill(t)?;
+                        }
+                    }
+                    SlotLayout::Quantized {
+                        format,
+                        dims,
+                        buffers,
+                    } if with_frozen => {
+                        let raw = buffers
+                            .iter()
+                            .map(|(buffer, index)| {
+                                let entry = &layout.entries[*index];
+                                let bytes = &frozen[entry.offset..entry.offset + entry.num_bytes()];
+                                let raw = match entry.dtype {
+                                    DType::U8 => RawBuffer::U8(bytes.to_vec()),
+                                    _ => RawBuffer::F32(
+                                        bytes
+                                            .chunks_exact(4)
+                                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                                            .collect(),
+                                    ),
+                                };
+                                (buffer.clone(), raw)
+                            })
+                            .collect();
+                        slot.fill_quantized(QuantizedWeight::from_buffers(*format, *dims, raw)?);
+                    }
+                    SlotLayout::Quantized { .. } => {}
                 }
-                index += 1;
             }
         }
         let full = if with_frozen {
@@ -641,23 +723,44 @@ impl Residency for Sharded {
 
 /// Unit `parts`' tensors from the model, as the bytes of its padded trained buffer (float32)
 /// followed by its padded frozen buffer.
-fn flatten_unit(model: &mut CausalLm, parts: &[Part], layout: &UnitLayout) -> FsdpResult<Vec<u8>> {
+fn flatten_unit(
+    model: &mut CausalLm,
+    parts: &[Part],
+    slot_layouts: &[SlotLayout],
+    layout: &UnitLayout,
+) -> FsdpResult<Vec<u8>> {
     let world = layout.world_size;
     let mut trained = vec![0f32; layout.trained_shard * world];
     let mut frozen = vec![0u8; layout.frozen_shard * world];
-    let mut index = 0;
+    let mut slot_layouts = slot_layouts.iter();
     for &part in parts {
         for (_, slot) in slots_of(model, part) {
-            let entry = &layout.entries[index];
-            let t = slot.tensor();
-            if entry.trainable {
-                let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                trained[entry.offset..entry.offset + values.len()].copy_from_slice(&values);
-            } else {
-                let range: Range<usize> = entry.offset..entry.offset + entry.num_bytes();
-                frozen[range].copy_from_slice(&tensor_bytes(t)?);
+            match slot_layouts.next().expect("one layout per slot") {
+                SlotLayout::Tensor(index) => {
+                    let entry = &layout.entries[*index];
+                    let t = slot.tensor();
+                    if entry.trainable {
+                        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        trained[entry.offset..entry.offset + values.len()].copy_from_slice(&values);
+                    } else {
+                        let range: Range<usize> = entry.offset..entry.offset + entry.num_bytes();
+                        frozen[range].copy_from_slice(&tensor_bytes(t)?);
+                    }
+                }
+                SlotLayout::Quantized { buffers, .. } => {
+                    let q = slot.quantized().ok_or_else(|| {
+                        FsdpError::Config("a quantized weight changed kind while sharding".into())
+                    })?;
+                    for ((_, raw), (_, index)) in q.buffers()?.into_iter().zip(buffers) {
+                        let entry = &layout.entries[*index];
+                        let bytes: Vec<u8> = match raw {
+                            RawBuffer::U8(v) => v,
+                            RawBuffer::F32(v) => bytemuck::cast_slice(&v).to_vec(),
+                        };
+                        frozen[entry.offset..entry.offset + bytes.len()].copy_from_slice(&bytes);
+                    }
+                }
             }
-            index += 1;
         }
     }
     let mut out: Vec<u8> = bytemuck::cast_slice(&trained).to_vec();

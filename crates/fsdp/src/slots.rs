@@ -6,6 +6,7 @@
 use candle_core::{Device, Result, Tensor, Var};
 use ff_model::layers::{Attention, Mlp};
 use ff_model::linear::Linear;
+use ff_model::quant::QuantizedWeight;
 use ff_model::{CausalLm, DecoderLayer, Param};
 
 /// Where a step of the forward/backward walk is: the embedding, a decoder layer, or the head
@@ -30,6 +31,21 @@ impl Slot<'_> {
         match self {
             Slot::Param(p) => p.tensor(),
             Slot::Adapter(v) => v.as_tensor(),
+        }
+    }
+
+    /// The quantized weight in the slot, if it holds one (QLoRA's frozen base).
+    pub fn quantized(&self) -> Option<&QuantizedWeight> {
+        match self {
+            Slot::Param(p) => p.quantized(),
+            Slot::Adapter(_) => None,
+        }
+    }
+
+    /// Puts a quantized weight back into a slot that held one.
+    pub fn fill_quantized(&mut self, weight: QuantizedWeight) {
+        if let Slot::Param(p) = self {
+            **p = Param::Quantized(weight);
         }
     }
 

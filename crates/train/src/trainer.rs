@@ -77,6 +77,10 @@ pub struct MemoryReport {
     pub largest_unit_bytes: usize,
     /// The most parameter bytes gathered at one time.
     pub peak_gathered_bytes: usize,
+    /// Of `parameter_bytes`, quantized weights (QLoRA's base).
+    pub quantized_bytes: usize,
+    /// The whole model's quantized weight bytes.
+    pub model_quantized_bytes: usize,
 }
 
 /// What `train_results.json` holds.
@@ -539,6 +543,8 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
                 optimizer_bytes: optimizer_bytes(&optimizer.state),
                 largest_unit_bytes: a.largest_unit_bytes,
                 peak_gathered_bytes: a.peak_gathered_bytes,
+                quantized_bytes: a.quantized_shard_bytes,
+                model_quantized_bytes: a.quantized_full_bytes,
             })
         }
         Engine::Replicated(_) => None,

@@ -69,13 +69,15 @@ pub fn load_placeholder(
 pub fn report(rank: usize, memory: &MemoryReport) {
     // One write, so that the ranks' lines do not interleave on a shared terminal or pipe.
     let line = format!(
-        "fsdp rank {rank}: {} parameter bytes held of {} in the model, {} optimizer bytes, largest unit {} bytes, at most {} bytes gathered at once, peak RSS {} bytes\n",
+        "fsdp rank {rank}: {} parameter bytes held of {} in the model, {} optimizer bytes, largest unit {} bytes, at most {} bytes gathered at once, peak RSS {} bytes, {} quantized bytes held of {}\n",
         memory.parameter_bytes,
         memory.model_bytes,
         memory.optimizer_bytes,
         memory.largest_unit_bytes,
         memory.peak_gathered_bytes,
         peak_rss_bytes().unwrap_or(0),
+        memory.quantized_bytes,
+        memory.model_quantized_bytes,
     );
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
