@@ -521,3 +521,55 @@ fn qlora_under_full_shard_trains_like_one_process_with_half_the_quantized_bytes(
         );
     }
 }
+
+/// `launch` with the shipped FSDP example file, as a user runs it: float32 matches one process
+/// exactly; the file's own bf16 matches one bf16 process within bf16's rounding.
+#[test]
+fn launching_the_example_fsdp_file_trains_like_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job::new(dir.path());
+    let config = fixture_config(dir.path(), "");
+    let example = support::root().join("examples/accelerate/fsdp_config.yaml");
+    let example = example.to_str().unwrap();
+    let config_arg = config.to_str().unwrap();
+    for (name, precision, tolerance) in [("f32", "no", 1e-4), ("bf16", "bf16", 1e-2)] {
+        let one = format!("output_dir=one_{name}");
+        let bf16 = format!("bf16={}", name == "bf16");
+        single(&job, &config, &[&one, &bf16]);
+        let two = format!("output_dir=two_{name}");
+        let launched = job
+            .spawn(
+                &format!("launch_{name}"),
+                job.command(
+                    &[
+                        "launch",
+                        "--config_file",
+                        example,
+                        "--mixed_precision",
+                        precision,
+                        config_arg,
+                        &two,
+                        "per_device_train_batch_size=1",
+                    ],
+                    &[],
+                ),
+            )
+            .wait_until(Instant::now() + DEADLINE);
+        assert_success(&launched);
+        assert!(
+            launched.stderr.contains("fsdp rank 1:"),
+            "{}",
+            launched.stderr
+        );
+        let a = logged_losses(&dir.path().join(format!("one_{name}")));
+        let b = logged_losses(&dir.path().join(format!("two_{name}")));
+        assert_eq!(a.len(), b.len());
+        for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() / x <= tolerance,
+                "{name} step {}: {x} vs {y}",
+                step + 1
+            );
+        }
+    }
+}
