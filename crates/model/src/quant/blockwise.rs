@@ -114,9 +114,23 @@ impl FourBit {
         while i < end {
             let block = i / BLOCKSIZE;
             let block_end = ((block + 1) * BLOCKSIZE).min(end);
-            let amax = self.block_absmax(block);
-            out.extend((i..block_end).map(|k| code[code_index(packed, k) as usize] * amax));
-            i = block_end;
+            // The 16 products of this block, each the same float32 product as per value.
+            let absmax = self.block_absmax(block);
+            let value = code.map(|c| c * absmax);
+            if i % 2 == 1 {
+                out.push(value[(packed[i / 2] & 0x0F) as usize]);
+                i += 1;
+            }
+            while i + 1 < block_end {
+                let byte = packed[i / 2];
+                out.push(value[(byte >> 4) as usize]);
+                out.push(value[(byte & 0x0F) as usize]);
+                i += 2;
+            }
+            if i < block_end {
+                out.push(value[(packed[i / 2] >> 4) as usize]);
+                i += 1;
+            }
         }
     }
 }
@@ -147,16 +161,6 @@ impl DoubleQuantized {
     /// The absmax of 4-bit block `b`: `code[q] · absmax2 + offset`, in that order, in float32.
     pub fn decode(&self, b: usize) -> f32 {
         DYNAMIC_8BIT[self.codes[b] as usize] * self.absmax2[b / ABSMAX_BLOCKSIZE] + self.offset
-    }
-}
-
-/// The code index of value `i`.
-fn code_index(packed: &[u8], i: usize) -> u8 {
-    let byte = packed[i / 2];
-    if i % 2 == 0 {
-        byte >> 4
-    } else {
-        byte & 0x0F
     }
 }
 
