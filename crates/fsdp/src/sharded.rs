@@ -411,25 +411,25 @@ impl Sharded {
         gathered: &[u8],
         with_frozen: bool,
     ) -> FsdpResult<()> {
-        let world = self.shard_group.world_size();
         let unit = &self.units[u];
         let layout = &unit.layout;
         let trained_bytes = layout.trained_shard * 4;
         let per_rank = trained_bytes + if with_frozen { layout.frozen_shard } else { 0 };
-        let mut trained = Vec::with_capacity(layout.trained_shard * world);
-        let mut frozen = Vec::with_capacity(if with_frozen {
-            layout.frozen_shard * world
-        } else {
-            0
-        });
-        for chunk in gathered.chunks_exact(per_rank) {
-            let (t, f) = chunk.split_at(trained_bytes);
-            trained.extend(
-                t.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
-            frozen.extend_from_slice(f);
-        }
+        // An entry's bytes, collected from the rank-major gathered buffer without first copying
+        // the whole unit into one contiguous buffer (the root unit holds the embedding table).
+        let trained = |start: usize, len: usize| {
+            collect_span(gathered, per_rank, 0, trained_bytes, start * 4, len * 4)
+        };
+        let frozen = |start: usize, len: usize| {
+            collect_span(
+                gathered,
+                per_rank,
+                trained_bytes,
+                layout.frozen_shard,
+                start,
+                len,
+            )
+        };
         let mut installed = vec![None; layout.entries.len()];
         let mut slot_layouts = unit.slots.iter();
         for &part in &unit.parts {
@@ -439,14 +439,18 @@ impl Sharded {
                         let entry = &layout.entries[*index];
                         debug_assert_eq!(entry.name, name);
                         if entry.trainable {
-                            let values = &trained[entry.offset..entry.offset + entry.numel()];
-                            let t =
-                                Tensor::from_slice(values, entry.shape.as_slice(), &self.device)?;
+                            let bytes = trained(entry.offset, entry.numel());
+                            let t = Tensor::from_raw_buffer(
+                                &bytes,
+                                DType::F32,
+                                entry.shape.as_slice(),
+                                &self.device,
+                            )?;
                             installed[*index] = slot.fill(t)?;
                         } else if with_frozen {
-                            let bytes = &frozen[entry.offset..entry.offset + entry.num_bytes()];
+                            let bytes = frozen(entry.offset, entry.num_bytes());
                             let t = Tensor::from_raw_buffer(
-                                bytes,
+                                &bytes,
                                 entry.dtype,
                                 entry.shape.as_slice(),
                                 &self.device,
@@ -463,9 +467,9 @@ impl Sharded {
                             .iter()
                             .map(|(buffer, index)| {
                                 let entry = &layout.entries[*index];
-                                let bytes = &frozen[entry.offset..entry.offset + entry.num_bytes()];
+                                let bytes = frozen(entry.offset, entry.num_bytes());
                                 let raw = match entry.dtype {
-                                    DType::U8 => RawBuffer::U8(bytes.to_vec()),
+                                    DType::U8 => RawBuffer::U8(bytes),
                                     _ => RawBuffer::F32(
                                         bytes
                                             .chunks_exact(4)
@@ -766,6 +770,28 @@ fn flatten_unit(
     let mut out: Vec<u8> = bytemuck::cast_slice(&trained).to_vec();
     out.extend_from_slice(&frozen);
     Ok(out)
+}
+
+/// Bytes `start..start + len` of one region (trained or frozen) of a unit, from `gathered`,
+/// where each rank's `per_rank` bytes hold that region's `shard` bytes at `region_start`.
+fn collect_span(
+    gathered: &[u8],
+    per_rank: usize,
+    region_start: usize,
+    shard: usize,
+    start: usize,
+    len: usize,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut at = start;
+    while at < start + len {
+        let (rank, within) = (at / shard, at % shard);
+        let take = (shard - within).min(start + len - at);
+        let from = rank * per_rank + region_start + within;
+        out.extend_from_slice(&gathered[from..from + take]);
+        at += take;
+    }
+    out
 }
 
 /// The raw little-endian bytes of a tensor's elements.
