@@ -14,14 +14,14 @@ use crate::step::Trainables;
 
 pub enum Engine {
     Replicated(Trainables),
-    Sharded(Sharded),
+    Sharded(Box<Sharded>),
 }
 
 impl Engine {
     pub fn residency(&mut self) -> &mut dyn Residency {
         match self {
             Engine::Replicated(t) => t,
-            Engine::Sharded(s) => s,
+            Engine::Sharded(s) => s.as_mut(),
         }
     }
 

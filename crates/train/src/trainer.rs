@@ -292,14 +292,14 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
                 "sharded FSDP recomputes each unit in backward, so it needs gradient checkpointing: remove disable_gradient_checkpointing or set fsdp_activation_checkpointing: true".into(),
             ))
         }
-        Some(f) => Engine::Sharded(Sharded::wrap(
+        Some(f) => Engine::Sharded(Box::new(Sharded::wrap(
             model,
             ShardedSetup {
                 config: &f.config,
                 group: run.group,
                 local_world_size: f.local_world_size,
             },
-        )?),
+        )?)),
         None => Engine::Replicated(Trainables::of(model)),
     };
     let mut optimizer = AdamW::new(
