@@ -91,7 +91,7 @@ impl OpenWatch {
                         .split(|&b| b == 0)
                         .map(|v| String::from_utf8_lossy(v).into_owned())
                         .collect();
-                    if vars.iter().any(|v| *v == marker) {
+                    if vars.contains(&marker) {
                         let rank = vars
                             .iter()
                             .find_map(|v| v.strip_prefix("RANK="))
