@@ -4,6 +4,7 @@
 
 mod collectives;
 mod dp;
+mod fsdp;
 mod seeded_init;
 mod workers;
 
@@ -27,6 +28,9 @@ pub enum Bench {
     Collectives(collectives::CollectivesArgs),
     /// Tokens per second of data-parallel training against one process with as many threads.
     Dp(dp::DpArgs),
+    /// Tokens per second of FULL_SHARD (with and without prefetch) against one process with as
+    /// many threads, and the share of time ranks wait on communication.
+    Fsdp(fsdp::FsdpArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -70,6 +74,7 @@ pub fn run(bench: Bench) -> Result<()> {
         Bench::Step(args) => step(args),
         Bench::Collectives(args) => collectives::run(args),
         Bench::Dp(args) => dp::run(args),
+        Bench::Fsdp(args) => fsdp::run(args),
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::time::{Duration, Instant};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -71,6 +72,9 @@ pub struct Accounting {
     pub quantized_shard_bytes: usize,
     /// The whole model's quantized weight bytes.
     pub quantized_full_bytes: usize,
+    /// Time spent blocked on the engine's collectives: gathers the prefetch thread had not
+    /// finished, and reduce-scatters of gradients.
+    pub comm_wait: Duration,
 }
 
 pub struct Sharded {
@@ -299,7 +303,9 @@ impl Sharded {
                 None => flat.extend(std::iter::repeat_n(0f32, var.elem_count())),
             }
         }
+        let started = Instant::now();
         replicas.all_reduce_sum(&mut flat)?;
+        self.accounting.comm_wait += started.elapsed();
         let mut offset = 0;
         for (var, grad) in self.vars.iter().zip(self.grads.iter_mut()) {
             let n = var.elem_count();
@@ -518,6 +524,7 @@ impl Sharded {
     }
 
     fn gather(&mut self, model: &mut CausalLm, u: usize) -> FsdpResult<()> {
+        let started = Instant::now();
         let prefetched = match &mut self.prefetcher {
             Some(p) if p.pending() == Some(u) => p.finish()?.map(|(_, bytes)| bytes),
             _ => None,
@@ -531,6 +538,7 @@ impl Sharded {
                 full
             }
         };
+        self.accounting.comm_wait += started.elapsed();
         self.fill(model, u, &full, true)
     }
 
@@ -604,7 +612,9 @@ impl Sharded {
             .take()
             .unwrap_or_else(|| vec![0f32; unit.layout.trained_shard * world]);
         let mut shard = vec![0f32; unit.layout.trained_shard];
+        let started = Instant::now();
         self.shard_group.reduce_scatter_sum(&sum, &mut shard)?;
+        self.accounting.comm_wait += started.elapsed();
         for (i, piece) in unit.pieces.iter().enumerate() {
             let values = &shard[piece.in_shard.clone()];
             let g = Tensor::from_slice(values, values.len(), &self.device)?;

@@ -16,12 +16,23 @@ pub(super) const WORKER_TIMEOUT: Duration = Duration::from_secs(300);
 /// Runs this command again as `processes` workers on this machine, each with `threads` CPU
 /// threads, and returns what rank 0 reported.
 pub(super) fn run_as_workers(processes: usize, threads: usize, label: &str) -> Result<String> {
+    run_as_workers_with_args(processes, threads, label, &[])
+}
+
+/// [`run_as_workers`] with `extra` arguments added to the workers' command line.
+pub(super) fn run_as_workers_with_args(
+    processes: usize,
+    threads: usize,
+    label: &str,
+    extra: &[&str],
+) -> Result<String> {
     let program = std::env::current_exe().context("finding the ferrofactory executable")?;
     let report = std::env::temp_dir().join(format!(
         "ferrofactory-bench-{}-{label}.txt",
         std::process::id()
     ));
     let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    args.extend(extra.iter().map(OsString::from));
     args.extend(["--report-to".into(), report.clone().into_os_string()]);
     let threads = threads.to_string();
     let spec = LaunchSpec {
