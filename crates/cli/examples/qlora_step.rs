@@ -9,7 +9,8 @@
 //! cargo run --release -p ferrofactory --example qlora_step -- int8
 //! ```
 //!
-//! Optional further arguments: batch, sequence length, timed steps (defaults 4 256 3).
+//! Optional further arguments: batch, sequence length, timed steps (defaults 4 256 3), and
+//! `full-graph` to keep the whole graph instead of recomputing each layer in backward.
 
 use std::path::Path;
 use std::time::Instant;
@@ -89,7 +90,7 @@ fn main() -> Result<()> {
     };
     let options = StepOptions {
         max_grad_norm: Some(1.0),
-        gradient_checkpointing: true,
+        gradient_checkpointing: args.get(4).map(String::as_str) != Some("full-graph"),
     };
     let mut times = Vec::new();
     for i in 0..=steps {
@@ -113,7 +114,8 @@ fn main() -> Result<()> {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     println!(
-        "{kind:<11} frozen decoder Linears {:>7.1} MB   tokens/s {:>7.1}   peak RSS {:>7.1} MB",
+        "{kind:<11} checkpointing {:<5} frozen decoder Linears {:>7.1} MB   tokens/s {:>7.1}   peak RSS {:>7.1} MB",
+        options.gradient_checkpointing,
         frozen_linear_bytes as f64 / 1e6,
         (batch * seq) as f64 / median,
         peak_rss_mb()?
