@@ -142,7 +142,9 @@ fn int8_rows_round_trip_within_half_a_step() {
     for (row, (v, b)) in values.chunks(100).zip(back.chunks(100)).enumerate() {
         let absmax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
         for (x, y) in v.iter().zip(b) {
-            assert!((x - y).abs() <= absmax / 127.0 * 0.5 + 1e-7, "row {row}");
+            // Half a step, plus float16's rounding of the weight before quantization.
+            let bound = absmax / 127.0 * 0.5 + x.abs() / 2048.0 + 1e-7;
+            assert!((x - y).abs() <= bound, "row {row}");
         }
     }
 }

@@ -1,7 +1,8 @@
 //! 8-bit weights: each row scaled by its absmax to [-127, 127] and rounded (bitsandbytes'
-//! `int8_vectorwise_quant` without a threshold). This is plain row-wise absmax int8, not
-//! LLM.int8()'s mixed-precision decomposition: no outlier columns are kept in 16 bits, and the
-//! product runs on dequantized rows in the compute dtype.
+//! `int8_vectorwise_quant` without a threshold, on weights rounded to float16 first, as its
+//! `Int8Params` does). This is plain row-wise absmax int8, not LLM.int8()'s mixed-precision
+//! decomposition: no outlier columns are kept in 16 bits, and the product runs on dequantized
+//! rows in the compute dtype.
 
 /// The scales of `[rows, cols]` int8 codes (kept apart, as bytes in two's complement).
 #[derive(Clone, Debug, PartialEq)]
@@ -15,6 +16,10 @@ impl RowwiseInt8 {
     pub fn quantize(values: &[f32], cols: usize) -> (Vec<u8>, Self) {
         let mut codes = Vec::with_capacity(values.len());
         let mut row_absmax = Vec::with_capacity(values.len() / cols.max(1));
+        let values: Vec<f32> = values
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect();
         for row in values.chunks(cols.max(1)) {
             let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
             row_absmax.push(amax);
