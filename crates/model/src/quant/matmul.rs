@@ -134,4 +134,29 @@ mod tests {
         let (g, gd) = (grad.get(&x).unwrap(), grad_dense.get(&x).unwrap());
         assert!(diff(g, gd) < 1e-4, "{}", diff(g, gd));
     }
+
+    #[test]
+    fn half_precision_compute_follows_the_input_dtype() {
+        let device = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.02, (96, 128), &device).unwrap();
+        let q = QuantizedWeight::quantize(&w, QuantFormat::Int8Rowwise).unwrap();
+        let x32 = Tensor::randn(0f32, 1.0, (5, 128), &device).unwrap();
+        let y32 = q.matmul_t(&x32).unwrap();
+        for dtype in [DType::BF16, DType::F16] {
+            let x = Var::from_tensor(&x32.to_dtype(dtype).unwrap()).unwrap();
+            let y = q.matmul_t(x.as_tensor()).unwrap();
+            assert_eq!(y.dtype(), dtype);
+            let grads = y.sum_all().unwrap().backward().unwrap();
+            assert_eq!(grads.get(&x).unwrap().dtype(), dtype);
+            let err: f32 = (y.to_dtype(DType::F32).unwrap() - &y32)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(err < 0.05, "{dtype:?}: {err}");
+        }
+    }
 }
