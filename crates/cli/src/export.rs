@@ -39,7 +39,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
     let dtype = declared_dtype(&raw)?;
     let mut model = source.load(dtype, None)?;
     if let Some(adapter) = &args.adapter_name_or_path {
-        load_adapter(&mut model, Path::new(adapter))
+        load_adapter_or_shards(&mut model, Path::new(adapter))
             .with_context(|| format!("loading adapter_name_or_path {adapter}"))?;
         merge_lora(&mut model)?;
     }
@@ -100,6 +100,24 @@ fn refuse_prequantized(model_path: &Path, has_adapter: bool) -> Result<()> {
 }
 
 /// A fresh folder beside `dir`, so that the final rename stays on one filesystem.
+/// Loads a PEFT adapter folder, or a SHARDED_STATE_DICT checkpoint of a LoRA run (its shards
+/// joined into an adapter in a temporary folder first).
+fn load_adapter_or_shards(model: &mut ff_model::CausalLm, dir: &Path) -> Result<()> {
+    if ff_train::checkpoint::sharded_world_size(dir)?.is_none() {
+        load_adapter(model, dir)?;
+        return Ok(());
+    }
+    let joined = std::env::temp_dir().join(format!(
+        "ferrofactory-export-{}-adapter",
+        std::process::id()
+    ));
+    let loaded = ff_train::checkpoint::consolidate_sharded_adapter(dir, &joined)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| Ok(load_adapter(model, &joined)?));
+    let _ = std::fs::remove_dir_all(&joined);
+    loaded.map(|_| ())
+}
+
 fn temporary_sibling(dir: &Path) -> Result<PathBuf> {
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

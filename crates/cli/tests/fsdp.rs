@@ -326,6 +326,44 @@ fn a_sharded_state_dict_checkpoint_resumes_to_the_same_losses() {
     );
     assert!(diff < 1e-6, "adapters differ by {diff}");
 
+    // `export` joins the shards of checkpoint-2 into the adapter a FULL_STATE_DICT run of the
+    // same settings saved at step 2, and merges it the same.
+    let full_dict = FsdpConfig {
+        state_dict_type: StateDictType::FullStateDict,
+        ..settings.clone()
+    };
+    let mut full = vec!["output_dir=full_dict"];
+    full.extend(overrides);
+    two_workers(&job, "full_dict", &config, &full, &full_dict);
+    for (name, adapter) in [
+        ("from_shards", checkpoint.clone()),
+        ("from_full", dir.path().join("full_dict/checkpoint-2")),
+    ] {
+        let export_config = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &export_config,
+            format!(
+                "model_name_or_path: {}\nadapter_name_or_path: {}\nfinetuning_type: lora\ntemplate: empty\nexport_dir: {}\n",
+                support::root().join("testdata/tiny-llama").display(),
+                adapter.display(),
+                dir.path().join(name).display()
+            ),
+        )
+        .unwrap();
+        let exported = job
+            .spawn(
+                name,
+                job.command(&["export", export_config.to_str().unwrap()], &[]),
+            )
+            .wait_until(Instant::now() + DEADLINE);
+        assert_success(&exported);
+    }
+    let diff = largest_difference(
+        &dir.path().join("from_shards/model.safetensors"),
+        &dir.path().join("from_full/model.safetensors"),
+    );
+    assert!(diff < 1e-6, "exports differ by {diff}");
+
     // The same checkpoint cannot be resumed by another number of ranks.
     let finished = job
         .train(

@@ -276,6 +276,16 @@ impl Sharded {
         self.shard_group.as_ref()
     }
 
+    /// Every trained tensor's name and shape, on every rank.
+    pub fn trained_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.units
+            .iter()
+            .flat_map(|u| u.layout.entries.iter())
+            .filter(|e| e.trainable)
+            .map(|e| (e.name.clone(), e.shape.clone()))
+            .collect()
+    }
+
     /// A label per piece that says which elements of its tensor it holds (`name[start:end]`).
     pub fn piece_labels(&self) -> Vec<String> {
         let mut out = Vec::with_capacity(self.vars.len());

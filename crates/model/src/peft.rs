@@ -136,11 +136,31 @@ pub fn save_adapter(
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (name, var) in model.trainable_params() {
         if name.contains(".lora_") {
-            tensors.push((format!("{PEFT_PREFIX}{name}"), var.as_tensor().clone()));
+            tensors.push((name, var.as_tensor().clone()));
         }
     }
+    save_adapter_weights(&tensors, dir)?;
+    write_adapter_config(spec, base_model_name_or_path, dir)
+}
+
+/// Writes adapter tensors, named as [`CausalLm::trainable_params`] names them, as PEFT's
+/// `adapter_model.safetensors` in `dir`.
+pub fn save_adapter_weights(tensors: &[(String, Tensor)], dir: &Path) -> Result<()> {
+    let prefixed: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(name, t)| (format!("{PEFT_PREFIX}{name}"), t.clone()))
+        .collect();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    save_atomic(&tensors, Some(metadata), &dir.join(ADAPTER_WEIGHTS))?;
+    save_atomic(&prefixed, Some(metadata), &dir.join(ADAPTER_WEIGHTS))
+}
+
+/// Writes PEFT's `adapter_config.json` for `spec` in `dir`.
+pub fn write_adapter_config(
+    spec: &LoraSpec,
+    base_model_name_or_path: &str,
+    dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let config = json!({
         "alpha_pattern": {},
         "base_model_name_or_path": base_model_name_or_path,

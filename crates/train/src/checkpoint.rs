@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use ff_model::finetune::LoraSpec;
-use ff_model::peft::{load_adapter, save_adapter};
+use ff_model::peft::{load_adapter, save_adapter, save_adapter_weights};
 use ff_model::safetensors_io::{save_atomic, write_atomic, SafetensorsFiles};
 use ff_model::CausalLm;
 use serde::{Deserialize, Serialize};
@@ -182,6 +182,93 @@ pub fn save_shard(
     }
     let metadata = HashMap::from([("step".to_string(), optimizer.step.to_string())]);
     save_atomic(&tensors, Some(metadata), path)?;
+    Ok(())
+}
+
+/// Turns a SHARDED_STATE_DICT checkpoint of a LoRA run into a PEFT adapter folder `out`
+/// (`adapter_model.safetensors` and `adapter_config.json`), for `export` and for PEFT.
+pub fn consolidate_sharded_adapter(dir: &Path, out: &Path) -> TrainResult<()> {
+    let world = sharded_world_size(dir)?.ok_or_else(|| {
+        TrainError::Checkpoint(format!(
+            "{} is not a SHARDED_STATE_DICT checkpoint",
+            dir.display()
+        ))
+    })?;
+    let config = dir.join("adapter_config.json");
+    if !config.is_file() {
+        return Err(TrainError::Checkpoint(format!(
+            "{} holds sharded full-model weights, not an adapter; export the run's output_dir, which is always whole",
+            dir.display()
+        )));
+    }
+    let marker = dir.join(SHARDED_MARKER);
+    let text = std::fs::read_to_string(&marker).map_err(|e| TrainError::io(&marker, e))?;
+    let corrupt =
+        |what: &str| TrainError::Checkpoint(format!("{} is corrupt: {what}", marker.display()));
+    let value: Value = serde_json::from_str(&text).map_err(|_| corrupt("not JSON"))?;
+    let shapes = value
+        .get("tensors")
+        .and_then(Value::as_object)
+        .ok_or_else(|| corrupt("it lists no tensors"))?;
+    let mut full: HashMap<String, (Vec<usize>, Vec<f32>, usize)> = HashMap::new();
+    for (name, shape) in shapes {
+        let shape: Vec<usize> = serde_json::from_value(shape.clone())
+            .map_err(|_| corrupt("a tensor shape is not a list of sizes"))?;
+        let n = shape.iter().product();
+        full.insert(name.clone(), (shape, vec![0.0; n], 0));
+    }
+    for rank in 0..world {
+        let path = dir.join(shard_file(rank, world));
+        let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|_| {
+            TrainError::Checkpoint(format!(
+                "{} is corrupt: its header cannot be read",
+                path.display()
+            ))
+        })?;
+        for (key, view) in st.tensors() {
+            let Some(label) = key.strip_prefix("param.") else {
+                continue;
+            };
+            let bad = || {
+                TrainError::Checkpoint(format!(
+                    "{} holds `{key}`, which is not a piece of a listed tensor",
+                    path.display()
+                ))
+            };
+            let (name, range) = label.rsplit_once('[').ok_or_else(bad)?;
+            let (start, end) = range
+                .trim_end_matches(']')
+                .split_once(':')
+                .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+                .ok_or_else(bad)?;
+            let (_, values, filled) = full.get_mut(name).ok_or_else(bad)?;
+            let data = view.data();
+            if end > values.len() || start > end || data.len() != (end - start) * 4 {
+                return Err(bad());
+            }
+            for (v, b) in values[start..end].iter_mut().zip(data.chunks_exact(4)) {
+                *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+            *filled += end - start;
+        }
+    }
+    let mut tensors = Vec::with_capacity(full.len());
+    for (name, (shape, values, filled)) in full {
+        if filled != values.len() {
+            return Err(TrainError::Checkpoint(format!(
+                "{} is incomplete: the shard files hold {filled} of `{name}`'s {} values",
+                dir.display(),
+                values.len()
+            )));
+        }
+        tensors.push((name, Tensor::from_vec(values, shape, &Device::Cpu)?));
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    save_adapter_weights(&tensors, out)?;
+    std::fs::copy(&config, out.join("adapter_config.json"))
+        .map_err(|e| TrainError::io(&config, e))?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use ff_config::{FsdpConfig, ShardingStrategy, StateDictType, TrainArgs};
 use ff_dist::ProcessGroup;
 use ff_fsdp::{Residency, Sharded, ShardedSetup};
 use ff_model::dropout::derive_seed;
+use ff_model::peft::write_adapter_config;
 use ff_model::CausalLm;
 use serde_json::{json, Map, Value};
 
@@ -746,10 +747,23 @@ fn save_checkpoint(
         save_shard(&path, &s.piece_labels(), &values, &optimizer.state)?;
         run.group.barrier()?;
         if main {
+            let tensors: Map<String, Value> = s
+                .trained_shapes()
+                .into_iter()
+                .map(|(name, shape)| (name, json!(shape)))
+                .collect();
             write_json(
                 &tmp.join(SHARDED_MARKER),
-                &json!({"world_size": world, "state_dict_type": "SHARDED_STATE_DICT"}),
+                &json!({
+                    "world_size": world,
+                    "state_dict_type": "SHARDED_STATE_DICT",
+                    "tensors": tensors,
+                }),
             )?;
+            // The adapter's settings, so that the shards can be turned back into an adapter.
+            if let SavedWeights::Lora(spec) = &run.weights {
+                write_adapter_config(spec, &run.base_model, &tmp)?;
+            }
         }
     } else {
         gather_for_saving(model, engine, &run.weights)?;
