@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use ff_config::{AutoWrapPolicy, BackwardPrefetch, FsdpConfig, ShardingStrategy, StateDictType};
 use serde_json::Value;
-use support::{assert_success, fixture_config, logged_losses, Finished, Job};
+use support::{
+    assert_success, fixture_config, fsdp_reports, largest_difference, logged_losses, Finished, Job,
+};
 
 const DEADLINE: Duration = Duration::from_secs(240);
 
@@ -60,38 +62,6 @@ fn eval_losses(out: &Path) -> Vec<f64> {
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["eval_loss"].as_f64())
         .collect()
-}
-
-/// Largest absolute difference between the tensors of two safetensors files.
-fn largest_difference(a: &Path, b: &Path) -> f32 {
-    let read = |path: &Path| -> Vec<(String, Vec<f32>)> {
-        let bytes = std::fs::read(path).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut out: Vec<(String, Vec<f32>)> = st
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| {
-                let data = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect();
-                (name, data)
-            })
-            .collect();
-        out.sort_by(|x, y| x.0.cmp(&y.0));
-        out
-    };
-    let (ta, tb) = (read(a), read(b));
-    assert_eq!(ta.len(), tb.len(), "{} vs {}", a.display(), b.display());
-    ta.iter()
-        .zip(&tb)
-        .flat_map(|((na, va), (nb, vb))| {
-            assert_eq!(na, nb);
-            assert_eq!(va.len(), vb.len(), "{na}");
-            va.iter().zip(vb).map(|(x, y)| (x - y).abs())
-        })
-        .fold(0f32, f32::max)
 }
 
 fn fsdp(strategy: ShardingStrategy) -> FsdpConfig {
@@ -263,16 +233,7 @@ fn full_finetuning_under_sharding_trains_like_one_process() {
 /// Each rank's parameter and optimizer bytes are at most half the single-process figure plus
 /// one unit, by the engine's own accounting.
 fn assert_holds_half(stderr: &str) {
-    let reports: Vec<Vec<u64>> = stderr
-        .lines()
-        .filter(|l| l.starts_with("fsdp rank "))
-        .map(|l| {
-            l.split(|c: char| !c.is_ascii_digit())
-                .filter(|s| !s.is_empty())
-                .map(|s| s.parse().unwrap())
-                .collect()
-        })
-        .collect();
+    let reports = fsdp_reports(stderr);
     assert_eq!(reports.len(), 2, "{stderr}");
     // rank, parameter bytes held, model bytes, optimizer bytes, largest unit, ...
     let optimizer_total: u64 = reports.iter().map(|r| r[3]).sum();
@@ -536,18 +497,9 @@ fn qlora_under_full_shard_trains_like_one_process_with_half_the_quantized_bytes(
         &logged_losses(&dir.path().join("two")),
         "FSDP+QLoRA",
     );
-    let quantized: Vec<(u64, u64)> = finished
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("fsdp rank "))
-        .map(|l| {
-            let numbers: Vec<u64> = l
-                .split(|c: char| !c.is_ascii_digit())
-                .filter(|s| !s.is_empty())
-                .map(|s| s.parse().unwrap())
-                .collect();
-            (numbers[7], numbers[8])
-        })
+    let quantized: Vec<(u64, u64)> = fsdp_reports(&finished.stderr)
+        .iter()
+        .map(|numbers| (numbers[7], numbers[8]))
         .collect();
     assert_eq!(quantized.len(), 2, "{}", finished.stderr);
     for (held, total) in quantized {

@@ -157,18 +157,9 @@ fn full_shard_rank_1_peaks_near_half_of_one_process() {
         )
         .wait_until(deadline);
     assert_success(&two);
-    let reports: HashMap<u64, (u64, u64, u64, u64)> = two
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("fsdp rank "))
-        .map(|l| {
-            let n: Vec<u64> = l
-                .split(|c: char| !c.is_ascii_digit())
-                .filter(|s| !s.is_empty())
-                .map(|s| s.parse().unwrap())
-                .collect();
-            (n[0], (n[1], n[2], n[4], n[6]))
-        })
+    let reports: HashMap<u64, (u64, u64, u64, u64)> = support::fsdp_reports(&two.stderr)
+        .into_iter()
+        .map(|n| (n[0], (n[1], n[2], n[4], n[6])))
         .collect();
     // rank -> (parameter bytes held, model bytes, largest unit, peak RSS)
     let (held, model_bytes, largest_unit, rank1_peak) = reports[&1];

@@ -1,13 +1,12 @@
 //! The `ferrofactory` binary, run as a user runs it.
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use support::{fixture_config, free_port, largest_difference, logged_losses, root};
 
 fn ferrofactory(args: &[&str], dir: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ferrofactory"))
@@ -15,34 +14,6 @@ fn ferrofactory(args: &[&str], dir: &Path) -> Output {
         .current_dir(dir)
         .output()
         .expect("the binary runs")
-}
-
-/// A config that trains the tiny fixture from its initial adapter on a dataset whose one
-/// batch is the reference batch.
-fn fixture_config(dir: &Path, extra: &str) -> PathBuf {
-    let root = root();
-    let yaml = format!(
-        "model_name_or_path: {model}\nadapter_name_or_path: {adapter}\nstage: sft\nfinetuning_type: lora\n\
-         dataset: fixture_batch\ndataset_dir: {data}\ntemplate: empty\ncutoff_len: 64\n\
-         output_dir: {out}\nlogging_steps: 1\nsave_steps: 100\nper_device_train_batch_size: 2\n\
-         learning_rate: 1.0e-2\nlr_scheduler_type: constant\nmax_steps: 5\nmax_grad_norm: 1.0\n\
-         preprocessing_num_workers: 4\n{extra}",
-        model = root.join("testdata/tiny-llama").display(),
-        adapter = root.join("testdata/tiny-llama-lora-init").display(),
-        data = root.join("testdata/cli").display(),
-        out = dir.join("out").display(),
-    );
-    let path = dir.join("train.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    path
-}
-
-fn logged_losses(out: &Path) -> Vec<f64> {
-    std::fs::read_to_string(out.join("trainer_log.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
-        .collect()
 }
 
 #[test]
@@ -286,37 +257,6 @@ fn user_mistakes_are_one_sentence_and_touch_nothing() {
     );
 }
 
-/// Largest absolute difference between two adapters' tensors.
-fn adapter_difference(a: &Path, b: &Path) -> f32 {
-    let read = |dir: &Path| -> Vec<(String, Vec<f32>)> {
-        let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut out: Vec<(String, Vec<f32>)> = st
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| {
-                let data = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect();
-                (name, data)
-            })
-            .collect();
-        out.sort_by(|x, y| x.0.cmp(&y.0));
-        out
-    };
-    let (ta, tb) = (read(a), read(b));
-    assert_eq!(ta.len(), tb.len());
-    ta.iter()
-        .zip(&tb)
-        .flat_map(|((na, va), (nb, vb))| {
-            assert_eq!(na, nb);
-            va.iter().zip(vb).map(|(x, y)| (x - y).abs())
-        })
-        .fold(0f32, f32::max)
-}
-
 #[test]
 fn two_processes_with_half_the_batch_train_like_one() {
     let single = tempfile::tempdir().unwrap();
@@ -355,17 +295,12 @@ fn two_processes_with_half_the_batch_train_like_one() {
     for (step, (a, b)) in one.iter().zip(&two).enumerate() {
         assert!((a - b).abs() / a <= 1e-4, "step {}: {a} vs {b}", step + 1);
     }
-    let diff = adapter_difference(&single.path().join("out"), &double.path().join("out"));
+    let diff = largest_difference(
+        &single.path().join("out/adapter_model.safetensors"),
+        &double.path().join("out/adapter_model.safetensors"),
+    );
     // The tolerance the PyTorch reference adapter is held to: summation order differs across ranks.
     assert!(diff < 1e-4, "adapters differ by {diff}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Two launcher invocations on this machine acting as two nodes, with the node rank in

@@ -4,10 +4,8 @@
 //! tensor, and gathering puts the full tensor back. The model itself never knows.
 
 use candle_core::{Device, Result, Tensor, Var};
-use ff_model::layers::{Attention, Mlp};
-use ff_model::linear::Linear;
 use ff_model::quant::QuantizedWeight;
-use ff_model::{CausalLm, DecoderLayer, Param};
+use ff_model::{CausalLm, Param};
 
 /// Where a step of the forward/backward walk is: the embedding, a decoder layer, or the head
 /// (final norm and language-model head).
@@ -111,74 +109,14 @@ pub fn slots_of(model: &mut CausalLm, part: Part) -> Vec<(String, Slot<'_>)> {
         Part::Layer(i) => {
             let layer = &mut model.layers[i];
             let prefix = format!("model.layers.{}.", layer.index);
-            let DecoderLayer {
-                input_layernorm,
-                self_attn,
-                post_attention_layernorm,
-                mlp,
-                ..
-            } = layer;
-            let Attention {
-                q_proj,
-                k_proj,
-                v_proj,
-                o_proj,
-                q_norm,
-                k_norm,
-                ..
-            } = self_attn;
-            let Mlp {
-                gate_proj,
-                up_proj,
-                down_proj,
-            } = mlp;
-            let mut out: Vec<(String, Slot<'_>)> = vec![
-                (
-                    format!("{prefix}input_layernorm.weight"),
-                    Slot::Param(&mut input_layernorm.weight),
-                ),
-                (
-                    format!("{prefix}post_attention_layernorm.weight"),
-                    Slot::Param(&mut post_attention_layernorm.weight),
-                ),
-            ];
-            for (module, norm) in [("q_norm", q_norm), ("k_norm", k_norm)] {
-                if let Some(norm) = norm {
-                    out.push((
-                        format!("{prefix}self_attn.{module}.weight"),
-                        Slot::Param(&mut norm.weight),
-                    ));
-                }
-            }
-            let linears = [
-                ("self_attn.q_proj", q_proj),
-                ("self_attn.k_proj", k_proj),
-                ("self_attn.v_proj", v_proj),
-                ("self_attn.o_proj", o_proj),
-                ("mlp.gate_proj", gate_proj),
-                ("mlp.up_proj", up_proj),
-                ("mlp.down_proj", down_proj),
-            ];
-            for (module, linear) in linears {
-                let Linear {
-                    weight, bias, lora, ..
-                } = linear;
-                out.push((format!("{prefix}{module}.weight"), Slot::Param(weight)));
-                if let Some(bias) = bias {
-                    out.push((format!("{prefix}{module}.bias"), Slot::Param(bias)));
-                }
-                if let Some(lora) = lora {
-                    out.push((
-                        format!("{prefix}{module}.lora_A.weight"),
-                        Slot::Adapter(&mut lora.a),
-                    ));
-                    out.push((
-                        format!("{prefix}{module}.lora_B.weight"),
-                        Slot::Adapter(&mut lora.b),
-                    ));
-                }
-            }
-            out
+            let (params, adapters) = layer.params_and_adapters_mut();
+            let params = params
+                .into_iter()
+                .map(|(name, p)| (format!("{prefix}{name}"), Slot::Param(p)));
+            let adapters = adapters
+                .into_iter()
+                .map(|(name, v)| (format!("{prefix}{name}"), Slot::Adapter(v)));
+            params.chain(adapters).collect()
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The pieces of a llama-family decoder layer. One struct per layer, compute only; loading lives
 //! in `load.rs` and adapters in `finetune.rs`.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::dropout::derive_seed;
@@ -225,6 +225,9 @@ impl Mlp {
     }
 }
 
+/// A layer's parameters and LoRA matrices, each under its name relative to the layer.
+pub type ParamsAndAdapters<'a> = (Vec<(String, &'a mut Param)>, Vec<(String, &'a mut Var)>);
+
 #[derive(Clone, Debug)]
 pub struct DecoderLayer {
     pub index: usize,
@@ -266,6 +269,13 @@ impl DecoderLayer {
     /// Every parameter of the layer under its Hugging Face name relative to the layer
     /// (`self_attn.q_proj.weight`, `input_layernorm.weight`, ...), adapters excluded.
     pub fn params_mut(&mut self) -> Vec<(String, &mut Param)> {
+        self.params_and_adapters_mut().0
+    }
+
+    /// [`DecoderLayer::params_mut`], and beside it every LoRA matrix under its PEFT name
+    /// relative to the layer (`self_attn.q_proj.lora_A.weight`), for code that must reach both
+    /// at once (sharding empties and refills them).
+    pub fn params_and_adapters_mut(&mut self) -> ParamsAndAdapters<'_> {
         let DecoderLayer {
             input_layernorm,
             self_attn,
@@ -273,13 +283,14 @@ impl DecoderLayer {
             mlp,
             ..
         } = self;
-        let mut out: Vec<(String, &mut Param)> = vec![
+        let mut params: Vec<(String, &mut Param)> = vec![
             ("input_layernorm.weight".into(), &mut input_layernorm.weight),
             (
                 "post_attention_layernorm.weight".into(),
                 &mut post_attention_layernorm.weight,
             ),
         ];
+        let mut adapters: Vec<(String, &mut Var)> = Vec::new();
         let Attention {
             q_proj,
             k_proj,
@@ -295,10 +306,10 @@ impl DecoderLayer {
             down_proj,
         } = mlp;
         if let Some(n) = q_norm {
-            out.push(("self_attn.q_norm.weight".into(), &mut n.weight));
+            params.push(("self_attn.q_norm.weight".into(), &mut n.weight));
         }
         if let Some(n) = k_norm {
-            out.push(("self_attn.k_norm.weight".into(), &mut n.weight));
+            params.push(("self_attn.k_norm.weight".into(), &mut n.weight));
         }
         let linears = [
             ("self_attn.q_proj", q_proj),
@@ -310,12 +321,19 @@ impl DecoderLayer {
             ("mlp.down_proj", down_proj),
         ];
         for (name, linear) in linears {
-            out.push((format!("{name}.weight"), &mut linear.weight));
-            if let Some(b) = &mut linear.bias {
-                out.push((format!("{name}.bias"), b));
+            let Linear {
+                weight, bias, lora, ..
+            } = linear;
+            params.push((format!("{name}.weight"), weight));
+            if let Some(b) = bias {
+                params.push((format!("{name}.bias"), b));
+            }
+            if let Some(lora) = lora {
+                adapters.push((format!("{name}.lora_A.weight"), &mut lora.a));
+                adapters.push((format!("{name}.lora_B.weight"), &mut lora.b));
             }
         }
-        out
+        (params, adapters)
     }
 }
 

@@ -460,17 +460,8 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
                 "epoch" => epoch_end,
                 _ => false,
             };
-        // Replicated evaluation involves no collective, so rank 0 alone runs it and the others
-        // wait at the next step's first collective; sharded evaluation gathers, so all run it.
-        let sharded = matches!(engine, Engine::Sharded(_));
-        let eval_loss = if eval_now && (main || sharded) {
-            Some(evaluate(
-                model,
-                engine.residency(),
-                run.eval,
-                args,
-                run.pad_token_id,
-            )?)
+        let eval_loss = if eval_now {
+            evaluate_where_needed(model, &mut engine, &run)?
         } else {
             None
         };
@@ -681,6 +672,28 @@ fn append_log_line(out: &Path, line: &Value) -> TrainResult<()> {
     writeln!(file, "{line}").map_err(|e| TrainError::io(&path, e))
 }
 
+/// The evaluation loss on the ranks that compute it: replicated evaluation involves no
+/// collective, so rank 0 alone runs it and the others wait at their next collective; sharded
+/// evaluation gathers units, so every rank runs it. `None` on ranks that do not evaluate.
+fn evaluate_where_needed(
+    model: &mut CausalLm,
+    engine: &mut Engine,
+    run: &Run<'_>,
+) -> TrainResult<Option<f64>> {
+    let sharded = matches!(engine, Engine::Sharded(_));
+    if run.group.rank() != 0 && !sharded {
+        return Ok(None);
+    }
+    let loss = evaluate(
+        model,
+        engine.residency(),
+        run.eval,
+        run.args,
+        run.pad_token_id,
+    )?;
+    Ok(Some(loss))
+}
+
 /// Hugging Face's evaluation loss: each batch's mean token NLL, averaged over examples.
 fn evaluate(
     model: &mut CausalLm,
@@ -828,15 +841,8 @@ fn write_final_outputs(
     if args.save_strategy != "no" {
         save_checkpoint(model, run, engine, optimizer, state, full_names)?;
     }
-    let sharded = matches!(engine, Engine::Sharded(_));
-    let final_eval = if eval_enabled && (main || sharded) {
-        Some(evaluate(
-            model,
-            engine.residency(),
-            run.eval,
-            args,
-            run.pad_token_id,
-        )?)
+    let final_eval = if eval_enabled {
+        evaluate_where_needed(model, engine, run)?
     } else {
         None
     };

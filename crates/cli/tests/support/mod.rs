@@ -71,6 +71,55 @@ pub fn logged_losses(out: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// Largest absolute difference between the float32 tensors of two safetensors files, which
+/// must hold the same names and shapes.
+pub fn largest_difference(a: &Path, b: &Path) -> f32 {
+    let read = |path: &Path| -> Vec<(String, Vec<f32>)> {
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut out: Vec<(String, Vec<f32>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                let data = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                (name, data)
+            })
+            .collect();
+        out.sort_by(|x, y| x.0.cmp(&y.0));
+        out
+    };
+    let (ta, tb) = (read(a), read(b));
+    assert_eq!(ta.len(), tb.len(), "{} vs {}", a.display(), b.display());
+    ta.iter()
+        .zip(&tb)
+        .flat_map(|((na, va), (nb, vb))| {
+            assert_eq!(na, nb);
+            assert_eq!(va.len(), vb.len(), "{na}");
+            va.iter().zip(vb).map(|(x, y)| (x - y).abs())
+        })
+        .fold(0f32, f32::max)
+}
+
+/// The numbers of each `fsdp rank R: …` line a sharded run prints, in order: rank, parameter
+/// bytes held, model bytes, optimizer bytes, largest unit, peak gathered, peak RSS, quantized
+/// bytes held, model quantized bytes.
+pub fn fsdp_reports(stderr: &str) -> Vec<Vec<u64>> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("fsdp rank "))
+        .map(|l| {
+            l.split(|c: char| !c.is_ascii_digit())
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
 /// A port nothing listens on right now (the OS picks it).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
