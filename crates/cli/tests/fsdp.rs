@@ -325,6 +325,20 @@ fn a_sharded_state_dict_checkpoint_resumes_to_the_same_losses() {
     );
     assert!(diff < 1e-6, "exports differ by {diff}");
 
+    // A FULL_STATE_DICT checkpoint (whole moments) resumes under sharding to the same losses.
+    let resume_full = format!(
+        "resume_from_checkpoint={}",
+        dir.path().join("full_dict/checkpoint-2").display()
+    );
+    let mut resumed_full = vec!["output_dir=resumed_full", resume_full.as_str()];
+    resumed_full.extend(overrides);
+    two_workers(&job, "resumed_full", &config, &resumed_full, &full_dict);
+    assert_same_losses(
+        &logged_losses(&dir.path().join("full_dict"))[2..],
+        &logged_losses(&dir.path().join("resumed_full")),
+        "steps 3 to 5 after resuming a FULL_STATE_DICT checkpoint",
+    );
+
     // The same checkpoint cannot be resumed by another number of ranks.
     let finished = job
         .train(
@@ -370,7 +384,7 @@ fn four_example_dataset(dir: &Path) -> std::path::PathBuf {
 }
 
 #[test]
-fn hybrid_shard_on_two_nodes_of_two_processes_trains_like_one_process() {
+fn hybrid_shard_on_two_nodes_and_accumulation_train_like_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let job = Job::new(dir.path());
     let data = four_example_dataset(dir.path());
@@ -421,6 +435,26 @@ fn hybrid_shard_on_two_nodes_of_two_processes_trains_like_one_process() {
         &logged_losses(&dir.path().join("one")),
         &logged_losses(&dir.path().join("hybrid")),
         "HYBRID_SHARD",
+    );
+
+    // Gradient accumulation under FULL_SHARD: 2 ranks x batch 1 x 2 micro-batches.
+    two_workers(
+        &job,
+        "accumulated",
+        &config,
+        &[
+            "output_dir=accumulated",
+            &data_dir,
+            "per_device_train_batch_size=1",
+            "gradient_accumulation_steps=2",
+            "max_steps=3",
+        ],
+        &fsdp(ShardingStrategy::FullShard),
+    );
+    assert_same_losses(
+        &logged_losses(&dir.path().join("one")),
+        &logged_losses(&dir.path().join("accumulated")),
+        "FULL_SHARD with gradient accumulation",
     );
 }
 
