@@ -2,6 +2,7 @@
 
 mod bench;
 mod config_cmd;
+mod cpu_threads;
 mod data;
 mod env_cmd;
 mod export;
@@ -69,6 +70,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    cpu_threads::shorten_idle_spin();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train { config, overrides } => train::run(&config, &overrides),

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dropout;
 pub mod error;
 pub mod finetune;
+pub mod frozen_product;
 pub mod gguf;
 pub mod hf_export;
 pub mod layers;

@@ -3,6 +3,7 @@
 use candle_core::{DType, Result, Tensor, Var};
 
 use crate::dropout::{derive_seed, dropout};
+use crate::frozen_product::matmul_frozen_t;
 use crate::param::Param;
 
 /// `y = x Wᵀ + b`, plus `scale · B(A(dropout(x)))` when an adapter is attached.
@@ -47,7 +48,8 @@ impl Linear {
         let x2 = x.reshape((rows, self.in_features()))?;
         let mut y = match &self.weight {
             Param::Quantized(q) => q.matmul_t(&x2)?,
-            dense => x2.matmul(&dense.in_dtype(dtype)?.t()?)?,
+            Param::Frozen(w) => matmul_frozen_t(&x2, &w.to_dtype(dtype)?)?,
+            Param::Trainable(w) => x2.matmul(&w.as_tensor().to_dtype(dtype)?.t()?)?,
         };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(&bias.in_dtype(dtype)?)?;

@@ -5,6 +5,7 @@
 //! float32 logits of a batch the largest tensor of the whole step.
 
 use candle_core::{backprop::GradStore, DType, Result, Tensor, Var, D};
+use ff_model::frozen_product::matmul_frozen_t;
 use ff_model::CausalLm;
 
 use crate::batch::{Batch, IGNORE_INDEX};
@@ -67,6 +68,7 @@ pub fn head_forward_backward(
     let rows = Tensor::new(positions.rows.as_slice(), device)?;
     let selected = flat.index_select(&rows, 0)?;
     let head = model.lm_head_weight().in_dtype(model.dtype)?;
+    let head_trains = model.lm_head_weight().is_trainable();
     let vocab = model.config.vocab_size;
     let chunk = (CHUNK_ELEMENTS / vocab).max(1);
 
@@ -76,11 +78,13 @@ pub fn head_forward_backward(
         let len = chunk.min(n - start);
         let x = Var::from_tensor(&selected.narrow(0, start, len)?)?;
         let targets = Tensor::new(&positions.targets[start..start + len], device)?.unsqueeze(1)?;
-        let logits = model
-            .norm
-            .forward(x.as_tensor())?
-            .matmul(&head.t()?)?
-            .to_dtype(DType::F32)?;
+        let normed = model.norm.forward(x.as_tensor())?;
+        let logits = if head_trains {
+            normed.matmul(&head.t()?)?
+        } else {
+            matmul_frozen_t(&normed, &head)?
+        }
+        .to_dtype(DType::F32)?;
 
         // Softmax statistics are constants of the surrogate below, so they stay out of the graph.
         let plain = logits.detach();
