@@ -5,6 +5,7 @@
 mod collectives;
 mod dp;
 mod fsdp;
+mod profile;
 mod seeded_init;
 mod workers;
 
@@ -18,7 +19,9 @@ use ff_dist::ProcessGroup;
 use ff_model::finetune::{apply_lora, make_all_trainable, LoraSpec};
 use ff_model::load::from_tensors;
 use ff_model::{CausalLm, ModelConfig};
-use ff_train::{train_step, AdamW, AdamWConfig, Batch, Engine, StepOptions, Trainables};
+use ff_train::{
+    train_step, AdamW, AdamWConfig, Batch, Engine, StepOptions, StepPhases, Trainables,
+};
 
 #[derive(Subcommand)]
 pub enum Bench {
@@ -136,6 +139,7 @@ impl Workload {
         group: &dyn ProcessGroup,
     ) -> Result<Timings> {
         let mut times = Vec::with_capacity(steps);
+        let mut phases = Vec::with_capacity(steps);
         let mut last_loss = f64::NAN;
         for i in 0..=steps {
             let start = Instant::now();
@@ -153,6 +157,7 @@ impl Workload {
             last_loss = stats.loss;
             if i > 0 {
                 times.push(seconds);
+                phases.push(stats.phases);
             }
             if group.rank() == 0 {
                 eprintln!(
@@ -164,6 +169,7 @@ impl Workload {
         }
         Ok(Timings {
             seconds: times,
+            phases,
             last_loss,
         })
     }
@@ -172,6 +178,8 @@ impl Workload {
 struct Timings {
     /// Of each timed step.
     seconds: Vec<f64>,
+    /// The phases of each timed step, as the step measured them.
+    phases: Vec<StepPhases>,
     /// The loss of the last step, the same on every rank.
     last_loss: f64,
 }
@@ -220,11 +228,14 @@ fn step(args: StepArgs) -> Result<()> {
         max_grad_norm: Some(1.0),
         gradient_checkpointing: !args.no_gradient_checkpointing,
     };
-    let times = workload
-        .timed_steps(&batch, args.steps, options, &ff_dist::SingleProcessGroup)?
-        .seconds;
-    let measured = times.len();
-    let median = median(times);
+    let timings =
+        workload.timed_steps(&batch, args.steps, options, &ff_dist::SingleProcessGroup)?;
+    let measured = timings.seconds.len();
+    // The step whose time is the median (as `median` picks it), so its phases add up to it.
+    let mut order: Vec<usize> = (0..measured).collect();
+    order.sort_by(|&a, &b| timings.seconds[a].total_cmp(&timings.seconds[b]));
+    let median_step = order[measured / 2];
+    let median = timings.seconds[median_step];
     let tokens = (args.batch * args.seq) as f64;
     println!("model           {}", args.model_config.display());
     println!(
@@ -252,7 +263,16 @@ fn step(args: StepArgs) -> Result<()> {
     println!("median step     {median:.3} s over {measured} steps");
     println!("tokens/s        {:.1}", tokens / median);
     println!("peak RSS        {}", peak_rss()?);
-    Ok(())
+    let shape = profile::StepShape {
+        config: &workload.model.config,
+        batch: args.batch,
+        seq: args.seq,
+        dtype,
+        finetuning: args.finetuning,
+        lora_rank: args.lora_rank,
+        gradient_checkpointing: options.gradient_checkpointing,
+    };
+    profile::print(&shape, &timings.phases[median_step], median)
 }
 
 /// Peak resident set size of this process, from the kernel's high-water mark.

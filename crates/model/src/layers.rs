@@ -175,31 +175,35 @@ impl Attention {
             .rope
             .apply(&heads(&self.k_proj, nkv, 2, &self.k_norm)?)?;
         let v = heads(&self.v_proj, nkv, 3, &None)?;
-
-        // Grouped-query attention without copying keys: the `groups` query heads that share a
-        // key-value head are stacked along the sequence axis.
-        let groups = nh / nkv;
-        let q = q.reshape((batch, nkv, groups * seq, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q
-            .matmul(&k.t()?)?
-            .affine(scale, 0.0)?
-            .to_dtype(DType::F32)?
-            .reshape((batch, nkv, groups, seq, seq))?
-            .broadcast_add(&ctx.mask)?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(x.dtype())?.reshape((
-            batch,
-            nkv,
-            groups * seq,
-            seq,
-        ))?;
-        let out = probs
-            .matmul(&v)?
-            .reshape((batch, nh, seq, hd))?
+        let out = scaled_dot_product(&q, &k, &v, &ctx.mask)?
             .transpose(1, 2)?
             .reshape((batch, seq, nh * hd))?;
         self.o_proj.forward(&out, derive_seed(seed, 4))
     }
+}
+
+/// Attention of `q` `[batch, heads, seq, head_dim]` over `k` and `v` `[batch, kv_heads, seq,
+/// head_dim]` under the additive `mask` of [`ForwardCtx`]; returns `[batch, heads, seq, head_dim]`.
+/// Scores and softmax are in float32.
+pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (batch, nh, seq, hd) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    // Grouped-query attention without copying keys: the `groups` query heads that share a
+    // key-value head are stacked along the sequence axis.
+    let groups = nh / nkv;
+    let q = q.reshape((batch, nkv, groups * seq, hd))?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let scores = q
+        .matmul(&k.t()?)?
+        .affine(scale, 0.0)?
+        .to_dtype(DType::F32)?
+        .reshape((batch, nkv, groups, seq, seq))?
+        .broadcast_add(mask)?;
+    let probs =
+        softmax_last_dim(&scores)?
+            .to_dtype(q.dtype())?
+            .reshape((batch, nkv, groups * seq, seq))?;
+    probs.matmul(v)?.reshape((batch, nh, seq, hd))
 }
 
 /// Softmax from differentiable primitives (candle's fused one has no backward).

@@ -8,6 +8,7 @@
 //! walk: a unit is gathered before its forward or recomputation and its gradients reduced after.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use candle_core::{backprop::GradStore, Result, Tensor, TensorId, Var};
 use ff_dist::ProcessGroup;
@@ -154,6 +155,29 @@ pub fn forward_backward(
     gradient_checkpointing: bool,
     dropout_seed: u64,
 ) -> TrainResult<f64> {
+    let mut phases = StepPhases::default();
+    forward_backward_timed(
+        model,
+        params,
+        batch,
+        loss_denominator,
+        gradient_checkpointing,
+        dropout_seed,
+        &mut phases,
+    )
+}
+
+/// [`forward_backward`] that adds the time of its phases to `phases`.
+fn forward_backward_timed(
+    model: &mut CausalLm,
+    params: &mut dyn Residency,
+    batch: &Batch,
+    loss_denominator: f64,
+    gradient_checkpointing: bool,
+    dropout_seed: u64,
+    phases: &mut StepPhases,
+) -> TrainResult<f64> {
+    let mut clock = Instant::now();
     let ctx = ForwardCtx::new(
         &model.config,
         &batch.attention_mask,
@@ -169,6 +193,7 @@ pub fn forward_backward(
     let embedded = model.embed(&input_ids)?;
     params.leave(model, Part::Embed, Pass::Forward)?;
     let num_layers = model.layers.len();
+    phases.embedding += lap(&mut clock);
 
     let nll_sum = if gradient_checkpointing {
         let mut saved = Vec::with_capacity(num_layers + 1);
@@ -180,8 +205,10 @@ pub fn forward_backward(
             params.leave(model, Part::Layer(i), Pass::Forward)?;
             saved.push(y);
         }
+        phases.layers_forward += lap(&mut clock);
         let top = saved.pop().expect("holds the last layer's output");
         let head = head_backward(model, params, &top, &positions, loss_denominator)?;
+        phases.head += lap(&mut clock);
         let mut grad = head.grad_hidden;
         let lowest = if extent.embedding {
             0
@@ -209,6 +236,7 @@ pub fn forward_backward(
                 };
             }
         }
+        phases.layers_backward += lap(&mut clock);
         if extent.embedding {
             // Recomputed like the layers: a sharded engine has put a fresh embedding table in
             // the model since the forward pass.
@@ -216,6 +244,7 @@ pub fn forward_backward(
             let store = (model.embed(&input_ids)? * &grad)?.sum_all()?.backward()?;
             params.add_grads(Part::Embed, &store)?;
             params.leave(model, Part::Embed, Pass::Backward)?;
+            phases.embedding += lap(&mut clock);
         }
         head.nll_sum
     } else {
@@ -225,9 +254,12 @@ pub fn forward_backward(
         for i in 0..num_layers {
             x = model.layers[i].forward(&x, &ctx)?;
         }
+        phases.layers_forward += lap(&mut clock);
         let head = head_backward(model, params, &x.detach(), &positions, loss_denominator)?;
+        phases.head += lap(&mut clock);
         let store = (x * head.grad_hidden)?.sum_all()?.backward()?;
         params.add_grads(Part::Layer(0), &store)?;
+        phases.layers_backward += lap(&mut clock);
         head.nll_sum
     };
     params.end(model)?;
@@ -265,6 +297,44 @@ pub struct StepStats {
     /// Global L2 norm of the gradients before clipping.
     pub grad_norm: f64,
     pub num_label_tokens: usize,
+    pub phases: StepPhases,
+}
+
+/// Wall time of a step's phases, for the benchmark's profile (a few clock reads per layer).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepPhases {
+    /// Embedding lookup, and its backward when the embedding trains.
+    pub embedding: Duration,
+    /// The decoder layers' forward pass.
+    pub layers_forward: Duration,
+    /// Final norm, LM head and loss, forward and backward.
+    pub head: Duration,
+    /// The decoder layers' backward, recomputation included.
+    pub layers_backward: Duration,
+    /// Collectives: token counts and gradient reduction (a sharded engine's gathers are in the
+    /// layer phases).
+    pub communication: Duration,
+    /// Gradient norm, clipping and the AdamW update.
+    pub optimizer: Duration,
+}
+
+impl StepPhases {
+    pub fn total(&self) -> Duration {
+        self.embedding
+            + self.layers_forward
+            + self.head
+            + self.layers_backward
+            + self.communication
+            + self.optimizer
+    }
+}
+
+/// Time since `clock`, which restarts.
+fn lap(clock: &mut Instant) -> Duration {
+    let now = Instant::now();
+    let elapsed = now - *clock;
+    *clock = now;
+    elapsed
 }
 
 /// Settings of the step that do not change from one step to the next.
@@ -290,11 +360,14 @@ pub fn train_step(
     dropout_seed: u64,
     group: &dyn ProcessGroup,
 ) -> TrainResult<StepStats> {
+    let mut phases = StepPhases::default();
+    let mut clock = Instant::now();
     let mut tokens = [micro_batches
         .iter()
         .map(Batch::num_label_tokens)
         .sum::<usize>() as f64];
     group.all_reduce_sum_f64(&mut tokens)?;
+    phases.communication += lap(&mut clock);
     let num_label_tokens = tokens[0] as usize;
     let denominator = num_label_tokens.max(1) as f64;
     engine.zero_grads();
@@ -307,19 +380,22 @@ pub fn train_step(
             (true, Engine::Replicated(_)) => continue,
             (true, Engine::Sharded(_)) => &placeholder,
         };
-        nll_sum += forward_backward(
+        nll_sum += forward_backward_timed(
             model,
             engine.residency(),
             batch,
             denominator,
             options.gradient_checkpointing,
             crate::seed_for(dropout_seed, i as u64),
+            &mut phases,
         )?;
     }
+    clock = Instant::now();
     engine.reduce_grads(group)?;
     let mut nll = [nll_sum];
     group.all_reduce_sum_f64(&mut nll)?;
     let nll_sum = nll[0];
+    phases.communication += lap(&mut clock);
     let grad_norm = engine.grad_norm()?;
     if let Some(max_norm) = options.max_grad_norm {
         crate::optim::clip_grads(engine.grads_mut(), grad_norm, max_norm)?;
@@ -327,10 +403,12 @@ pub fn train_step(
     let grads = std::mem::take(engine.grads_mut());
     optimizer.step(engine.vars(), &grads, lr)?;
     *engine.grads_mut() = grads;
+    phases.optimizer += lap(&mut clock);
     Ok(StepStats {
         loss: nll_sum / denominator,
         grad_norm,
         num_label_tokens,
+        phases,
     })
 }
 

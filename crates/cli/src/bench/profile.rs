@@ -1,0 +1,261 @@
+//! Where a training step's time goes, and how far it is from the float32 limit.
+//!
+//! The step times its own phases (embedding, layers forward, head, layers backward,
+//! communication, optimizer). Inside the layers, the Linear products and the attention core are
+//! timed apart here on one layer's shapes and scaled to every layer and pass; what is left of
+//! the layers' time is elementwise work (norms, rotary embedding, activations, residuals, casts,
+//! copies and autograd's bookkeeping). The float32 limit is the step's FLOP count at the speed
+//! candle's float32 matrix product reaches on a 2048³ product in the same run.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use ff_model::frozen_product::matmul_frozen_t;
+use ff_model::layers::scaled_dot_product;
+use ff_model::{ForwardCtx, ModelConfig};
+use ff_train::StepPhases;
+
+use super::{median, Finetuning};
+
+/// Repetitions of each separately timed piece; the median counts.
+const REPEATS: usize = 3;
+
+/// What the step is: its shape, precision and kind of fine-tuning.
+pub struct StepShape<'a> {
+    pub config: &'a ModelConfig,
+    pub batch: usize,
+    pub seq: usize,
+    pub dtype: DType,
+    pub finetuning: Finetuning,
+    pub lora_rank: usize,
+    pub gradient_checkpointing: bool,
+}
+
+/// `(in, out)` of every Linear of one decoder layer.
+fn linear_shapes(c: &ModelConfig) -> [(usize, usize); 7] {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let q = c.num_attention_heads * c.head_dim;
+    let kv = c.num_key_value_heads * c.head_dim;
+    [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+}
+
+impl StepShape<'_> {
+    fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+
+    fn lora(&self) -> bool {
+        self.finetuning == Finetuning::Lora
+    }
+
+    /// FLOPs per token of the Linears of all layers: forward and input gradient, plus the
+    /// weight gradient when weights train; LoRA adds its adapters (forward, input and weight
+    /// gradients). Recomputation is not counted: it is work the limit does not require.
+    fn linear_flops_per_token(&self) -> f64 {
+        let passes = if self.lora() { 2.0 } else { 3.0 };
+        let per_layer: f64 = linear_shapes(self.config)
+            .iter()
+            .map(|&(i, o)| {
+                let adapter = if self.lora() {
+                    6.0 * (self.lora_rank * (i + o)) as f64
+                } else {
+                    0.0
+                };
+                passes * 2.0 * (i * o) as f64 + adapter
+            })
+            .sum();
+        per_layer * self.config.num_hidden_layers as f64
+    }
+
+    /// Causal attention's products (half the square), forward and backward.
+    fn attention_flops_per_token(&self) -> f64 {
+        let c = self.config;
+        let forward = 2.0 * (c.num_attention_heads * c.head_dim * self.seq) as f64;
+        3.0 * forward * c.num_hidden_layers as f64
+    }
+
+    /// The LM head: forward and input gradient, and the weight gradient when it trains.
+    fn head_flops_per_token(&self) -> f64 {
+        let passes = if self.lora() { 2.0 } else { 3.0 };
+        passes * 2.0 * (self.config.vocab_size * self.config.hidden_size) as f64
+    }
+
+    fn flops_per_token(&self) -> f64 {
+        self.linear_flops_per_token()
+            + self.attention_flops_per_token()
+            + self.head_flops_per_token()
+    }
+
+    /// Times a layer's forward passes in a step: with checkpointing, forward and recomputation.
+    fn forward_passes(&self) -> f64 {
+        if self.gradient_checkpointing {
+            2.0
+        } else {
+            1.0
+        }
+    }
+}
+
+fn time<T>(f: impl Fn() -> Result<T>) -> Result<f64> {
+    let mut seconds = Vec::with_capacity(REPEATS);
+    for _ in 0..REPEATS {
+        let start = Instant::now();
+        f()?;
+        seconds.push(start.elapsed().as_secs_f64());
+    }
+    Ok(median(seconds))
+}
+
+fn random(shape: (usize, usize), dtype: DType) -> Result<Tensor> {
+    Ok(Tensor::randn(0f32, 0.02, shape, &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+/// GFLOP/s of candle's float32 product of two `n × n` matrices.
+pub fn matmul_gflops(n: usize) -> Result<f64> {
+    let a = random((n, n), DType::F32)?;
+    let b = random((n, n), DType::F32)?;
+    a.matmul(&b)?; // warm-up: threads started, pages touched
+    let seconds = time(|| Ok(a.matmul(&b)?))?;
+    Ok(2.0 * (n * n * n) as f64 / seconds / 1e9)
+}
+
+/// Seconds of one layer's Linear products, `(forward, backward)`, as the step computes them.
+fn layer_products(shape: &StepShape) -> Result<(f64, f64)> {
+    let rows = shape.tokens();
+    let r = shape.lora_rank;
+    let mut pieces = Vec::new();
+    for (i, o) in linear_shapes(shape.config) {
+        let x = random((rows, i), shape.dtype)?;
+        let w = random((o, i), shape.dtype)?;
+        let grad = random((rows, o), shape.dtype)?;
+        let a = random((r, i), shape.dtype)?;
+        let b = random((o, r), shape.dtype)?;
+        pieces.push((x, w, grad, a, b));
+    }
+    let forward = time(|| {
+        for (x, w, _, a, b) in &pieces {
+            if shape.lora() {
+                matmul_frozen_t(x, w)?;
+                x.matmul(&a.t()?)?.matmul(&b.t()?)?;
+            } else {
+                x.matmul(&w.t()?)?;
+            }
+        }
+        Ok(())
+    })?;
+    let backward = time(|| {
+        for (x, w, grad, a, b) in &pieces {
+            grad.matmul(w)?;
+            if shape.lora() {
+                let grad_xa = grad.matmul(b)?;
+                grad_xa.matmul(a)?;
+                grad.t()?.matmul(&x.matmul(&a.t()?)?)?;
+                grad_xa.t()?.matmul(x)?;
+            } else {
+                grad.t()?.matmul(x)?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok((forward, backward))
+}
+
+/// Seconds of one layer's attention core (scores, mask, softmax, weighted sum):
+/// `(forward, forward and backward)`.
+fn layer_attention(shape: &StepShape) -> Result<(f64, f64)> {
+    let c = shape.config;
+    let (b, s, hd) = (shape.batch, shape.seq, c.head_dim);
+    let heads = |n: usize| -> Result<Var> {
+        let t = Tensor::randn(0f32, 1.0, (b, n, s, hd), &Device::Cpu)?.to_dtype(shape.dtype)?;
+        Ok(Var::from_tensor(&t)?)
+    };
+    let (q, k, v) = (
+        heads(c.num_attention_heads)?,
+        heads(c.num_key_value_heads)?,
+        heads(c.num_key_value_heads)?,
+    );
+    let ctx = ForwardCtx::new(c, &vec![vec![1u8; s]; b], shape.dtype, 0, &Device::Cpu)?;
+    let upstream = Tensor::randn(0f32, 1.0, (b, c.num_attention_heads, s, hd), &Device::Cpu)?
+        .to_dtype(shape.dtype)?;
+    let forward = || -> Result<Tensor> {
+        Ok(scaled_dot_product(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            &ctx.mask,
+        )?)
+    };
+    let forward_seconds = time(|| forward().map(|t| t.detach()))?;
+    let both_seconds = time(|| Ok((forward()? * &upstream)?.sum_all()?.backward()?))?;
+    Ok((forward_seconds, both_seconds))
+}
+
+/// Prints the profile of the step whose phases are `phases` (the median step) taking `seconds`.
+pub fn print(shape: &StepShape, phases: &StepPhases, seconds: f64) -> Result<()> {
+    let layers = shape.config.num_hidden_layers as f64;
+    let passes = shape.forward_passes();
+    let (products_forward, products_backward) = layer_products(shape)?;
+    let products = layers * (passes * products_forward + products_backward);
+    let (attention_forward, attention_both) = layer_attention(shape)?;
+    let attention = layers * ((passes - 1.0) * attention_forward + attention_both);
+    let layer_time =
+        (phases.embedding + phases.layers_forward + phases.layers_backward).as_secs_f64();
+    let elementwise = (layer_time - products - attention).max(0.0);
+    let tokens = shape.tokens() as f64;
+    let gflops = |flops_per_token: f64, s: f64| flops_per_token * tokens / s / 1e9;
+
+    let rows = [
+        (
+            "matrix products (Linears)",
+            products,
+            Some(gflops(shape.linear_flops_per_token(), products)),
+        ),
+        (
+            "attention (scores, softmax, sum)",
+            attention,
+            Some(gflops(shape.attention_flops_per_token(), attention)),
+        ),
+        ("elementwise, norms, copies", elementwise, None),
+        (
+            "loss (final norm, LM head, CE)",
+            phases.head.as_secs_f64(),
+            Some(gflops(
+                shape.head_flops_per_token(),
+                phases.head.as_secs_f64(),
+            )),
+        ),
+        (
+            "optimizer (norm, clip, AdamW)",
+            phases.optimizer.as_secs_f64(),
+            None,
+        ),
+        ("communication", phases.communication.as_secs_f64(), None),
+    ];
+    println!(
+        "profile of the median step (products and attention timed apart on one layer's shapes):"
+    );
+    println!(
+        "  {:<34} {:>8} {:>7} {:>9}",
+        "part", "seconds", "share", "GFLOP/s"
+    );
+    for (name, s, rate) in rows {
+        let rate = rate.map_or(String::new(), |r| format!("{r:.1}"));
+        println!(
+            "  {name:<34} {s:>8.3} {:>6.1}% {rate:>9}",
+            100.0 * s / seconds
+        );
+    }
+
+    let peak = matmul_gflops(2048)?;
+    let flops = shape.flops_per_token();
+    let limit = peak * 1e9 / flops;
+    let reached = tokens / seconds;
+    println!(
+        "float32 limit   {:.0} MFLOP/token at {peak:.1} GFLOP/s (candle f32 2048³ product, this run) = {limit:.1} tokens/s; reached {:.1}% ({:.1} GFLOP/s)",
+        flops / 1e6,
+        100.0 * reached / limit,
+        reached * flops / 1e9
+    );
+    Ok(())
+}
