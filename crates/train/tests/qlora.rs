@@ -1,11 +1,21 @@
-//! Reproduces the QLoRA runs of testdata/tiny-llama-qlora-reference.json: the LoRA run of
-//! tiny-llama-reference.json with every decoder Linear quantized to NF4 by bitsandbytes
-//! (compute float32), without and with double quantization.
+//! Reproduces the QLoRA runs of the LoRA run of tiny-llama-reference.json with every decoder
+//! Linear quantized to NF4 by bitsandbytes (compute float32), without and with double
+//! quantization.
+//!
+//! testdata/tiny-llama-qlora-reference.json was made with bitsandbytes 0.50.2 on CPU, whose
+//! dequantize_4bit kernel finds a value's absmax per row (block `row * (cols / 64) + col / 64`)
+//! while its quantizer blocks the flattened weight (block `(row * cols + col) / 64`). The two
+//! agree when in_features is a multiple of 64, as in real models, but not for the fixture's
+//! down_proj (in_features 176). Our dequantization follows the quantizer, as bitsandbytes' own
+//! generic kernel does: testdata/tiny-llama-qlora-reference-generic-dequant.json is the same run
+//! with that kernel (testdata/make_qlora_reference.py). The original fixture is reproduced too, by
+//! giving down_proj the row-indexed dequantization, which shows that kernel is the whole
+//! difference.
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use ff_model::load::load_model_dir_quantized;
 use ff_model::peft::load_adapter;
-use ff_model::quant::{FourBitType, QuantFormat};
+use ff_model::quant::{FourBitType, QuantFormat, QuantizedWeight, BLOCKSIZE};
 use ff_model::Param;
 use ff_train::{train_step, AdamW, AdamWConfig, Engine, StepOptions, Trainables};
 use serde_json::Value;
@@ -13,21 +23,43 @@ use serde_json::Value;
 mod common;
 use common::{batch, reference, testdata};
 
-fn qlora_reference() -> Value {
-    let text = std::fs::read_to_string(testdata().join("tiny-llama-qlora-reference.json")).unwrap();
+fn qlora_reference(file: &str) -> Value {
+    let text = std::fs::read_to_string(testdata().join(file)).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
-/// What a run is compared on.
-enum Scope {
-    /// The loss of the first step: the quantized forward pass.
-    FirstLoss,
-    /// Loss and gradient norm of all five steps.
-    Trajectory,
+/// Which reference a run is compared with.
+enum Dequantization {
+    /// Blocks of the flattened weight, as bitsandbytes quantizes and its generic kernel
+    /// dequantizes (and as ferrofactory does).
+    Flattened,
+    /// bitsandbytes 0.50.2's CPU kernel: absmax found per row.
+    BitsandbytesCpuRows,
 }
 
-fn check(variant: &str, double_quant: bool, scope: Scope) {
-    let qlora = qlora_reference();
+/// The dense weight bitsandbytes' CPU kernel makes of `q`: each value's code times the absmax
+/// of block `row * (cols / 64) + col / 64`.
+fn row_indexed_dequantization(q: &QuantizedWeight) -> Tensor {
+    let [rows, cols] = q.dims();
+    let four = q.four_bit().expect("a 4-bit weight");
+    let code = four.kind.code();
+    let packed: Vec<u8> = q.codes().to_vec1().unwrap();
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|k| {
+            let (row, col) = (k / cols, k % cols);
+            let byte = packed[k / 2];
+            let nibble = if k % 2 == 0 { byte >> 4 } else { byte & 15 };
+            code[nibble as usize] * four.block_absmax(row * (cols / BLOCKSIZE) + col / BLOCKSIZE)
+        })
+        .collect();
+    Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap()
+}
+
+fn check(variant: &str, double_quant: bool, dequantization: Dequantization) {
+    let qlora = qlora_reference(match dequantization {
+        Dequantization::Flattened => "tiny-llama-qlora-reference-generic-dequant.json",
+        Dequantization::BitsandbytesCpuRows => "tiny-llama-qlora-reference.json",
+    });
     let batch = batch(&reference());
     let format = QuantFormat::FourBit {
         kind: FourBitType::Nf4,
@@ -44,6 +76,15 @@ fn check(variant: &str, double_quant: bool, scope: Scope) {
     for (name, p) in model.params_mut() {
         let is_linear = name.starts_with("model.layers.") && name.contains("_proj.");
         assert_eq!(matches!(p, Param::Quantized(_)), is_linear, "{name}");
+    }
+    if let Dequantization::BitsandbytesCpuRows = dequantization {
+        for (_, p) in model.params_mut() {
+            let dense = match p.quantized() {
+                Some(q) if q.dims()[1] % BLOCKSIZE != 0 => row_indexed_dequantization(q),
+                _ => continue,
+            };
+            *p = Param::Frozen(dense);
+        }
     }
     load_adapter(&mut model, &testdata().join("tiny-llama-lora-init")).unwrap();
     let mut engine = Engine::Replicated(Trainables::of(&mut model));
@@ -66,10 +107,7 @@ fn check(variant: &str, double_quant: bool, scope: Scope) {
     };
     let lr = opt["lr"].as_f64().unwrap();
     let steps = qlora["qlora_adamw_steps"][variant].as_array().unwrap();
-    let steps = match scope {
-        Scope::FirstLoss => &steps[..1],
-        Scope::Trajectory => &steps[..],
-    };
+    assert_eq!(steps.len(), 5);
     for expected in steps {
         let step = train_step(
             &mut model,
@@ -82,11 +120,7 @@ fn check(variant: &str, double_quant: bool, scope: Scope) {
             &ff_dist::SingleProcessGroup,
         )
         .unwrap();
-        let checked: &[(&str, f64)] = match scope {
-            Scope::FirstLoss => &[("loss", step.loss)],
-            Scope::Trajectory => &[("loss", step.loss), ("grad_norm", step.grad_norm)],
-        };
-        for &(what, actual) in checked {
+        for (what, actual) in [("loss", step.loss), ("grad_norm", step.grad_norm)] {
             let want = expected[what].as_f64().unwrap();
             let rel = (actual - want).abs() / want.abs();
             assert!(
@@ -99,30 +133,19 @@ fn check(variant: &str, double_quant: bool, scope: Scope) {
 }
 
 #[test]
-fn qlora_nf4_first_loss() {
-    check("single", false, Scope::FirstLoss);
-}
-
-#[test]
-fn qlora_nf4_double_quantization_first_loss() {
-    check("double_quant", true, Scope::FirstLoss);
-}
-
-// Known gap: the weights quantize bit for bit as bitsandbytes does (tests/quant.rs in ff-model),
-// and the product equals a dense one on the dequantized weights, yet the reference's first loss
-// is 11.05315 where ours is 11.04763 (float LoRA: 11.04476), its first gradient norm 2.163 where
-// ours is 2.082, and the trajectories drift apart from step 3. Ruled out, by running each
-// variant: weights rounded to float16 or bfloat16 before quantizing, dequantized values or absmax
-// rounded to bfloat16, blocks over transposed weights, blocksizes 128/256/4096, fp4, lm_head or
-// embeddings quantized too, lora_B zero, no gradient through the quantized base.
-#[test]
-#[ignore = "known gap with the reference trajectory, see the comment above"]
 fn qlora_nf4_five_steps() {
-    check("single", false, Scope::Trajectory);
+    check("single", false, Dequantization::Flattened);
 }
 
 #[test]
-#[ignore = "known gap with the reference trajectory, see the comment above"]
 fn qlora_nf4_double_quantization_five_steps() {
-    check("double_quant", true, Scope::Trajectory);
+    check("double_quant", true, Dequantization::Flattened);
+}
+
+/// Measured within 5e-6 at every step (asserted at 1e-3). (With double quantization bitsandbytes' backward decodes the
+/// absmax along another path, whose gradients differ from its forward's by about 1e-5 relative;
+/// the generic-kernel trajectories above hold it within 1e-3, this one drifts past that.)
+#[test]
+fn the_bitsandbytes_cpu_fixture_differs_only_by_its_row_indexed_dequantization() {
+    check("single", false, Dequantization::BitsandbytesCpuRows);
 }
