@@ -19,9 +19,16 @@ fn main() {
     println!("cargo:rerun-if-changed={lock}");
     let candle_version = std::fs::read_to_string(lock)
         .ok()
-        .and_then(|text| locked_version(&text, "candle-core"))
-        .unwrap_or_else(|| "unknown".into());
-    println!("cargo:rustc-env=FERROFACTORY_CANDLE_VERSION={candle_version}");
+        .and_then(|text| locked_version(&text, "candle-core"));
+    if candle_version.is_none() {
+        // Cargo.lock caught mid-rewrite: a watched path that does not exist makes Cargo run
+        // this script again on the next build instead of keeping "unknown".
+        println!("cargo:rerun-if-changed={lock}.retry");
+    }
+    println!(
+        "cargo:rustc-env=FERROFACTORY_CANDLE_VERSION={}",
+        candle_version.as_deref().unwrap_or("unknown")
+    );
     println!("cargo:rerun-if-changed=build.rs");
 }
 
