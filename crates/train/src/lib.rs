@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod checkpoint;
+mod cross_entropy;
 pub mod engine;
 pub mod error;
 pub mod loss;

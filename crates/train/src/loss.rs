@@ -5,10 +5,10 @@
 //! float32 logits of a batch the largest tensor of the whole step.
 
 use candle_core::{backprop::GradStore, DType, Result, Tensor, Var, D};
-use ff_model::frozen_product::matmul_frozen_t;
 use ff_model::CausalLm;
 
 use crate::batch::{Batch, IGNORE_INDEX};
+use crate::cross_entropy::nll_and_grad;
 
 /// Upper bound on logits held at once (rows × vocabulary).
 const CHUNK_ELEMENTS: usize = 1 << 23;
@@ -77,32 +77,24 @@ pub fn head_forward_backward(
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let x = Var::from_tensor(&selected.narrow(0, start, len)?)?;
-        let targets = Tensor::new(&positions.targets[start..start + len], device)?.unsqueeze(1)?;
+        let targets = &positions.targets[start..start + len];
         let normed = model.norm.forward(x.as_tensor())?;
-        let logits = if head_trains {
-            normed.matmul(&head.t()?)?
+        let grads = if head_trains {
+            // Backward of sum(logits · d(loss)/d(logits)) carries the gradient into x, the
+            // norm and the head weight.
+            let logits = normed.matmul(&head.t()?)?.to_dtype(DType::F32)?;
+            let (nll, grad_logits) = nll_and_grad(&logits.detach(), targets, loss_denominator)?;
+            nll_sum += nll;
+            (logits * grad_logits)?.sum_all()?.backward()?
         } else {
-            matmul_frozen_t(&normed, &head)?
-        }
-        .to_dtype(DType::F32)?;
-
-        // Softmax statistics are constants of the surrogate below, so they stay out of the graph.
-        let plain = logits.detach();
-        let max = plain.max_keepdim(D::Minus1)?;
-        let exp = plain.broadcast_sub(&max)?.exp()?;
-        let sum = exp.sum_keepdim(D::Minus1)?;
-        let lse = (sum.log()? + &max)?;
-        let target_logit = plain.gather(&targets, 1)?;
-        nll_sum += (&lse - &target_logit)?.sum_all()?.to_scalar::<f32>()? as f64;
-
-        // d(loss)/d(logits) = (softmax - onehot) / denominator; backward of
-        // sum(logits · that) then carries it into x and the weights.
-        let minus_one = Tensor::full(-1f32, (len, 1), device)?;
-        let grad_logits = exp
-            .broadcast_div(&sum)?
-            .scatter_add(&targets, &minus_one, 1)?
-            .affine(1.0 / loss_denominator, 0.0)?;
-        let grads = (logits * grad_logits)?.sum_all()?.backward()?;
+            // A frozen head needs no graph: the gradient of the normed states is
+            // d(loss)/d(logits) · head, carried into x and the norm from there.
+            let logits = normed.detach().matmul(&head.t()?)?.to_dtype(DType::F32)?;
+            let (nll, grad_logits) = nll_and_grad(&logits, targets, loss_denominator)?;
+            nll_sum += nll;
+            let grad_normed = grad_logits.to_dtype(head.dtype())?.matmul(&head)?;
+            (normed * grad_normed)?.sum_all()?.backward()?
+        };
         on_grads(&grads)?;
         let gx = grads
             .get(x.as_tensor())
