@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Result, Tensor, Var, D};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::dropout::derive_seed;
 use crate::linear::Linear;
+use crate::masked_softmax::masked_softmax;
 use crate::param::Param;
 
 /// RMSNorm computed in float32 and cast back, as transformers does.
@@ -193,25 +194,8 @@ pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> 
     let groups = nh / nkv;
     let q = q.reshape((batch, nkv, groups * seq, hd))?;
     let scale = 1.0 / (hd as f64).sqrt();
-    let scores = q
-        .matmul(&k.t()?)?
-        .affine(scale, 0.0)?
-        .to_dtype(DType::F32)?
-        .reshape((batch, nkv, groups, seq, seq))?
-        .broadcast_add(mask)?;
-    let probs =
-        softmax_last_dim(&scores)?
-            .to_dtype(q.dtype())?
-            .reshape((batch, nkv, groups * seq, seq))?;
+    let probs = masked_softmax(&q.matmul(&k.t()?)?, mask, scale)?.to_dtype(q.dtype())?;
     probs.matmul(v)?.reshape((batch, nh, seq, hd))
-}
-
-/// Softmax from differentiable primitives (candle's fused one has no backward).
-fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let exp = x.broadcast_sub(&max)?.exp()?;
-    let sum = exp.sum_keepdim(D::Minus1)?;
-    exp.broadcast_div(&sum)
 }
 
 #[derive(Clone, Debug)]

@@ -15,6 +15,7 @@ pub mod hf_export;
 pub mod layers;
 pub mod linear;
 pub mod load;
+pub mod masked_softmax;
 pub mod param;
 pub mod peft;
 pub mod quant;
