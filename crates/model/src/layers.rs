@@ -8,6 +8,7 @@ use crate::dropout::derive_seed;
 use crate::linear::Linear;
 use crate::masked_softmax::masked_softmax;
 use crate::param::Param;
+use crate::rms_normalize::rms_normalize;
 
 /// RMSNorm computed in float32 and cast back, as transformers does.
 #[derive(Clone, Debug)]
@@ -19,11 +20,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let x32 = x.to_dtype(DType::F32)?;
-        let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        let normed = x32.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
+        let normed = rms_normalize(&x.to_dtype(DType::F32)?, self.eps)?.to_dtype(dtype)?;
         normed.broadcast_mul(&self.weight.in_dtype(dtype)?)
     }
 }

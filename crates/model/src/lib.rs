@@ -19,6 +19,7 @@ pub mod masked_softmax;
 pub mod param;
 pub mod peft;
 pub mod quant;
+pub mod rms_normalize;
 pub mod safetensors_io;
 
 pub use causal_lm::CausalLm;
