@@ -9,6 +9,7 @@ use crate::linear::Linear;
 use crate::masked_softmax::masked_softmax;
 use crate::param::Param;
 use crate::rms_normalize::rms_normalize;
+use crate::rope_heads::rope_heads;
 
 /// RMSNorm computed in float32 and cast back, as transformers does.
 #[derive(Clone, Debug)]
@@ -51,6 +52,14 @@ impl Rope {
             cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
             sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
         })
+    }
+
+    /// `x` is `[batch, seq, heads, head_dim]`; returns the rotated `[batch, heads, seq, head_dim]`.
+    pub fn apply_to_heads(&self, x: &Tensor) -> Result<Tensor> {
+        match rope_heads(x, &self.cos, &self.sin)? {
+            Some(rotated) => Ok(rotated),
+            None => self.apply(&x.transpose(1, 2)?.contiguous()?),
+        }
     }
 
     /// `x` is `[batch, heads, seq, head_dim]`.
@@ -166,13 +175,17 @@ impl Attention {
                 if let Some(norm) = norm {
                     t = norm.forward(&t)?;
                 }
-                t.transpose(1, 2)?.contiguous()
+                Ok(t)
             };
-        let q = ctx.rope.apply(&heads(&self.q_proj, nh, 1, &self.q_norm)?)?;
+        let q = ctx
+            .rope
+            .apply_to_heads(&heads(&self.q_proj, nh, 1, &self.q_norm)?)?;
         let k = ctx
             .rope
-            .apply(&heads(&self.k_proj, nkv, 2, &self.k_norm)?)?;
-        let v = heads(&self.v_proj, nkv, 3, &None)?;
+            .apply_to_heads(&heads(&self.k_proj, nkv, 2, &self.k_norm)?)?;
+        let v = heads(&self.v_proj, nkv, 3, &None)?
+            .transpose(1, 2)?
+            .contiguous()?;
         let out = scaled_dot_product(&q, &k, &v, &ctx.mask)?
             .transpose(1, 2)?
             .reshape((batch, seq, nh * hd))?;

@@ -20,6 +20,7 @@ pub mod param;
 pub mod peft;
 pub mod quant;
 pub mod rms_normalize;
+pub mod rope_heads;
 pub mod safetensors_io;
 
 pub use causal_lm::CausalLm;

@@ -1,0 +1,156 @@
+//! Rotary position embedding fused with the move of heads before positions, as one op with its
+//! own backward.
+//!
+//! From candle's ops a projection's heads took a transpose copy, two slices, a negation, a
+//! concatenation, two broadcast products and a sum, each with a backward; here it is one pass
+//! forward and one backward.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `x` is `[batch, seq, heads, head_dim]`, `cos` and `sin` are `[seq, head_dim]` (the halves
+/// repeated, as [`crate::layers::Rope`] builds them); returns the rotated `[batch, heads, seq,
+/// head_dim]`, contiguous. `None` when the op has no kernel for these tensors (not float32, or
+/// not on the CPU), and the caller uses candle's ops.
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || cos.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let op = Arc::new(Box::new(RopeHeads { inverse: false }) as Box<dyn CustomOp3 + Send + Sync>);
+    Ok(Some(x.contiguous()?.apply_op3_arc(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        op,
+    )?))
+}
+
+/// Forward: `[b, s, h, d]` in, rotated by +angle, `[b, h, s, d]` out. Inverse (the backward):
+/// `[b, h, s, d]` in, rotated by −angle, `[b, s, h, d]` out.
+struct RopeHeads {
+    inverse: bool,
+}
+
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Msg("rope needs contiguous inputs".into()))?;
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
+impl CustomOp3 for RopeHeads {
+    fn name(&self) -> &'static str {
+        "rope-heads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        cos: &CpuStorage,
+        cos_layout: &Layout,
+        sin: &CpuStorage,
+        sin_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, d1, d2, d) = x_layout.shape().dims4()?;
+        // Input axes 1 and 2 are (seq, heads) forward and (heads, seq) inverse.
+        let (seq, heads) = if self.inverse { (d2, d1) } else { (d1, d2) };
+        let x = f32_slice(x, x_layout)?;
+        let cos = f32_slice(cos, cos_layout)?;
+        let sin = f32_slice(sin, sin_layout)?;
+        let half = d / 2;
+        // The angle's sign: y1 = x1·c − x2·s, y2 = x2·c + x1·s; the inverse negates s.
+        let sign = if self.inverse { -1.0f32 } else { 1.0 };
+        let mut out = vec![0f32; x.len()];
+        // One output row (batch, axis 1, axis 2) of `d` values at a time.
+        out.par_chunks_mut(d).enumerate().for_each(|(row, y)| {
+            // The output swaps input axes 1 and 2.
+            let (bi, a1, a2) = (row / (d1 * d2), (row / d1) % d2, row % d1);
+            // Output axes are (heads, seq) forward and (seq, heads) inverse.
+            let (h, s) = if self.inverse { (a2, a1) } else { (a1, a2) };
+            let src = if self.inverse {
+                ((bi * heads + h) * seq + s) * d
+            } else {
+                ((bi * seq + s) * heads + h) * d
+            };
+            let xr = &x[src..src + d];
+            let (c, sn) = (&cos[s * d..(s + 1) * d], &sin[s * d..(s + 1) * d]);
+            for i in 0..half {
+                let (x1, x2) = (xr[i], xr[i + half]);
+                y[i] = x1 * c[i] - sign * x2 * sn[i];
+                y[i + half] = x2 * c[i + half] + sign * x1 * sn[i + half];
+            }
+        });
+        let shape = if self.inverse {
+            (b, seq, heads, d)
+        } else {
+            (b, heads, seq, d)
+        };
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad_x =
+            grad_y
+                .contiguous()?
+                .apply_op3_no_bwd(cos, sin, &RopeHeads { inverse: true })?;
+        Ok((Some(grad_x), None, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    #[test]
+    fn equals_rotate_half_of_transposed_heads_forward_and_backward() {
+        let dev = Device::Cpu;
+        let (b, s, h, d) = (2, 5, 3, 8);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, h, d), &dev).unwrap()).unwrap();
+        let half_angles = Tensor::randn(0f32, 1.0, (s, d / 2), &dev).unwrap();
+        let angles = Tensor::cat(&[&half_angles, &half_angles], 1).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let upstream = Tensor::randn(0f32, 1.0, (b, h, s, d), &dev).unwrap();
+
+        let ours = rope_heads(x.as_tensor(), &cos, &sin).unwrap().unwrap();
+        let t = x.as_tensor().transpose(1, 2).unwrap().contiguous().unwrap();
+        let x1 = t.narrow(D::Minus1, 0, d / 2).unwrap();
+        let x2 = t.narrow(D::Minus1, d / 2, d / 2).unwrap();
+        let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+        let reference =
+            (t.broadcast_mul(&cos).unwrap() + rotated.broadcast_mul(&sin).unwrap()).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert!(diff(&ours, &reference) < 1e-6);
+        let g_ours = (ours * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_ref = (reference * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(diff(g_ours.get(&x).unwrap(), g_ref.get(&x).unwrap()) < 1e-6);
+    }
+}
