@@ -11,6 +11,7 @@ import argparse
 import resource
 import statistics
 import time
+import warnings
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -18,6 +19,8 @@ from transformers import AutoConfig, LlamaForCausalLM
 
 
 def main():
+    # transformers 5 renames gradient checkpointing; the warnings would bury the figures.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     p = argparse.ArgumentParser()
     p.add_argument("--model-config", default="testdata/smollm2-135m-config")
     p.add_argument("--batch", type=int, default=4)
