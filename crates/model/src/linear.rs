@@ -70,7 +70,8 @@ impl Lora {
         let x = dropout(x2, self.dropout, derive_seed(dropout_seed, 0x10_4A))?;
         let a = self.a.as_tensor().to_dtype(dtype)?;
         let b = self.b.as_tensor().to_dtype(dtype)?;
-        x.matmul(&a.t()?)?.matmul(&b.t()?)?.affine(self.scale, 0.0)
+        // Scaled at rank width, where it costs `r` values per row instead of `out`.
+        x.matmul(&a.t()?)?.affine(self.scale, 0.0)?.matmul(&b.t()?)
     }
 
     pub fn rank(&self) -> usize {
