@@ -123,11 +123,24 @@ impl SafetensorsFiles {
         let tensor = view
             .load(device)
             .map_err(|e| ModelError::tensor(&file.path, name, e.to_string()))?;
+        file.release(start, end - start);
         Ok(tensor.to_dtype(dtype)?)
     }
 }
 
 impl MappedFile {
+    /// Drops the mapped pages of bytes already copied out, so that loading holds one copy of
+    /// the weights instead of the file's pages and the tensors both (twice the model's size).
+    fn release(&self, offset: usize, len: usize) {
+        // SAFETY: the map is read-only and file-backed: dropped pages are read from the file
+        // again if touched. A failure only leaves the pages resident, so it is ignored.
+        #[cfg(unix)]
+        let _ = unsafe {
+            self.mmap
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+        };
+    }
+
     fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         // SAFETY: the map is read-only; a file changed underneath us during training is a user
