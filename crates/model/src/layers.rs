@@ -10,6 +10,7 @@ use crate::masked_softmax::masked_softmax;
 use crate::param::Param;
 use crate::rms_normalize::rms_normalize;
 use crate::rope_heads::rope_heads;
+use crate::swiglu::swiglu;
 
 /// RMSNorm computed in float32 and cast back, as transformers does.
 #[derive(Clone, Debug)]
@@ -217,9 +218,10 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor, seed: u64) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, derive_seed(seed, 5))?.silu()?;
+        let gate = self.gate_proj.forward(x, derive_seed(seed, 5))?;
         let up = self.up_proj.forward(x, derive_seed(seed, 6))?;
-        self.down_proj.forward(&(gate * up)?, derive_seed(seed, 7))
+        self.down_proj
+            .forward(&swiglu(&gate, &up)?, derive_seed(seed, 7))
     }
 }
 

@@ -22,6 +22,7 @@ pub mod quant;
 pub mod rms_normalize;
 pub mod rope_heads;
 pub mod safetensors_io;
+pub mod swiglu;
 
 pub use causal_lm::CausalLm;
 pub use config::ModelConfig;
