@@ -67,34 +67,43 @@ pub fn head_forward_backward(
     }
     let rows = Tensor::new(positions.rows.as_slice(), device)?;
     let selected = flat.index_select(&rows, 0)?;
-    let head = model.lm_head_weight().in_dtype(model.dtype)?;
+    let head = model.lm_head_weight().in_dtype(model.dtype)?.detach();
     let head_trains = model.lm_head_weight().is_trainable();
     let vocab = model.config.vocab_size;
     let chunk = (CHUNK_ELEMENTS / vocab).max(1);
 
     let mut nll_sum = 0.0;
     let mut grad_chunks = Vec::with_capacity(n.div_ceil(chunk));
+    // The trained head's gradient, summed over chunks in float32 and handed on with the last
+    // chunk's: a `[vocab, hidden]` gradient per chunk through autograd cost several passes each.
+    let mut head_grad: Option<Tensor> = None;
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let x = Var::from_tensor(&selected.narrow(0, start, len)?)?;
         let targets = &positions.targets[start..start + len];
         let normed = model.norm.forward(x.as_tensor())?;
-        let grads = if head_trains {
-            // Backward of sum(logits · d(loss)/d(logits)) carries the gradient into x, the
-            // norm and the head weight.
-            let logits = normed.matmul(&head.t()?)?.to_dtype(DType::F32)?;
-            let (nll, grad_logits) = nll_and_grad(&logits.detach(), targets, loss_denominator)?;
-            nll_sum += nll;
-            (logits * grad_logits)?.sum_all()?.backward()?
-        } else {
-            // A frozen head needs no graph: the gradient of the normed states is
-            // d(loss)/d(logits) · head, carried into x and the norm from there.
-            let logits = normed.detach().matmul(&head.t()?)?.to_dtype(DType::F32)?;
-            let (nll, grad_logits) = nll_and_grad(&logits, targets, loss_denominator)?;
-            nll_sum += nll;
-            let grad_normed = grad_logits.to_dtype(head.dtype())?.matmul(&head)?;
-            (normed * grad_normed)?.sum_all()?.backward()?
-        };
+        // The head's product needs no graph: the gradient of the normed states is
+        // d(loss)/d(logits) · head, carried into x and the norm from there, and the head's own
+        // is d(loss)/d(logits)ᵀ · normed.
+        let logits = normed.detach().matmul(&head.t()?)?.to_dtype(DType::F32)?;
+        let (nll, grad_logits) = nll_and_grad(&logits, targets, loss_denominator)?;
+        nll_sum += nll;
+        if head_trains {
+            let g = grad_logits
+                .t()?
+                .matmul(&normed.detach().to_dtype(DType::F32)?)?;
+            head_grad = Some(match head_grad.take() {
+                Some(sum) => (sum + g)?,
+                None => g,
+            });
+        }
+        let grad_normed = grad_logits.to_dtype(head.dtype())?.matmul(&head)?;
+        let mut grads = (normed * grad_normed)?.sum_all()?.backward()?;
+        if start + len == n {
+            if let (Some(g), Some(var)) = (head_grad.take(), model.lm_head_weight().var()) {
+                grads.insert(var.as_tensor(), g);
+            }
+        }
         on_grads(&grads)?;
         let gx = grads
             .get(x.as_tensor())
