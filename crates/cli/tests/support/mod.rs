@@ -104,13 +104,14 @@ pub fn largest_difference(a: &Path, b: &Path) -> f32 {
         .fold(0f32, f32::max)
 }
 
-/// The numbers of each `fsdp rank R: …` line a sharded run prints, in order: rank, parameter
+/// The numbers of each `fsdp rank R: …` report a sharded run prints, in order: rank, parameter
 /// bytes held, model bytes, optimizer bytes, largest unit, peak gathered, peak RSS, quantized
-/// bytes held, model quantized bytes.
+/// bytes held, model quantized bytes. A report is one write ending its line, but it may land in
+/// the middle of a line another rank was printing, so it is looked for anywhere in a line.
 pub fn fsdp_reports(stderr: &str) -> Vec<Vec<u64>> {
     stderr
         .lines()
-        .filter(|l| l.starts_with("fsdp rank "))
+        .filter_map(|l| l.find("fsdp rank ").map(|at| &l[at..]))
         .map(|l| {
             l.split(|c: char| !c.is_ascii_digit())
                 .filter(|s| !s.is_empty())
