@@ -70,7 +70,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    cpu_threads::shorten_idle_spin();
+    cpu_threads::keep_elementwise_on_caller();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train { config, overrides } => train::run(&config, &overrides),
