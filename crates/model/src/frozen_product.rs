@@ -71,16 +71,7 @@ mod tests {
 
         let ours = matmul_frozen_t(x.as_tensor(), &w).unwrap();
         let reference = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = crate::test_util::max_abs_diff;
         assert!(diff(&ours, &reference) < 1e-5);
 
         let g_ours = (ours * &upstream).unwrap().sum_all().unwrap();

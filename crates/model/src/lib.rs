@@ -30,3 +30,6 @@ pub use error::{ModelError, Result};
 pub use finetune::LoraSpec;
 pub use layers::{DecoderLayer, ForwardCtx};
 pub use param::Param;
+
+#[cfg(test)]
+mod test_util;

@@ -174,29 +174,10 @@ mod tests {
             .unwrap()
             .reshape((b, h, groups * seq, seq))
             .unwrap();
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = crate::test_util::max_abs_diff;
         assert!(diff(&ours, &reference) < 1e-6);
-        let g_ours = (ours * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_ref = (reference * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_ours = crate::test_util::grads_of(ours, &upstream);
+        let g_ref = crate::test_util::grads_of(reference, &upstream);
         assert!(diff(g_ours.get(&scores).unwrap(), g_ref.get(&scores).unwrap()) < 1e-6);
     }
 }

@@ -128,29 +128,10 @@ mod tests {
         let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
         let reference =
             (t.broadcast_mul(&cos).unwrap() + rotated.broadcast_mul(&sin).unwrap()).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = crate::test_util::max_abs_diff;
         assert!(diff(&ours, &reference) < 1e-6);
-        let g_ours = (ours * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_ref = (reference * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_ours = crate::test_util::grads_of(ours, &upstream);
+        let g_ref = crate::test_util::grads_of(reference, &upstream);
         assert!(diff(g_ours.get(&x).unwrap(), g_ref.get(&x).unwrap()) < 1e-6);
     }
 }

@@ -143,29 +143,10 @@ mod tests {
         let upstream = Tensor::randn(0f32, 1.0, (7, 33), &dev).unwrap();
         let ours = swiglu(gate.as_tensor(), up.as_tensor()).unwrap();
         let reference = (gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = crate::test_util::max_abs_diff;
         assert!(diff(&ours, &reference) < 1e-6);
-        let g_ours = (ours * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_ref = (reference * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_ours = crate::test_util::grads_of(ours, &upstream);
+        let g_ref = crate::test_util::grads_of(reference, &upstream);
         for v in [&gate, &up] {
             assert!(diff(g_ours.get(v).unwrap(), g_ref.get(v).unwrap()) < 1e-5);
         }

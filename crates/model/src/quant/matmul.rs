@@ -120,16 +120,7 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = crate::test_util::max_abs_diff;
         assert!(diff(&y, &y_dense) < 1e-4);
         let (g, gd) = (grad.get(&x).unwrap(), grad_dense.get(&x).unwrap());
         assert!(diff(g, gd) < 1e-4, "{}", diff(g, gd));
