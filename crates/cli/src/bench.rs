@@ -72,6 +72,42 @@ pub struct StepArgs {
     no_gradient_checkpointing: bool,
 }
 
+/// What the multi-process benchmarks share: a model of real shape, a total batch split evenly
+/// over N processes of one thread (against one process of N threads), and the timed steps.
+#[derive(Args)]
+pub struct SplitBatch {
+    /// A model directory whose config.json gives the shape (weights are random).
+    #[arg(long, default_value = "testdata/smollm2-135m-config")]
+    model_config: PathBuf,
+    /// Sequences in one optimizer step, over all processes.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// Timed steps; the median is reported. One untimed warm-up step runs first.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Processes of one thread each; the single process gets this many threads.
+    #[arg(long, default_value_t = 2)]
+    nproc: usize,
+}
+
+impl SplitBatch {
+    fn check(&self) -> Result<()> {
+        if self.nproc < 2 || self.steps == 0 || self.seq < 2 {
+            bail!("--nproc must be at least 2, --steps positive and --seq at least 2");
+        }
+        if self.batch == 0 || self.batch % self.nproc != 0 {
+            bail!(
+                "--batch {} does not split evenly over {} processes; give a positive multiple of --nproc",
+                self.batch,
+                self.nproc
+            );
+        }
+        Ok(())
+    }
+}
+
 pub fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::Step(args) => step(args),

@@ -11,57 +11,36 @@ use clap::Args;
 use ff_train::StepOptions;
 
 use super::workers::{run_as_workers, slowest_rank, write_report, WORKER_TIMEOUT};
-use super::{batch_of, median, random_rows, Finetuning, Workload};
+use super::{batch_of, median, random_rows, Finetuning, SplitBatch, Workload};
 
 const LORA_RANK: usize = 8;
 
 #[derive(Args)]
 pub struct DpArgs {
-    /// A model directory whose config.json gives the shape (weights are random).
-    #[arg(long, default_value = "testdata/smollm2-135m-config")]
-    model_config: PathBuf,
-    /// Sequences in one optimizer step, over all processes.
-    #[arg(long, default_value_t = 4)]
-    batch: usize,
-    #[arg(long, default_value_t = 256)]
-    seq: usize,
-    /// Timed steps; the median is reported. One untimed warm-up step runs first.
-    #[arg(long, default_value_t = 3)]
-    steps: usize,
-    /// Data-parallel processes of one thread each; the single process gets this many threads.
-    #[arg(long, default_value_t = 2)]
-    nproc: usize,
+    #[command(flatten)]
+    split: SplitBatch,
     #[arg(long, hide = true)]
     report_to: Option<PathBuf>,
 }
 
 pub fn run(args: DpArgs) -> Result<()> {
-    if args.nproc < 2 || args.steps == 0 || args.seq < 2 {
-        bail!("--nproc must be at least 2, --steps positive and --seq at least 2");
-    }
-    if args.batch == 0 || args.batch % args.nproc != 0 {
-        bail!(
-            "--batch {} does not split evenly over {} processes; give a positive multiple of --nproc",
-            args.batch,
-            args.nproc
-        );
-    }
+    args.split.check()?;
     if let Some(report) = &args.report_to {
         return worker(&args, report);
     }
-    let n = args.nproc;
+    let n = args.split.nproc;
     eprintln!("1 process with {n} threads:");
     let single = Measured::parse(&run_as_workers(1, n, "dp-single")?)?;
     eprintln!("{n} processes with 1 thread each:");
     let parallel = Measured::parse(&run_as_workers(n, 1, "dp-parallel")?)?;
-    let tokens = (args.batch * args.seq) as f64;
+    let tokens = (args.split.batch * args.split.seq) as f64;
     println!(
         "model           {} (random weights), LoRA r={LORA_RANK} on all linears, f32, gradient checkpointing on",
-        args.model_config.display()
+        args.split.model_config.display()
     );
     println!(
         "step            {} x {} tokens in total, median of {} steps after 1 warm-up",
-        args.batch, args.seq, args.steps
+        args.split.batch, args.split.seq, args.split.steps
     );
     for (layout, measured) in [
         (format!("1 process x {n} threads"), &single),
@@ -107,17 +86,22 @@ impl Measured {
 fn worker(args: &DpArgs, report: &Path) -> Result<()> {
     let group = ff_dist::init_from_env(WORKER_TIMEOUT)?;
     let (rank, world) = (group.rank(), group.world_size());
-    let mut workload = Workload::new(&args.model_config, DType::F32, Finetuning::Lora, LORA_RANK)?;
+    let mut workload = Workload::new(
+        &args.split.model_config,
+        DType::F32,
+        Finetuning::Lora,
+        LORA_RANK,
+    )?;
     // Every process draws the same rows and keeps its share, so the total batch is the same
     // however many processes there are.
-    let rows = random_rows(args.batch, args.seq, workload.vocab);
-    let share = args.batch / world;
+    let rows = random_rows(args.split.batch, args.split.seq, workload.vocab);
+    let share = args.split.batch / world;
     let batch = batch_of(&rows[rank * share..(rank + 1) * share]);
     let options = StepOptions {
         max_grad_norm: Some(1.0),
         gradient_checkpointing: true,
     };
-    let timings = workload.timed_steps(&batch, args.steps, options, group.as_ref())?;
+    let timings = workload.timed_steps(&batch, args.split.steps, options, group.as_ref())?;
     let seconds = median(slowest_rank(group.as_ref(), &timings.seconds)?);
     let mut text = String::new();
     writeln!(text, "{seconds} {}", timings.last_loss)?;

@@ -14,26 +14,14 @@ use ff_fsdp::{Sharded, ShardedSetup};
 use ff_train::{AdamW, AdamWConfig, Engine, StepOptions};
 
 use super::workers::{run_as_workers_with_args, slowest_rank, write_report, WORKER_TIMEOUT};
-use super::{batch_of, median, random_rows, Finetuning, Workload};
+use super::{batch_of, median, random_rows, Finetuning, SplitBatch, Workload};
 
 #[derive(Args)]
 pub struct FsdpArgs {
-    /// A model directory whose config.json gives the shape (weights are random).
-    #[arg(long, default_value = "testdata/smollm2-135m-config")]
-    model_config: PathBuf,
+    #[command(flatten)]
+    split: SplitBatch,
     #[arg(long, value_enum, default_value = "lora")]
     finetuning: Finetuning,
-    /// Sequences in one optimizer step, over all processes.
-    #[arg(long, default_value_t = 4)]
-    batch: usize,
-    #[arg(long, default_value_t = 256)]
-    seq: usize,
-    /// Timed steps; the median is reported. One untimed warm-up step runs first.
-    #[arg(long, default_value_t = 3)]
-    steps: usize,
-    /// Sharded processes of one thread each; the single process gets this many threads.
-    #[arg(long, default_value_t = 2)]
-    nproc: usize,
     /// Internal: which layout a worker runs.
     #[arg(long, hide = true, value_enum)]
     layout: Option<Layout>,
@@ -51,20 +39,11 @@ enum Layout {
 const LORA_RANK: usize = 8;
 
 pub fn run(args: FsdpArgs) -> Result<()> {
-    if args.nproc < 2 || args.steps == 0 || args.seq < 2 {
-        bail!("--nproc must be at least 2, --steps positive and --seq at least 2");
-    }
-    if args.batch == 0 || args.batch % args.nproc != 0 {
-        bail!(
-            "--batch {} does not split evenly over {} processes; give a positive multiple of --nproc",
-            args.batch,
-            args.nproc
-        );
-    }
+    args.split.check()?;
     if let (Some(report), Some(layout)) = (&args.report_to, args.layout) {
         return worker(&args, layout, report);
     }
-    let n = args.nproc;
+    let n = args.split.nproc;
     let mut results = Vec::new();
     for (layout, processes, threads, name) in [
         (Layout::Single, 1, n, format!("1 process x {n} threads")),
@@ -91,10 +70,10 @@ pub fn run(args: FsdpArgs) -> Result<()> {
         )?;
         results.push((name, Measured::parse(&report)?));
     }
-    let tokens = (args.batch * args.seq) as f64;
+    let tokens = (args.split.batch * args.split.seq) as f64;
     println!(
         "model           {} (random weights), {}, f32, gradient checkpointing on",
-        args.model_config.display(),
+        args.split.model_config.display(),
         match args.finetuning {
             Finetuning::Lora => format!("LoRA r={LORA_RANK} on all linears"),
             Finetuning::Full => "full fine-tuning".into(),
@@ -102,7 +81,7 @@ pub fn run(args: FsdpArgs) -> Result<()> {
     );
     println!(
         "step            {} x {} tokens in total, median of {} steps after 1 warm-up",
-        args.batch, args.seq, args.steps
+        args.split.batch, args.split.seq, args.split.steps
     );
     let baseline = results[0].1.step_seconds;
     for (name, m) in &results {
@@ -157,7 +136,12 @@ impl Measured {
 fn worker(args: &FsdpArgs, layout: Layout, report: &Path) -> Result<()> {
     let group = ff_dist::init_from_env(WORKER_TIMEOUT)?;
     let (rank, world) = (group.rank(), group.world_size());
-    let mut workload = Workload::new(&args.model_config, DType::F32, args.finetuning, LORA_RANK)?;
+    let mut workload = Workload::new(
+        &args.split.model_config,
+        DType::F32,
+        args.finetuning,
+        LORA_RANK,
+    )?;
     if layout != Layout::Single {
         let prefetch = layout == Layout::Prefetch;
         let config = FsdpConfig {
@@ -181,15 +165,15 @@ fn worker(args: &FsdpArgs, layout: Layout, report: &Path) -> Result<()> {
         workload.engine = Engine::Sharded(Box::new(sharded));
         workload.optimizer = AdamW::new(AdamWConfig::default(), workload.engine.names());
     }
-    let rows = random_rows(args.batch, args.seq, workload.vocab);
-    let share = args.batch / world;
+    let rows = random_rows(args.split.batch, args.split.seq, workload.vocab);
+    let share = args.split.batch / world;
     let batch = batch_of(&rows[rank * share..(rank + 1) * share]);
     let options = StepOptions {
         max_grad_norm: Some(1.0),
         gradient_checkpointing: true,
     };
     let started = Instant::now();
-    let timings = workload.timed_steps(&batch, args.steps, options, group.as_ref())?;
+    let timings = workload.timed_steps(&batch, args.split.steps, options, group.as_ref())?;
     let total = started.elapsed().as_secs_f64();
     let waited = match &workload.engine {
         Engine::Sharded(s) => s.accounting().comm_wait.as_secs_f64(),
