@@ -51,8 +51,8 @@ struct Unit {
     pieces: Vec<Piece>,
     /// Index of the unit's first piece in [`Sharded::vars`].
     first_piece: usize,
-    /// While gathered: the trained [`Var`]s put in the model, by entry.
-    installed: Option<Vec<Option<Var>>>,
+    /// While gathered: the trained [`Var`]s put in the model, by entry, and the bytes put there.
+    installed: Option<(Vec<Option<Var>>, usize)>,
     /// During backward: the unit's full gradient, summed over its parts.
     grad_sum: Option<Vec<f32>>,
 }
@@ -510,7 +510,7 @@ impl Sharded {
         self.gathered_bytes += full;
         self.accounting.peak_gathered_bytes =
             self.accounting.peak_gathered_bytes.max(self.gathered_bytes);
-        self.units[u].installed = Some(installed);
+        self.units[u].installed = Some((installed, full));
         Ok(())
     }
 
@@ -524,11 +524,9 @@ impl Sharded {
     }
 
     fn release(&mut self, model: &mut CausalLm, u: usize) -> FsdpResult<()> {
-        if self.units[u].installed.take().is_some() {
+        if let Some((_, bytes)) = self.units[u].installed.take() {
             self.empty_slots(model, u)?;
-            self.gathered_bytes = self
-                .gathered_bytes
-                .saturating_sub(self.units[u].layout.full_bytes());
+            self.gathered_bytes -= bytes;
         }
         Ok(())
     }
@@ -588,7 +586,7 @@ impl Sharded {
     fn add_unit_grads(&mut self, u: usize, grads: &GradStore) -> FsdpResult<()> {
         let world = self.shard_group.world_size();
         let unit = &mut self.units[u];
-        let Some(installed) = &unit.installed else {
+        let Some((installed, _)) = &unit.installed else {
             return Ok(());
         };
         let sum = unit
