@@ -322,7 +322,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         }
         optimizer.state = match (&engine, resumed_shards) {
             (Engine::Sharded(s), Some(world)) => {
-                if world != world_size_of(run.group) {
+                if world != run.group.world_size() {
                     return Err(TrainError::Checkpoint(format!(
                         "{} was saved with SHARDED_STATE_DICT by {world} ranks; resume it with {world} ranks",
                         dir.display()
@@ -547,10 +547,6 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         eval_loss,
         memory,
     })
-}
-
-fn world_size_of(group: &dyn ProcessGroup) -> usize {
-    group.world_size()
 }
 
 fn optimizer_bytes(state: &AdamWState) -> usize {
