@@ -8,6 +8,15 @@ use std::process::{Command, Output};
 use serde_json::Value;
 use support::{fixture_config, free_port, largest_difference, logged_losses, root};
 
+/// Asserts that a command succeeded, showing its standard error otherwise.
+fn assert_succeeded(output: &Output) {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 fn ferrofactory(args: &[&str], dir: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ferrofactory"))
         .args(args)
@@ -21,11 +30,7 @@ fn tiny_fixture_through_the_cli_logs_the_reference_losses() {
     let dir = tempfile::tempdir().unwrap();
     let config = fixture_config(dir.path(), "");
     let output = ferrofactory(&["train", config.to_str().unwrap()], dir.path());
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_succeeded(&output);
     let reference: Value = serde_json::from_str(
         &std::fs::read_to_string(root().join("testdata/tiny-llama-reference.json")).unwrap(),
     )
@@ -71,11 +76,7 @@ fn override_changes_the_run_and_bad_keys_fail_in_one_line() {
         ],
         dir.path(),
     );
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_succeeded(&output);
     assert_eq!(logged_losses(&dir.path().join("out")).len(), 1);
 
     let config = config.to_str().unwrap();
@@ -118,11 +119,7 @@ fn preprocess_writes_the_reference_tokens() {
         ],
         dir.path(),
     );
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_succeeded(&output);
     let reference = std::fs::read_to_string(
         root().join("testdata/token_refs/smollm2__identity+alpaca_en_demo__256__40.jsonl"),
     )
@@ -262,11 +259,7 @@ fn two_processes_with_half_the_batch_train_like_one() {
     let single = tempfile::tempdir().unwrap();
     let config = fixture_config(single.path(), "");
     let output = ferrofactory(&["train", config.to_str().unwrap()], single.path());
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_succeeded(&output);
 
     let double = tempfile::tempdir().unwrap();
     let config = fixture_config(double.path(), "");
@@ -282,11 +275,7 @@ fn two_processes_with_half_the_batch_train_like_one() {
         .env_remove("MASTER_PORT")
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_succeeded(&output);
 
     let one = logged_losses(&single.path().join("out"));
     let two = logged_losses(&double.path().join("out"));
@@ -347,12 +336,7 @@ fn two_nodes(rank_var: &str) -> Vec<f64> {
         .map(|node| start_node(dir.path(), &args, &port, rank_var, node))
         .collect();
     for node in nodes {
-        let output = node.wait_with_output().unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert_succeeded(&node.wait_with_output().unwrap());
     }
     logged_losses(&dir.path().join("out"))
 }
@@ -362,11 +346,7 @@ fn two_nodes_on_one_machine_train_like_one_process() {
     let single = tempfile::tempdir().unwrap();
     let config = fixture_config(single.path(), "");
     let output = ferrofactory(&["train", config.to_str().unwrap()], single.path());
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_succeeded(&output);
     let one = logged_losses(&single.path().join("out"));
     for rank_var in ["NODE_RANK", "RANK"] {
         let two = two_nodes(rank_var);

@@ -29,9 +29,9 @@ fn run_workers(scenario: &str, world: usize, timeout_ms: u64, limit: Duration) -
     workers.into_iter().map(|w| w.wait(limit)).collect()
 }
 
-#[test]
-fn collectives_give_exact_results_across_two_processes() {
-    for finished in run_workers("collectives", 2, 20_000, Duration::from_secs(30)) {
+/// Every worker of a `world`-process job checked every collective's result.
+fn collectives_are_exact(world: usize) {
+    for finished in run_workers("collectives", world, 20_000, Duration::from_secs(30)) {
         assert_success(&finished);
         assert!(
             finished.stderr.contains("all collectives checked"),
@@ -42,15 +42,13 @@ fn collectives_give_exact_results_across_two_processes() {
 }
 
 #[test]
+fn collectives_give_exact_results_across_two_processes() {
+    collectives_are_exact(2);
+}
+
+#[test]
 fn collectives_give_exact_results_across_three_processes() {
-    for finished in run_workers("collectives", 3, 20_000, Duration::from_secs(30)) {
-        assert_success(&finished);
-        assert!(
-            finished.stderr.contains("all collectives checked"),
-            "{}",
-            finished.stderr
-        );
-    }
+    collectives_are_exact(3);
 }
 
 /// A peer that dies fails the collective on the survivors at once (not at the timeout). Which
