@@ -1,6 +1,7 @@
 //! The training run: epochs of shuffled micro-batches, logging, evaluation, checkpoints, resume
 //! and the files LLaMA-Factory leaves in `output_dir`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -563,8 +564,8 @@ fn scatter_optimizer(
     names: &[String],
     full: AdamWState,
 ) -> TrainResult<AdamWState> {
-    let mut avg = std::collections::HashMap::new();
-    let mut avg_sq = std::collections::HashMap::new();
+    let mut avg = HashMap::new();
+    let mut avg_sq = HashMap::new();
     for (name, m) in names.iter().zip(full.moments) {
         if !m.exp_avg.is_empty() {
             avg.insert(name.clone(), m.exp_avg);
@@ -596,37 +597,28 @@ fn full_optimizer_state(
     let Engine::Sharded(s) = engine else {
         return Ok(optimizer.state.clone());
     };
-    let piece_lens: Vec<usize> = s.vars.iter().map(|v| v.elem_count()).collect();
-    let or_zeros = |v: &Vec<f32>, n: usize| {
-        if v.is_empty() {
-            vec![0.0; n]
-        } else {
-            v.clone()
-        }
+    // Moments never updated are zeros, as AdamW starts them; every rank must send its share.
+    let gather = |moment: fn(&Moments) -> &Vec<f32>| -> TrainResult<HashMap<String, Vec<f32>>> {
+        let per_piece: Vec<Vec<f32>> = optimizer
+            .state
+            .moments
+            .iter()
+            .zip(&s.vars)
+            .map(|(m, var)| match moment(m) {
+                v if v.is_empty() => vec![0.0; var.elem_count()],
+                v => v.clone(),
+            })
+            .collect();
+        Ok(s.gather_values(&per_piece)?.into_iter().collect())
     };
-    let avg: Vec<Vec<f32>> = optimizer
-        .state
-        .moments
-        .iter()
-        .zip(&piece_lens)
-        .map(|(m, &n)| or_zeros(&m.exp_avg, n))
-        .collect();
-    let avg_sq: Vec<Vec<f32>> = optimizer
-        .state
-        .moments
-        .iter()
-        .zip(&piece_lens)
-        .map(|(m, &n)| or_zeros(&m.exp_avg_sq, n))
-        .collect();
-    let avg: std::collections::HashMap<_, _> = s.gather_values(&avg)?.into_iter().collect();
-    let mut avg_sq: std::collections::HashMap<_, _> =
-        s.gather_values(&avg_sq)?.into_iter().collect();
+    let mut avg = gather(|m| &m.exp_avg)?;
+    let mut avg_sq = gather(|m| &m.exp_avg_sq)?;
     let moments = names
         .iter()
-        .map(|name| match (avg.get(name), avg_sq.remove(name)) {
-            (Some(a), Some(b)) if optimizer.state.step > 0 => Moments {
-                exp_avg: a.clone(),
-                exp_avg_sq: b,
+        .map(|name| match (avg.remove(name), avg_sq.remove(name)) {
+            (Some(exp_avg), Some(exp_avg_sq)) if optimizer.state.step > 0 => Moments {
+                exp_avg,
+                exp_avg_sq,
             },
             _ => Moments::default(),
         })
