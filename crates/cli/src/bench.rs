@@ -313,12 +313,6 @@ fn step(args: StepArgs) -> Result<()> {
 
 /// Peak resident set size of this process, from the kernel's high-water mark.
 fn peak_rss() -> Result<String> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc/self/status")?;
-    Ok(format!("{:.2} GB", kib * 1024.0 / 1e9))
+    let bytes = crate::peak_rss::peak_rss_bytes().context("no VmHWM in /proc/self/status")?;
+    Ok(format!("{:.2} GB", bytes as f64 / 1e9))
 }

@@ -8,6 +8,7 @@ mod env_cmd;
 mod export;
 mod launch_cmd;
 mod model_source;
+mod peak_rss;
 mod preprocess;
 mod progress;
 mod train;

@@ -75,22 +75,9 @@ pub fn report(rank: usize, memory: &MemoryReport) {
         memory.optimizer_bytes,
         memory.largest_unit_bytes,
         memory.peak_gathered_bytes,
-        peak_rss_bytes().unwrap_or(0),
+        crate::peak_rss::peak_rss_bytes().unwrap_or(0),
         memory.quantized_bytes,
         memory.model_quantized_bytes,
     );
     let _ = std::io::stderr().write_all(line.as_bytes());
-}
-
-fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
 }
