@@ -93,6 +93,14 @@ pub struct SplitBatch {
 }
 
 impl SplitBatch {
+    /// Rank `rank`'s share of the total batch: every process draws the same rows and keeps its
+    /// share, so the total is the same however many processes there are.
+    fn rank_batch(&self, rank: usize, world: usize, vocab: u64) -> Batch {
+        let rows = random_rows(self.batch, self.seq, vocab);
+        let share = self.batch / world;
+        batch_of(&rows[rank * share..(rank + 1) * share])
+    }
+
     fn check(&self) -> Result<()> {
         if self.nproc < 2 || self.steps == 0 || self.seq < 2 {
             bail!("--nproc must be at least 2, --steps positive and --seq at least 2");

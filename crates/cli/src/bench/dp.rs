@@ -11,7 +11,7 @@ use clap::Args;
 use ff_train::StepOptions;
 
 use super::workers::{run_as_workers, slowest_rank, write_report, WORKER_TIMEOUT};
-use super::{batch_of, median, random_rows, Finetuning, SplitBatch, Workload};
+use super::{median, Finetuning, SplitBatch, Workload};
 
 const LORA_RANK: usize = 8;
 
@@ -92,11 +92,7 @@ fn worker(args: &DpArgs, report: &Path) -> Result<()> {
         Finetuning::Lora,
         LORA_RANK,
     )?;
-    // Every process draws the same rows and keeps its share, so the total batch is the same
-    // however many processes there are.
-    let rows = random_rows(args.split.batch, args.split.seq, workload.vocab);
-    let share = args.split.batch / world;
-    let batch = batch_of(&rows[rank * share..(rank + 1) * share]);
+    let batch = args.split.rank_batch(rank, world, workload.vocab);
     let options = StepOptions {
         max_grad_norm: Some(1.0),
         gradient_checkpointing: true,

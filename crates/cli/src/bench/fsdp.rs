@@ -14,7 +14,7 @@ use ff_fsdp::{Sharded, ShardedSetup};
 use ff_train::{AdamW, AdamWConfig, Engine, StepOptions};
 
 use super::workers::{run_as_workers_with_args, slowest_rank, write_report, WORKER_TIMEOUT};
-use super::{batch_of, median, random_rows, Finetuning, SplitBatch, Workload};
+use super::{median, Finetuning, SplitBatch, Workload};
 
 #[derive(Args)]
 pub struct FsdpArgs {
@@ -165,9 +165,7 @@ fn worker(args: &FsdpArgs, layout: Layout, report: &Path) -> Result<()> {
         workload.engine = Engine::Sharded(Box::new(sharded));
         workload.optimizer = AdamW::new(AdamWConfig::default(), workload.engine.names());
     }
-    let rows = random_rows(args.split.batch, args.split.seq, workload.vocab);
-    let share = args.split.batch / world;
-    let batch = batch_of(&rows[rank * share..(rank + 1) * share]);
+    let batch = args.split.rank_batch(rank, world, workload.vocab);
     let options = StepOptions {
         max_grad_norm: Some(1.0),
         gradient_checkpointing: true,

@@ -139,14 +139,7 @@ mod tests {
             assert_eq!(y.dtype(), dtype);
             let grads = y.sum_all().unwrap().backward().unwrap();
             assert_eq!(grads.get(&x).unwrap().dtype(), dtype);
-            let err: f32 = (y.to_dtype(DType::F32).unwrap() - &y32)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let err = crate::test_util::max_abs_diff(&y.to_dtype(DType::F32).unwrap(), &y32);
             assert!(err < 0.05, "{dtype:?}: {err}");
         }
     }
