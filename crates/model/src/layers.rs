@@ -3,10 +3,10 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 
+use crate::causal_attention::causal_attention;
 use crate::config::{ModelConfig, RopeScaling};
 use crate::dropout::derive_seed;
 use crate::linear::Linear;
-use crate::masked_softmax::masked_softmax;
 use crate::param::Param;
 use crate::rms_normalize::rms_normalize;
 use crate::rope_heads::rope_heads;
@@ -184,29 +184,42 @@ impl Attention {
         let k = ctx
             .rope
             .apply_to_heads(&heads(&self.k_proj, nkv, 2, &self.k_norm)?)?;
-        let v = heads(&self.v_proj, nkv, 3, &None)?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let out = scaled_dot_product(&q, &k, &v, &ctx.mask)?
-            .transpose(1, 2)?
-            .reshape((batch, seq, nh * hd))?;
+        let v = heads(&self.v_proj, nkv, 3, &None)?.transpose(1, 2)?;
+        let out = attention(&q, &k, &v, &ctx.mask)?.reshape((batch, seq, nh * hd))?;
         self.o_proj.forward(&out, derive_seed(seed, 4))
     }
 }
 
 /// Attention of `q` `[batch, heads, seq, head_dim]` over `k` and `v` `[batch, kv_heads, seq,
-/// head_dim]` under the additive `mask` of [`ForwardCtx`]; returns `[batch, heads, seq, head_dim]`.
-/// Scores and softmax are in float32.
-pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+/// head_dim]` under the additive `mask` of [`ForwardCtx`]; returns `[batch, seq, heads,
+/// head_dim]`. Scores and softmax are in float32.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if let Some(out) = causal_attention(q, k, v, mask)? {
+        return Ok(out);
+    }
+    // Off the CPU, candle's ops compute the same over the whole square.
     let (batch, nh, seq, hd) = q.dims4()?;
     let nkv = k.dim(1)?;
     // Grouped-query attention without copying keys: the `groups` query heads that share a
     // key-value head are stacked along the sequence axis.
     let groups = nh / nkv;
-    let q = q.reshape((batch, nkv, groups * seq, hd))?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let probs = masked_softmax(&q.matmul(&k.t()?)?, mask, scale)?.to_dtype(q.dtype())?;
-    probs.matmul(v)?.reshape((batch, nh, seq, hd))
+    let q = q
+        .reshape((batch, nkv, groups * seq, hd))?
+        .to_dtype(DType::F32)?;
+    let scores = (q.matmul(&k.to_dtype(DType::F32)?.t()?)? / (hd as f64).sqrt())?
+        .reshape((batch, nkv, groups, seq, seq))?
+        .broadcast_add(mask)?;
+    let max = scores.max_keepdim(D::Minus1)?.detach();
+    let exp = scores.broadcast_sub(&max)?.exp()?;
+    let probs = exp
+        .broadcast_div(&exp.sum_keepdim(D::Minus1)?)?
+        .reshape((batch, nkv, groups * seq, seq))?
+        .to_dtype(v.dtype())?;
+    probs
+        .matmul(&v.contiguous()?)?
+        .reshape((batch, nh, seq, hd))?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
 #[derive(Clone, Debug)]

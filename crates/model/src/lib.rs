@@ -4,6 +4,7 @@
 //! The model knows nothing about training loops or distribution: it computes a forward pass
 //! layer by layer, and exposes its parameters by name so that others can train or shard them.
 
+pub mod causal_attention;
 pub mod causal_lm;
 pub mod config;
 pub mod dropout;
@@ -15,13 +16,14 @@ pub mod hf_export;
 pub mod layers;
 pub mod linear;
 pub mod load;
-pub mod masked_softmax;
+pub mod lora_product;
 pub mod param;
 pub mod peft;
 pub mod quant;
 pub mod rms_normalize;
 pub mod rope_heads;
 pub mod safetensors_io;
+mod strided_product;
 pub mod swiglu;
 
 pub use causal_lm::CausalLm;

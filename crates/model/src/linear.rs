@@ -4,6 +4,7 @@ use candle_core::{DType, Result, Tensor, Var};
 
 use crate::dropout::{derive_seed, dropout};
 use crate::frozen_product::matmul_frozen_t;
+use crate::lora_product::lora_product;
 use crate::param::Param;
 
 /// `y = x Wᵀ + b`, plus `scale · B(A(dropout(x)))` when an adapter is attached.
@@ -46,22 +47,39 @@ impl Linear {
         let dims = x.dims().to_vec();
         let rows = x.elem_count() / self.in_features();
         let x2 = x.reshape((rows, self.in_features()))?;
-        let mut y = match &self.weight {
-            Param::Quantized(q) => q.matmul_t(&x2)?,
-            Param::Frozen(w) => matmul_frozen_t(&x2, &w.to_dtype(dtype)?)?,
-            Param::Trainable(w) => x2.matmul(&w.as_tensor().to_dtype(dtype)?.t()?)?,
+        let mut y = match self.fused_with_adapter(&x2)? {
+            Some(y) => y,
+            None => {
+                let mut y = match &self.weight {
+                    Param::Quantized(q) => q.matmul_t(&x2)?,
+                    Param::Frozen(w) => matmul_frozen_t(&x2, &w.to_dtype(dtype)?)?,
+                    Param::Trainable(w) => x2.matmul(&w.as_tensor().to_dtype(dtype)?.t()?)?,
+                };
+                if let Some(lora) = &self.lora {
+                    y = (y + lora.forward(&x2, dtype, dropout_seed)?)?;
+                }
+                y
+            }
         };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(&bias.in_dtype(dtype)?)?;
-        }
-        if let Some(lora) = &self.lora {
-            y = (y + lora.forward(&x2, dtype, dropout_seed)?)?;
         }
         let mut out_dims = dims;
         *out_dims
             .last_mut()
             .expect("linear input has at least one dimension") = self.out_features();
         y.reshape(out_dims)
+    }
+
+    /// The frozen product and its adapter as one op, where there is a kernel for them (a dense
+    /// frozen float32 weight, an adapter without dropout).
+    fn fused_with_adapter(&self, x2: &Tensor) -> Result<Option<Tensor>> {
+        match (&self.weight, &self.lora) {
+            (Param::Frozen(w), Some(lora)) if lora.dropout == 0.0 => {
+                lora_product(x2, w, lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)
+            }
+            _ => Ok(None),
+        }
     }
 }
 

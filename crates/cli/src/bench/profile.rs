@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use ff_model::frozen_product::matmul_frozen_t;
-use ff_model::layers::scaled_dot_product;
+use ff_model::layers::attention;
 use ff_model::{ForwardCtx, ModelConfig};
 use ff_train::StepPhases;
 
@@ -176,10 +176,10 @@ fn layer_attention(shape: &StepShape) -> Result<(f64, f64)> {
         heads(c.num_key_value_heads)?,
     );
     let ctx = ForwardCtx::new(c, &vec![vec![1u8; s]; b], shape.dtype, 0, &Device::Cpu)?;
-    let upstream = Tensor::randn(0f32, 1.0, (b, c.num_attention_heads, s, hd), &Device::Cpu)?
+    let upstream = Tensor::randn(0f32, 1.0, (b, s, c.num_attention_heads, hd), &Device::Cpu)?
         .to_dtype(shape.dtype)?;
     let forward = || -> Result<Tensor> {
-        Ok(scaled_dot_product(
+        Ok(attention(
             q.as_tensor(),
             k.as_tensor(),
             v.as_tensor(),

@@ -1,0 +1,288 @@
+//! `x Wᵀ + s · (x Aᵀ) Bᵀ`, a frozen Linear with its LoRA adapter, as one op with its own
+//! backward.
+//!
+//! From candle's ops the adapter added two products, a scale and an add to the frozen product,
+//! and in backward a zero-filled gradient and an add per operand of each, several passes over
+//! `[tokens, out]` per Linear. Here the adapter's product accumulates into the frozen product's
+//! output, and the backward computes the input's gradient and the two adapter gradients from
+//! the output's gradient and nothing else (the frozen weight's gradient is never formed).
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
+
+use crate::strided_product::{cpu_values, product, Operand, Threads};
+
+/// `x` is `[m, k]`, `w` the frozen `[n, k]`, `a` the adapter's `[r, k]` and `b` its `[n, r]`;
+/// returns `x wᵀ + scale · (x aᵀ) bᵀ` as `[m, n]`. `None` when the op has no kernel for these
+/// tensors (not all float32, or not on the CPU), and the caller uses candle's ops.
+pub fn lora_product(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    if !x.device().is_cpu() || [x, w, a, b].iter().any(|t| t.dtype() != DType::F32) {
+        return Ok(None);
+    }
+    let (_, k) = x.dims2()?;
+    let (n, w_k) = w.dims2()?;
+    let (r, a_k) = a.dims2()?;
+    if w_k != k || a_k != k || b.dims2()? != (n, r) {
+        return Err(Error::Msg(format!(
+            "LoRA product of x {:?} with weight {:?}, A {:?} and B {:?}",
+            x.shape(),
+            w.shape(),
+            a.shape(),
+            b.shape()
+        )));
+    }
+    let op = LoraProduct {
+        w: w.detach(),
+        scale: scale as f32,
+    };
+    Ok(Some(x.apply_op3_arc(a, b, Arc::new(Box::new(op)))?))
+}
+
+struct LoraProduct {
+    /// Frozen: read in forward and backward, never given a gradient.
+    w: Tensor,
+    scale: f32,
+}
+
+/// `x aᵀ`, `[m, r]`: the adapter's narrow middle, recomputed in backward (it costs `r / n` of
+/// the frozen product).
+fn down_projection(x: Operand, a: Operand, m: usize, r: usize, k: usize) -> Vec<f32> {
+    let mut xa = vec![0f32; m * r];
+    // SAFETY: x is m × k and a is r × k as their views say; xa is m × r.
+    unsafe {
+        product(
+            (m, r, k),
+            xa.as_mut_ptr(),
+            r,
+            false,
+            x,
+            a.t(),
+            1.0,
+            Threads::Pool,
+        )
+    };
+    xa
+}
+
+impl CustomOp3 for LoraProduct {
+    fn name(&self) -> &'static str {
+        "lora-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        a: &CpuStorage,
+        a_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = x_layout.shape().dims2()?;
+        let (r, n) = (a_layout.dims()[0], b_layout.dims()[0]);
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let x = Operand::matrix(x.as_slice()?, x_layout)?;
+        let w = Operand::matrix(cpu_values(&w_storage)?, w_layout)?;
+        let a = Operand::matrix(a.as_slice()?, a_layout)?;
+        let b = Operand::matrix(b.as_slice()?, b_layout)?;
+        let xa = down_projection(x, a, m, r, k);
+        let mut y = vec![0f32; m * n];
+        // SAFETY: every operand is read through its own layout; y is m × n.
+        unsafe {
+            product(
+                (m, n, k),
+                y.as_mut_ptr(),
+                n,
+                false,
+                x,
+                w.t(),
+                1.0,
+                Threads::Pool,
+            );
+            product(
+                (m, n, r),
+                y.as_mut_ptr(),
+                n,
+                true,
+                Operand::rows(&xa, r),
+                b.t(),
+                self.scale,
+                Threads::Pool,
+            );
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = x.dims2()?;
+        let (r, n) = (a.dim(0)?, b.dim(0)?);
+        let grad_y = grad_y.to_dtype(DType::F32)?.contiguous()?;
+        let (x_storage, x_layout) = x.storage_and_layout();
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let (a_storage, a_layout) = a.storage_and_layout();
+        let (b_storage, b_layout) = b.storage_and_layout();
+        let (dy_storage, dy_layout) = grad_y.storage_and_layout();
+        let x_op = Operand::matrix(cpu_values(&x_storage)?, x_layout)?;
+        let w = Operand::matrix(cpu_values(&w_storage)?, w_layout)?;
+        let a_op = Operand::matrix(cpu_values(&a_storage)?, a_layout)?;
+        let b_op = Operand::matrix(cpu_values(&b_storage)?, b_layout)?;
+        let dy = Operand::matrix(cpu_values(&dy_storage)?, dy_layout)?;
+        let s = self.scale;
+        let mut dy_b = vec![0f32; m * r];
+        let mut dx = vec![0f32; m * k];
+        let mut da = vec![0f32; r * k];
+        let mut db = vec![0f32; n * r];
+        let xa = down_projection(x_op, a_op, m, r, k);
+        // SAFETY: every operand is read through its own layout; each result is written row-major
+        // in the shape its vector was allocated for.
+        unsafe {
+            // dy B, [m, r]
+            product(
+                (m, r, n),
+                dy_b.as_mut_ptr(),
+                r,
+                false,
+                dy,
+                b_op,
+                1.0,
+                Threads::Pool,
+            );
+            let dy_b = Operand::rows(&dy_b, r);
+            // dx = dy W + s · (dy B) A
+            product(
+                (m, k, n),
+                dx.as_mut_ptr(),
+                k,
+                false,
+                dy,
+                w,
+                1.0,
+                Threads::Pool,
+            );
+            product(
+                (m, k, r),
+                dx.as_mut_ptr(),
+                k,
+                true,
+                dy_b,
+                a_op,
+                s,
+                Threads::Pool,
+            );
+            // dA = s · (dy B)ᵀ x
+            product(
+                (r, k, m),
+                da.as_mut_ptr(),
+                k,
+                false,
+                dy_b.t(),
+                x_op,
+                s,
+                Threads::Pool,
+            );
+            // dB = s · dyᵀ (x Aᵀ)
+            product(
+                (n, r, m),
+                db.as_mut_ptr(),
+                r,
+                false,
+                dy.t(),
+                Operand::rows(&xa, r),
+                s,
+                Threads::Pool,
+            );
+        }
+        let device = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (m, k), device)?),
+            Some(Tensor::from_vec(da, (r, k), device)?),
+            Some(Tensor::from_vec(db, (n, r), device)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{grads_of, max_abs_diff};
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn equals_candle_ops_forward_and_backward() {
+        let dev = Device::Cpu;
+        let (m, k, n, r) = (37, 24, 19, 4);
+        let var = |shape: (usize, usize)| {
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
+        };
+        let (x, a, b) = (var((m, k)), var((r, k)), var((n, r)));
+        // W stored transposed, as a view: the op must read it through its strides.
+        let w_stored = Tensor::randn(0f32, 1.0, (k, n), &dev).unwrap();
+        let w = w_stored.t().unwrap();
+        let scale = 2.5;
+        let upstream = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
+
+        let ours = lora_product(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), scale)
+            .unwrap()
+            .unwrap();
+        let t = |v: &Var| v.as_tensor().t().unwrap();
+        let lora = x
+            .as_tensor()
+            .matmul(&t(&a))
+            .unwrap()
+            .matmul(&t(&b))
+            .unwrap();
+        let reference =
+            (x.as_tensor().matmul(&w.t().unwrap()).unwrap() + (lora * scale).unwrap()).unwrap();
+        assert!(max_abs_diff(&ours, &reference) < 1e-4);
+        let g_ours = grads_of(ours, &upstream);
+        let g_ref = grads_of(reference, &upstream);
+        for var in [&x, &a, &b] {
+            let (got, want) = (g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
+            assert!(
+                max_abs_diff(got, want) < 1e-4,
+                "{}",
+                max_abs_diff(got, want)
+            );
+        }
+    }
+
+    #[test]
+    fn leaves_other_dtypes_to_candle_and_rejects_mismatched_adapters() {
+        let dev = Device::Cpu;
+        let z = |shape: (usize, usize), dtype| Tensor::zeros(shape, dtype, &dev).unwrap();
+        let bf16 = z((2, 3), DType::BF16);
+        assert!(lora_product(
+            &bf16,
+            &z((4, 3), DType::BF16),
+            &z((1, 3), DType::F32),
+            &z((4, 1), DType::F32),
+            1.0
+        )
+        .unwrap()
+        .is_none());
+        let x = z((2, 3), DType::F32);
+        let err = lora_product(
+            &x,
+            &z((4, 3), DType::F32),
+            &z((1, 3), DType::F32),
+            &z((5, 1), DType::F32),
+            1.0,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("LoRA product"), "{err}");
+    }
+}
