@@ -8,7 +8,7 @@
 //! go to `gemm` directly over strided views, and a block of queries multiplies the keys up to
 //! its last unmasked one only.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -47,17 +47,17 @@ pub fn causal_attention(
     }
     let op = CausalAttention {
         mask: mask.to_dtype(DType::F32)?.contiguous()?,
-        probs: Mutex::new(None),
     };
     let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     let out = f32(q)?.apply_op3_arc(&f32(k)?, &f32(v)?, Arc::new(Box::new(op)))?;
     Ok(Some(out.to_dtype(q.dtype())?))
 }
 
+/// The backward recomputes a block's probabilities instead of keeping `[batch, heads, seq,
+/// seq]` of them from the forward: one more product of the six, and the largest tensor of a
+/// layer's graph gone.
 struct CausalAttention {
     mask: Tensor,
-    /// The forward's probabilities `[batch, heads, seq, seq]`, for the backward.
-    probs: Mutex<Option<Arc<Vec<f32>>>>,
 }
 
 /// A float32 `[batch, heads, seq, head_dim]` tensor's values and strides.
@@ -199,53 +199,38 @@ impl CustomOp3 for CausalAttention {
             ..
         } = dims;
         let limits = key_limits(mask, &dims);
-        let mut probs = vec![0f32; batch * heads * seq * seq];
         let mut out = vec![0f32; batch * seq * heads * head_dim];
         let shared = SharedOut(out.as_mut_ptr());
-        probs
-            .par_chunks_mut(seq * seq)
-            .enumerate()
-            .for_each(|(task, p)| {
-                let (b, h) = (task / heads, task % heads);
-                let g = h / dims.group();
-                let limits = &limits[b * seq..(b + 1) * seq];
-                let mask = &mask[b * seq * seq..(b + 1) * seq * seq];
-                for (r0, r1, keys) in query_blocks(limits) {
-                    let rows = &mut p[r0 * seq..];
-                    // SAFETY: the views stay inside q, k, v and this head's probabilities, and
-                    // this task alone writes head h's columns of the output.
-                    unsafe {
-                        // scores[rows, ..keys] = q[rows] · k[..keys]ᵀ
-                        product(
-                            (r1 - r0, keys, head_dim),
-                            rows.as_mut_ptr(),
-                            seq,
-                            false,
-                            q.from(b, h, r0),
-                            k.from(b, g, 0).t(),
-                            1.0,
-                            Threads::Caller,
-                        );
-                    }
-                    for (i, row) in (r0..r1).zip(rows.chunks_mut(seq)) {
-                        softmax_row(&mut row[..keys], limits[i], &mask[i * seq..], dims.scale());
-                    }
-                    unsafe {
-                        // out[rows] = p[rows, ..keys] · v[..keys]
-                        product(
-                            (r1 - r0, head_dim, keys),
-                            shared.at(dims.out_offset(b, r0, h)),
-                            heads * head_dim,
-                            false,
-                            Operand::rows(&p[r0 * seq..], seq),
-                            v.from(b, g, 0),
-                            1.0,
-                            Threads::Caller,
-                        );
-                    }
+        (0..batch * heads).into_par_iter().for_each(|task| {
+            let (b, h) = (task / heads, task % heads);
+            let g = h / dims.group();
+            let scores = Scores {
+                dims: &dims,
+                limits: &limits[b * seq..(b + 1) * seq],
+                mask: &mask[b * seq * seq..(b + 1) * seq * seq],
+                q: q.from(b, h, 0),
+                k: k.from(b, g, 0),
+            };
+            let mut p = vec![0f32; QUERY_BLOCK * seq];
+            for (r0, r1, keys) in query_blocks(scores.limits) {
+                scores.probabilities(&mut p, r0, r1, keys);
+                // SAFETY: p holds the block's rows, v is read through its strides, and this
+                // task alone writes head h's columns of the output.
+                unsafe {
+                    // out[rows] = p[rows, ..keys] · v[..keys]
+                    product(
+                        (r1 - r0, head_dim, keys),
+                        shared.at(dims.out_offset(b, r0, h)),
+                        heads * head_dim,
+                        false,
+                        Operand::rows(&p, seq),
+                        v.from(b, g, 0),
+                        1.0,
+                        Threads::Caller,
+                    );
                 }
-            });
-        *self.probs.lock().expect("attention probabilities lock") = Some(Arc::new(probs));
+            }
+        });
         Ok((
             CpuStorage::F32(out),
             Shape::from((batch, seq, heads, head_dim)),
@@ -260,12 +245,6 @@ impl CustomOp3 for CausalAttention {
         _out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let probs = self
-            .probs
-            .lock()
-            .expect("attention probabilities lock")
-            .clone()
-            .ok_or_else(|| Error::Msg("attention's backward ran before its forward".into()))?;
         let grad_out = grad_out.to_dtype(DType::F32)?.contiguous()?;
         let (q_storage, q_layout) = q.storage_and_layout();
         let (k_storage, k_layout) = k.storage_and_layout();
@@ -274,7 +253,6 @@ impl CustomOp3 for CausalAttention {
         let (mask_storage, _) = self.mask.storage_and_layout();
         let (dq, dk, dv) = backward(
             &Dims::of(q_layout, k_layout)?,
-            &probs,
             contiguous_values(cpu_values(&mask_storage)?, &self.mask)?,
             contiguous_values(cpu_values(&go_storage)?, &grad_out)?,
             Heads::new(cpu_values(&q_storage)?, q_layout),
@@ -308,13 +286,57 @@ fn softmax_row(row: &mut [f32], limit: usize, mask: &[f32], scale: f32) {
     dead.fill(0.0);
 }
 
+/// One head's scores against its key-value head, for one example.
+struct Scores<'a> {
+    dims: &'a Dims,
+    /// Per query row, one past the last key it may see.
+    limits: &'a [usize],
+    /// The example's additive `[seq, seq]` mask.
+    mask: &'a [f32],
+    /// The head's queries and keys from position 0.
+    q: Operand,
+    k: Operand,
+}
+
+impl Scores<'_> {
+    /// Rows `r0..r1` of the probabilities into `p` (rows `seq` apart, keys `0..keys`).
+    fn probabilities(&self, p: &mut [f32], r0: usize, r1: usize, keys: usize) {
+        let seq = self.dims.seq;
+        let q = Operand {
+            ptr: self.q.ptr.wrapping_offset(r0 as isize * self.q.row_stride),
+            ..self.q
+        };
+        // SAFETY: rows r0..r1 of q and keys 0..keys of k lie inside their tensors, and p holds
+        // r1 - r0 rows of seq values.
+        unsafe {
+            // scores[rows, ..keys] = q[rows] · k[..keys]ᵀ
+            product(
+                (r1 - r0, keys, self.dims.head_dim),
+                p.as_mut_ptr(),
+                seq,
+                false,
+                q,
+                self.k.t(),
+                1.0,
+                Threads::Caller,
+            );
+        }
+        for (i, row) in (r0..r1).zip(p.chunks_mut(seq)) {
+            softmax_row(
+                &mut row[..keys],
+                self.limits[i],
+                &self.mask[i * seq..],
+                self.dims.scale(),
+            );
+        }
+    }
+}
+
 /// Gradients of q, k and v (contiguous, in their shapes) from the output's gradient `go`
-/// (`[batch, seq, heads, head_dim]`) and the forward's probabilities. One task per key-value
-/// head of an example, which sums the key and value gradients of the query heads sharing it.
-#[allow(clippy::too_many_arguments)]
+/// (`[batch, seq, heads, head_dim]`). One task per key-value head of an example, which sums the
+/// key and value gradients of the query heads sharing it.
 fn backward(
     dims: &Dims,
-    probs: &[f32],
     mask: &[f32],
     go: &[f32],
     q: Heads,
@@ -341,18 +363,25 @@ fn backward(
         .enumerate()
         .for_each(|(task, ((dq, dk), dv))| {
             let (b, g) = (task / kv_heads, task % kv_heads);
-            let limits = &limits[b * seq..(b + 1) * seq];
-            // The scores' gradient, one block of rows at a time.
-            let mut ds = vec![0f32; seq * seq];
+            // A block's probabilities and the gradient of its scores.
+            let mut p = vec![0f32; QUERY_BLOCK * seq];
+            let mut ds = vec![0f32; QUERY_BLOCK * seq];
             for j in 0..group {
                 let h = g * group + j;
-                let p = &probs[(b * heads + h) * seq * seq..][..seq * seq];
-                for (r0, r1, keys) in query_blocks(limits) {
+                let scores = Scores {
+                    dims,
+                    limits: &limits[b * seq..(b + 1) * seq],
+                    mask: &mask[b * seq * seq..(b + 1) * seq * seq],
+                    q: q.from(b, h, 0),
+                    k: k.from(b, g, 0),
+                };
+                for (r0, r1, keys) in query_blocks(scores.limits) {
                     let rows = r1 - r0;
+                    scores.probabilities(&mut p, r0, r1, keys);
                     let go_rows = Operand::rows(&go[dims.out_offset(b, r0, h)..], heads * head_dim);
-                    let p_rows = Operand::rows(&p[r0 * seq..], seq);
-                    // SAFETY: every view stays inside its buffer; this task alone writes `ds`,
-                    // `dq`, `dk` and `dv`.
+                    let p_rows = Operand::rows(&p, seq);
+                    // SAFETY: every view stays inside its buffer; this task alone writes `p`,
+                    // `ds`, `dq`, `dk` and `dv`.
                     unsafe {
                         // dv[..keys] += p[rows, ..keys]ᵀ · go[rows]
                         product(
@@ -368,7 +397,7 @@ fn backward(
                         // dp[rows, ..keys] = go[rows] · v[..keys]ᵀ
                         product(
                             (rows, keys, head_dim),
-                            ds[r0 * seq..].as_mut_ptr(),
+                            ds.as_mut_ptr(),
                             seq,
                             false,
                             go_rows,
@@ -377,9 +406,9 @@ fn backward(
                             Threads::Caller,
                         );
                     }
-                    for i in r0..r1 {
-                        let limit = limits[i];
-                        let (p, d) = (&p[i * seq..][..limit], &mut ds[i * seq..][..keys]);
+                    for ((p, d), i) in p.chunks(seq).zip(ds.chunks_mut(seq)).zip(r0..r1) {
+                        let limit = scores.limits[i];
+                        let (p, d) = (&p[..limit], &mut d[..keys]);
                         let dot: f32 = p.iter().zip(d.iter()).map(|(p, d)| p * d).sum();
                         let (live, dead) = d.split_at_mut(limit);
                         for (d, &p) in live.iter_mut().zip(p) {
@@ -387,7 +416,7 @@ fn backward(
                         }
                         dead.fill(0.0);
                     }
-                    let ds_rows = Operand::rows(&ds[r0 * seq..], seq);
+                    let ds_rows = Operand::rows(&ds, seq);
                     unsafe {
                         // dq[rows] = ds[rows, ..keys] · k[..keys]
                         product(

@@ -12,7 +12,8 @@ use crate::rms_normalize::rms_normalize;
 use crate::rope_heads::rope_heads;
 use crate::swiglu::swiglu;
 
-/// RMSNorm computed in float32 and cast back, as transformers does.
+/// RMSNorm computed in float32 and cast back, as transformers does: the normalized values are
+/// cast to the input's dtype before the weight multiplies them.
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
     pub weight: Param,
@@ -22,8 +23,14 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let normed = rms_normalize(&x.to_dtype(DType::F32)?, self.eps)?.to_dtype(dtype)?;
-        normed.broadcast_mul(&self.weight.in_dtype(dtype)?)
+        let weight = self.weight.in_dtype(dtype)?;
+        if dtype == DType::F32 {
+            return rms_normalize(x, &weight, self.eps, self.weight.is_trainable());
+        }
+        let ones = Tensor::ones(weight.dims1()?, DType::F32, x.device())?;
+        rms_normalize(&x.to_dtype(DType::F32)?, &ones, self.eps, false)?
+            .to_dtype(dtype)?
+            .broadcast_mul(&weight)
     }
 }
 

@@ -1,33 +1,37 @@
-//! `x / sqrt(mean(x²) + eps)` over the last axis in float32, as one op with its own backward.
+//! `weight ⊙ x / sqrt(mean(x²) + eps)` over the last axis in float32, as one op with its own
+//! backward.
 //!
-//! From candle's ops it was square, mean, add, sqrt, reciprocal and a broadcast product, six
-//! passes forward and their backwards, twice per decoder layer and pass; here it is one pass per
-//! row each way, rows in parallel.
+//! From candle's ops it was square, mean, add, sqrt, reciprocal and two broadcast products,
+//! seven passes forward and their backwards, twice per decoder layer and pass; here it is one
+//! pass per row each way, rows in parallel, and the graph keeps no normalized copy before the
+//! weight.
 
 use std::sync::Arc;
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, D,
-};
+use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-/// `x` is float32 `[..., width]`.
-pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+use crate::strided_product::cpu_values;
+
+/// `x` is float32 `[..., width]`, `weight` float32 `[width]`; `weight_trains` says whether the
+/// backward forms the weight's gradient.
+pub fn rms_normalize(x: &Tensor, weight: &Tensor, eps: f64, weight_trains: bool) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
         // The op has only a float32 CPU kernel; elsewhere candle's ops compute the same.
         let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-        return x.broadcast_mul(&inv_rms);
+        return x.broadcast_mul(&inv_rms)?.broadcast_mul(weight);
     }
+    let op = RmsNormalize { eps, weight_trains };
     x.contiguous()?
-        .apply_op1_arc(Arc::new(Box::new(RmsNormalize { eps })))
+        .apply_op2_arc(&weight.contiguous()?, Arc::new(Box::new(op)))
 }
 
-/// The contiguous float32 values of a storage.
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+/// The contiguous float32 values of `values` as `layout` places them.
+fn contiguous<'a>(values: &'a [f32], layout: &Layout) -> Result<&'a [f32]> {
     let (start, end) = layout
         .contiguous_offsets()
         .ok_or_else(|| Error::Msg("rms normalize needs contiguous inputs".into()))?;
-    Ok(&storage.as_slice::<f32>()?[start..end])
+    Ok(&values[start..end])
 }
 
 /// `1 / sqrt(mean(row²) + eps)`.
@@ -36,78 +40,109 @@ fn inv_rms(row: &[f32], eps: f64) -> f32 {
     1.0 / (mean + eps as f32).sqrt()
 }
 
-fn width(layout: &Layout) -> Result<usize> {
-    layout
-        .shape()
-        .dims()
-        .last()
-        .copied()
-        .ok_or_else(|| Error::Msg("rms normalize needs at least one dimension".into()))
-}
-
 struct RmsNormalize {
     eps: f64,
+    weight_trains: bool,
 }
 
-impl CustomOp1 for RmsNormalize {
+impl CustomOp2 for RmsNormalize {
     fn name(&self) -> &'static str {
         "rms-normalize"
-    }
-
-    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let width = width(layout)?;
-        let x = f32_slice(x, layout)?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(width)
-            .zip(x.par_chunks(width))
-            .for_each(|(y, x)| {
-                let r = inv_rms(x, self.eps);
-                y.iter_mut().zip(x).for_each(|(y, x)| *y = x * r);
-            });
-        Ok((CpuStorage::F32(y), layout.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
-        let grad_y = grad_y.contiguous()?;
-        Ok(Some(x.apply_op2_no_bwd(
-            &grad_y,
-            &RmsNormalizeGrad { eps: self.eps },
-        )?))
-    }
-}
-
-/// `r · (dy − y · mean(dy ⊙ y))` per row, with `r = 1/rms(x)` and `y = r · x`.
-struct RmsNormalizeGrad {
-    eps: f64,
-}
-
-impl CustomOp2 for RmsNormalizeGrad {
-    fn name(&self) -> &'static str {
-        "rms-normalize-grad"
     }
 
     fn cpu_fwd(
         &self,
         x: &CpuStorage,
         x_layout: &Layout,
-        grad_y: &CpuStorage,
-        grad_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let width = width(x_layout)?;
-        let x = f32_slice(x, x_layout)?;
-        let grad_y = f32_slice(grad_y, grad_layout)?;
-        let mut grad_x = vec![0f32; x.len()];
-        grad_x
-            .par_chunks_mut(width)
-            .zip(x.par_chunks(width).zip(grad_y.par_chunks(width)))
-            .for_each(|(gx, (x, gy))| {
+        let x = contiguous(x.as_slice()?, x_layout)?;
+        let weight = contiguous(weight.as_slice()?, weight_layout)?;
+        let width = weight.len();
+        if width == 0 || x_layout.dims().last() != Some(&width) {
+            return Err(Error::Msg(format!(
+                "rms normalize of {:?} with a weight of {width}",
+                x_layout.shape()
+            )));
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(width)
+            .zip(x.par_chunks(width))
+            .for_each(|(y, x)| {
                 let r = inv_rms(x, self.eps);
-                let mean_dot = r * x.iter().zip(gy).map(|(x, g)| x * g).sum::<f32>() / width as f32;
-                for ((gx, &x), &g) in gx.iter_mut().zip(x).zip(gy) {
-                    *gx = r * (g - x * r * mean_dot);
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(weight) {
+                    *y = w * (x * r);
                 }
             });
-        Ok((CpuStorage::F32(grad_x), x_layout.shape().clone()))
+        Ok((CpuStorage::F32(y), x_layout.shape().clone()))
+    }
+
+    /// With `r = 1/rms(x)`, `n = r · x` and `g = weight ⊙ dy` per row: `dx = r · (g − n ·
+    /// mean(g ⊙ n))`, and `dweight = Σ_rows dy ⊙ n`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_y = grad_y.contiguous()?;
+        let (x_storage, x_layout) = x.storage_and_layout();
+        let (w_storage, w_layout) = weight.storage_and_layout();
+        let (dy_storage, dy_layout) = grad_y.storage_and_layout();
+        let x_values = contiguous(cpu_values(&x_storage)?, x_layout)?;
+        let w = contiguous(cpu_values(&w_storage)?, w_layout)?;
+        let dy = contiguous(cpu_values(&dy_storage)?, dy_layout)?;
+        let width = w.len();
+        let mut dx = vec![0f32; x_values.len()];
+        let rows = dx
+            .par_chunks_mut(width)
+            .zip(x_values.par_chunks(width).zip(dy.par_chunks(width)));
+        let row_grad = |dx: &mut [f32], x: &[f32], dy: &[f32]| -> f32 {
+            let r = inv_rms(x, self.eps);
+            let mean_dot = r * x
+                .iter()
+                .zip(dy)
+                .zip(w)
+                .map(|((x, g), w)| x * w * g)
+                .sum::<f32>()
+                / width as f32;
+            for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                *dx = r * (w * g - x * r * mean_dot);
+            }
+            r
+        };
+        let grad_weight = if self.weight_trains {
+            let sum = rows
+                .fold(
+                    || vec![0f32; width],
+                    |mut sum, (dx, (x, dy))| {
+                        let r = row_grad(dx, x, dy);
+                        for ((s, &x), &g) in sum.iter_mut().zip(x).zip(dy) {
+                            *s += g * (x * r);
+                        }
+                        sum
+                    },
+                )
+                .reduce(
+                    || vec![0f32; width],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                        a
+                    },
+                );
+            Some(Tensor::from_vec(sum, width, weight.device())?)
+        } else {
+            rows.for_each(|(dx, (x, dy))| {
+                row_grad(dx, x, dy);
+            });
+            None
+        };
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            grad_weight,
+        ))
     }
 }
 
@@ -120,9 +155,10 @@ mod tests {
     fn equals_candle_ops_forward_and_backward() {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, 16), &dev).unwrap()).unwrap();
+        let weight = Var::from_tensor(&Tensor::randn(1f32, 0.1, 16, &dev).unwrap()).unwrap();
         let upstream = Tensor::randn(0f32, 1.0, (3, 5, 16), &dev).unwrap();
         let eps = 1e-5;
-        let ours = rms_normalize(x.as_tensor(), eps).unwrap();
+        let ours = rms_normalize(x.as_tensor(), weight.as_tensor(), eps, true).unwrap();
         let inv = (x
             .as_tensor()
             .sqr()
@@ -135,11 +171,30 @@ mod tests {
             .unwrap()
             .recip()
             .unwrap();
-        let reference = x.as_tensor().broadcast_mul(&inv).unwrap();
+        let reference = x
+            .as_tensor()
+            .broadcast_mul(&inv)
+            .unwrap()
+            .broadcast_mul(weight.as_tensor())
+            .unwrap();
         let diff = crate::test_util::max_abs_diff;
         assert!(diff(&ours, &reference) < 1e-6);
         let g_ours = crate::test_util::grads_of(ours, &upstream);
         let g_ref = crate::test_util::grads_of(reference, &upstream);
-        assert!(diff(g_ours.get(&x).unwrap(), g_ref.get(&x).unwrap()) < 1e-5);
+        for var in [&x, &weight] {
+            let (got, want) = (g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
+            assert!(diff(got, want) < 1e-5, "{}", diff(got, want));
+        }
+    }
+
+    #[test]
+    fn a_frozen_weight_gets_no_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 8), &dev).unwrap()).unwrap();
+        let weight = Tensor::ones(8, DType::F32, &dev).unwrap();
+        let y = rms_normalize(x.as_tensor(), &weight, 1e-6, false).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_some());
+        assert!(grads.get(&weight).is_none());
     }
 }

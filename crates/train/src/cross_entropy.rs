@@ -10,33 +10,33 @@ use rayon::prelude::*;
 
 /// For `logits` `[rows, vocab]` in float32 and each row's target: the sum over rows of
 /// `logsumexp(row) − row[target]`, and the gradient of that sum divided by `denominator` with
-/// respect to the logits, `(softmax(row) − onehot(target)) / denominator`, `[rows, vocab]`.
-pub fn nll_and_grad(logits: &Tensor, targets: &[u32], denominator: f64) -> Result<(f64, Tensor)> {
+/// respect to the logits, `(softmax(row) − onehot(target)) / denominator`, `[rows, vocab]`. The
+/// gradient is written over the logits' values, so a chunk's logits and gradient never exist
+/// side by side.
+pub fn nll_and_grad(logits: Tensor, targets: &[u32], denominator: f64) -> Result<(f64, Tensor)> {
     let (rows, vocab) = logits.dims2()?;
-    let values = logits.flatten_all()?.to_vec1::<f32>()?;
-    let mut grad = vec![0f32; rows * vocab];
-    let nll_sum = grad
+    let device = logits.device().clone();
+    let mut values = logits.flatten_all()?.to_vec1::<f32>()?;
+    drop(logits);
+    let nll_sum = values
         .par_chunks_mut(vocab)
-        .zip(values.par_chunks(vocab))
         .zip(targets.par_iter())
-        .map(|((grad_row, row), &target)| {
+        .map(|(row, &target)| {
+            let target = target as usize;
+            let target_logit = row[target];
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f64;
-            for (g, &v) in grad_row.iter_mut().zip(row) {
-                let e = (v - max).exp();
-                *g = e;
-                sum += e as f64;
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v as f64;
             }
             let scale = (1.0 / (sum * denominator)) as f32;
-            grad_row.iter_mut().for_each(|g| *g *= scale);
-            grad_row[target as usize] -= (1.0 / denominator) as f32;
-            max as f64 + sum.ln() - row[target as usize] as f64
+            row.iter_mut().for_each(|g| *g *= scale);
+            row[target] -= (1.0 / denominator) as f32;
+            max as f64 + sum.ln() - target_logit as f64
         })
         .sum();
-    Ok((
-        nll_sum,
-        Tensor::from_vec(grad, (rows, vocab), logits.device())?,
-    ))
+    Ok((nll_sum, Tensor::from_vec(values, (rows, vocab), &device)?))
 }
 
 #[cfg(test)]
@@ -47,7 +47,7 @@ mod tests {
     #[test]
     fn matches_log_softmax_and_its_gradient() {
         let logits = Tensor::new(&[[1.0f32, 2.0, 3.0], [0.5, -1.0, 4.0]], &Device::Cpu).unwrap();
-        let (nll, grad) = nll_and_grad(&logits, &[2, 0], 4.0).unwrap();
+        let (nll, grad) = nll_and_grad(logits.clone(), &[2, 0], 4.0).unwrap();
         let log_probs = log_softmax(&logits);
         let expected_nll = -(log_probs[0][2] + log_probs[1][0]);
         assert!((nll - expected_nll).abs() < 1e-6, "{nll} vs {expected_nll}");

@@ -1,6 +1,7 @@
 //! Training: the step (layer-by-layer forward and backward with gradient checkpointing), the
 //! chunked causal-LM loss, AdamW, clipping and learning-rate schedules.
 
+mod backward;
 pub mod batch;
 pub mod checkpoint;
 mod cross_entropy;

@@ -7,11 +7,12 @@
 use candle_core::{backprop::GradStore, DType, Result, Tensor, Var, D};
 use ff_model::CausalLm;
 
+use crate::backward::backward_from;
 use crate::batch::{Batch, IGNORE_INDEX};
 use crate::cross_entropy::nll_and_grad;
 
 /// Upper bound on logits held at once (rows × vocabulary).
-const CHUNK_ELEMENTS: usize = 1 << 23;
+const CHUNK_ELEMENTS: usize = 1 << 22;
 
 /// Positions `b * seq + t` whose prediction is scored, and the token each must predict.
 pub struct LabelPositions {
@@ -86,7 +87,7 @@ pub fn head_forward_backward(
         // d(loss)/d(logits) · head, carried into x and the norm from there, and the head's own
         // is d(loss)/d(logits)ᵀ · normed.
         let logits = normed.detach().matmul(&head.t()?)?.to_dtype(DType::F32)?;
-        let (nll, grad_logits) = nll_and_grad(&logits, targets, loss_denominator)?;
+        let (nll, grad_logits) = nll_and_grad(logits, targets, loss_denominator)?;
         nll_sum += nll;
         if head_trains {
             let g = grad_logits
@@ -98,7 +99,7 @@ pub fn head_forward_backward(
             });
         }
         let grad_normed = grad_logits.to_dtype(head.dtype())?.matmul(&head)?;
-        let mut grads = (normed * grad_normed)?.sum_all()?.backward()?;
+        let mut grads = backward_from(&normed, &grad_normed)?;
         if start + len == n {
             if let (Some(g), Some(var)) = (head_grad.take(), model.lm_head_weight().var()) {
                 grads.insert(var.as_tensor(), g);

@@ -15,6 +15,7 @@ use ff_dist::ProcessGroup;
 use ff_fsdp::{BackwardExtent, Part, Pass, Residency, Walk};
 use ff_model::{CausalLm, ForwardCtx};
 
+use crate::backward::backward_from;
 use crate::batch::Batch;
 use crate::engine::Engine;
 use crate::error::TrainResult;
@@ -224,9 +225,7 @@ fn forward_backward_timed(
                 input
             };
             params.enter(model, Part::Layer(i), Pass::Backward)?;
-            let store = (model.layers[i].forward(&input, &ctx)? * &grad)?
-                .sum_all()?
-                .backward()?;
+            let store = backward_from(&model.layers[i].forward(&input, &ctx)?, &grad)?;
             params.add_grads(Part::Layer(i), &store)?;
             params.leave(model, Part::Layer(i), Pass::Backward)?;
             if needs_input_grad {
@@ -241,7 +240,7 @@ fn forward_backward_timed(
             // Recomputed like the layers: a sharded engine has put a fresh embedding table in
             // the model since the forward pass.
             params.enter(model, Part::Embed, Pass::Backward)?;
-            let store = (model.embed(&input_ids)? * &grad)?.sum_all()?.backward()?;
+            let store = backward_from(&model.embed(&input_ids)?, &grad)?;
             params.add_grads(Part::Embed, &store)?;
             params.leave(model, Part::Embed, Pass::Backward)?;
             phases.embedding += lap(&mut clock);
@@ -257,7 +256,7 @@ fn forward_backward_timed(
         phases.layers_forward += lap(&mut clock);
         let head = head_backward(model, params, &x.detach(), &positions, loss_denominator)?;
         phases.head += lap(&mut clock);
-        let store = (x * head.grad_hidden)?.sum_all()?.backward()?;
+        let store = backward_from(&x, &head.grad_hidden)?;
         params.add_grads(Part::Layer(0), &store)?;
         phases.layers_backward += lap(&mut clock);
         head.nll_sum
