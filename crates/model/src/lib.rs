@@ -23,7 +23,7 @@ pub mod quant;
 pub mod rms_normalize;
 pub mod rope_heads;
 pub mod safetensors_io;
-mod strided_product;
+pub mod strided_product;
 pub mod swiglu;
 
 pub use causal_lm::CausalLm;

@@ -7,15 +7,19 @@
 //! output, and the backward computes the input's gradient and the two adapter gradients from
 //! the output's gradient and nothing else (the frozen weight's gradient is never formed).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Storage, Tensor};
 
-use crate::strided_product::{cpu_values, product, Operand, Threads};
+use crate::strided_product::{cpu_values, float32_values, product, Operand, Threads};
 
-/// `x` is `[m, k]`, `w` the frozen `[n, k]`, `a` the adapter's `[r, k]` and `b` its `[n, r]`;
-/// returns `x wᵀ + scale · (x aᵀ) bᵀ` as `[m, n]`. `None` when the op has no kernel for these
-/// tensors (not all float32, or not on the CPU), and the caller uses candle's ops.
+/// `x` is `[m, k]`, `w` the frozen `[n, k]`, `a` the adapter's float32 `[r, k]` and `b` its
+/// `[n, r]`; returns `x wᵀ + scale · (x aᵀ) bᵀ` as `[m, n]` in `x`'s dtype. The products run in
+/// float32: half-precision `x` is converted (its gradient converted back by autograd) and a
+/// half-precision `w` is converted for each product into a buffer freed right after, so the
+/// frozen weights stay in their dtype. `None` when the op has no kernel for these tensors (not on
+/// the CPU, or another dtype), and the caller uses candle's ops.
 pub fn lora_product(
     x: &Tensor,
     w: &Tensor,
@@ -23,7 +27,13 @@ pub fn lora_product(
     b: &Tensor,
     scale: f64,
 ) -> Result<Option<Tensor>> {
-    if !x.device().is_cpu() || [x, w, a, b].iter().any(|t| t.dtype() != DType::F32) {
+    let float = |t: &Tensor| matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16);
+    if !x.device().is_cpu()
+        || !float(x)
+        || !float(w)
+        || a.dtype() != DType::F32
+        || b.dtype() != DType::F32
+    {
         return Ok(None);
     }
     let (_, k) = x.dims2()?;
@@ -42,13 +52,24 @@ pub fn lora_product(
         w: w.detach(),
         scale: scale as f32,
     };
-    Ok(Some(x.apply_op3_arc(a, b, Arc::new(Box::new(op)))?))
+    let y = x
+        .to_dtype(DType::F32)?
+        .apply_op3_arc(a, b, Arc::new(Box::new(op)))?;
+    Ok(Some(y.to_dtype(x.dtype())?))
 }
 
 struct LoraProduct {
     /// Frozen: read in forward and backward, never given a gradient.
     w: Tensor,
     scale: f32,
+}
+
+/// The frozen weight's values in float32.
+fn weight_values(storage: &Storage) -> Result<Cow<'_, [f32]>> {
+    match storage {
+        Storage::Cpu(cpu) => float32_values(cpu),
+        _ => Err(Error::Msg("the LoRA product runs on the CPU only".into())),
+    }
 }
 
 /// `x aᵀ`, `[m, r]`: the adapter's narrow middle, recomputed in backward (it costs `r / n` of
@@ -88,8 +109,9 @@ impl CustomOp3 for LoraProduct {
         let (m, k) = x_layout.shape().dims2()?;
         let (r, n) = (a_layout.dims()[0], b_layout.dims()[0]);
         let (w_storage, w_layout) = self.w.storage_and_layout();
+        let w_values = weight_values(&w_storage)?;
         let x = Operand::matrix(x.as_slice()?, x_layout)?;
-        let w = Operand::matrix(cpu_values(&w_storage)?, w_layout)?;
+        let w = Operand::matrix(&w_values, w_layout)?;
         let a = Operand::matrix(a.as_slice()?, a_layout)?;
         let b = Operand::matrix(b.as_slice()?, b_layout)?;
         let xa = down_projection(x, a, m, r, k);
@@ -136,8 +158,9 @@ impl CustomOp3 for LoraProduct {
         let (a_storage, a_layout) = a.storage_and_layout();
         let (b_storage, b_layout) = b.storage_and_layout();
         let (dy_storage, dy_layout) = grad_y.storage_and_layout();
+        let w_values = weight_values(&w_storage)?;
         let x_op = Operand::matrix(cpu_values(&x_storage)?, x_layout)?;
-        let w = Operand::matrix(cpu_values(&w_storage)?, w_layout)?;
+        let w = Operand::matrix(&w_values, w_layout)?;
         let a_op = Operand::matrix(cpu_values(&a_storage)?, a_layout)?;
         let b_op = Operand::matrix(cpu_values(&b_storage)?, b_layout)?;
         let dy = Operand::matrix(cpu_values(&dy_storage)?, dy_layout)?;
@@ -261,28 +284,30 @@ mod tests {
     }
 
     #[test]
-    fn leaves_other_dtypes_to_candle_and_rejects_mismatched_adapters() {
+    fn half_precision_runs_in_float32_and_mismatched_adapters_are_refused() {
         let dev = Device::Cpu;
-        let z = |shape: (usize, usize), dtype| Tensor::zeros(shape, dtype, &dev).unwrap();
-        let bf16 = z((2, 3), DType::BF16);
-        assert!(lora_product(
-            &bf16,
-            &z((4, 3), DType::BF16),
-            &z((1, 3), DType::F32),
-            &z((4, 1), DType::F32),
-            1.0
-        )
-        .unwrap()
-        .is_none());
-        let x = z((2, 3), DType::F32);
-        let err = lora_product(
-            &x,
-            &z((4, 3), DType::F32),
-            &z((1, 3), DType::F32),
-            &z((5, 1), DType::F32),
-            1.0,
-        )
-        .unwrap_err();
+        let (m, k, n, r) = (5, 6, 7, 2);
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let a = Tensor::randn(0f32, 1.0, (r, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (n, r), &dev).unwrap();
+        let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let half = lora_product(&bf16(&x), &bf16(&w), &a, &b, 0.5)
+            .unwrap()
+            .unwrap();
+        assert_eq!(half.dtype(), DType::BF16);
+        // The same product from the bfloat16-rounded inputs in float32, rounded once at the end.
+        let f32 = |t: &Tensor| bf16(t).to_dtype(DType::F32).unwrap();
+        let expected = lora_product(&f32(&x), &f32(&w), &a, &b, 0.5)
+            .unwrap()
+            .unwrap();
+        assert!(
+            max_abs_diff(
+                &half.to_dtype(DType::F32).unwrap(),
+                &bf16(&expected).to_dtype(DType::F32).unwrap()
+            ) < 1e-6
+        );
+        let err = lora_product(&x, &w, &a, &b.t().unwrap(), 1.0).unwrap_err();
         assert!(err.to_string().contains("LoRA product"), "{err}");
     }
 }

@@ -12,18 +12,16 @@ use rayon::prelude::*;
 
 /// `x` is `[batch, seq, heads, head_dim]`, `cos` and `sin` are `[seq, head_dim]` (the halves
 /// repeated, as [`crate::layers::Rope`] builds them); returns the rotated `[batch, heads, seq,
-/// head_dim]`, contiguous. `None` when the op has no kernel for these tensors (not float32, or
-/// not on the CPU), and the caller uses candle's ops.
+/// head_dim]`, contiguous, in `x`'s dtype, computed in float32. `None` off the CPU, where the op
+/// has no kernel and the caller uses candle's ops.
 pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 || cos.dtype() != DType::F32 {
+    if !x.device().is_cpu() {
         return Ok(None);
     }
     let op = Arc::new(Box::new(RopeHeads { inverse: false }) as Box<dyn CustomOp3 + Send + Sync>);
-    Ok(Some(x.contiguous()?.apply_op3_arc(
-        &cos.contiguous()?,
-        &sin.contiguous()?,
-        op,
-    )?))
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let rotated = f32(x)?.apply_op3_arc(&f32(cos)?, &f32(sin)?, op)?;
+    Ok(Some(rotated.to_dtype(x.dtype())?))
 }
 
 /// Forward: `[b, s, h, d]` in, rotated by +angle, `[b, h, s, d]` out. Inverse (the backward):

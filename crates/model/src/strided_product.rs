@@ -2,8 +2,12 @@
 //! call `gemm` (the crate candle's own product uses) with each operand's strides, so transposes
 //! and heads cost no copies and a product can add into a result already there.
 
-use candle_core::{Error, Layout, Result, Storage};
+use std::borrow::Cow;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Error, Layout, Result, Storage, Tensor};
 use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
 
 /// A matrix read in place: its first element and the steps between rows and between columns.
 #[derive(Clone, Copy)]
@@ -108,5 +112,90 @@ pub(crate) fn cpu_values(storage: &Storage) -> Result<&[f32]> {
     match storage {
         Storage::Cpu(cpu) => cpu.as_slice::<f32>(),
         _ => Err(Error::Msg("this kernel runs on the CPU only".into())),
+    }
+}
+
+/// The values of a float32, bfloat16 or float16 CPU storage as float32 (all of them: layouts
+/// index into it); half-precision values are converted into a new buffer.
+pub(crate) fn float32_values(storage: &CpuStorage) -> Result<Cow<'_, [f32]>> {
+    Ok(match storage {
+        CpuStorage::F32(values) => Cow::Borrowed(values),
+        CpuStorage::BF16(values) => Cow::Owned(values.par_iter().map(|v| v.to_f32()).collect()),
+        CpuStorage::F16(values) => Cow::Owned(values.par_iter().map(|v| v.to_f32()).collect()),
+        other => {
+            return Err(Error::Msg(format!(
+                "expected float32, bfloat16 or float16 values, got {:?}",
+                other.dtype()
+            )))
+        }
+    })
+}
+
+/// `sum += aᵀ · b` for `a` `[rows, n]` and `b` `[rows, k]`, `sum` row-major `[n, k]`: a weight's
+/// gradient summed over chunks of rows in one buffer, instead of a `[n, k]` product per chunk
+/// and an add.
+pub fn add_transposed_product(sum: &mut [f32], a: &Tensor, b: &Tensor) -> Result<()> {
+    let ((rows, n), (b_rows, k)) = (a.dims2()?, b.dims2()?);
+    if rows != b_rows || sum.len() != n * k {
+        return Err(Error::Msg(format!(
+            "cannot add {:?}ᵀ · {:?} to a sum of {} values",
+            a.shape(),
+            b.shape(),
+            sum.len()
+        )));
+    }
+    let on_kernel = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !on_kernel(a) || !on_kernel(b) {
+        let product = a.t()?.matmul(b)?.to_dtype(DType::F32)?.flatten_all()?;
+        for (s, p) in sum.iter_mut().zip(product.to_vec1::<f32>()?) {
+            *s += p;
+        }
+        return Ok(());
+    }
+    let (a_storage, a_layout) = a.storage_and_layout();
+    let (b_storage, b_layout) = b.storage_and_layout();
+    let a = Operand::matrix(cpu_values(&a_storage)?, a_layout)?;
+    let b = Operand::matrix(cpu_values(&b_storage)?, b_layout)?;
+    // SAFETY: a and b are read through their layouts; sum holds n × k values.
+    unsafe {
+        product(
+            (n, k, rows),
+            sum.as_mut_ptr(),
+            k,
+            true,
+            a.t(),
+            b,
+            1.0,
+            Threads::Pool,
+        )
+    };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn adds_transposed_products_into_the_sum() {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (6, 4), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (6, 3), &dev).unwrap();
+        // A second pair read through a transposed view.
+        let c = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap().t().unwrap();
+        let d = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
+        let mut sum = vec![1f32; 12];
+        add_transposed_product(&mut sum, &a, &b).unwrap();
+        add_transposed_product(&mut sum, &c, &d).unwrap();
+        let expected = ((a.t().unwrap().matmul(&b).unwrap() + c.t().unwrap().matmul(&d).unwrap())
+            .unwrap()
+            + 1.0)
+            .unwrap();
+        let expected: Vec<f32> = expected.flatten_all().unwrap().to_vec1().unwrap();
+        for (got, want) in sum.iter().zip(&expected) {
+            assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        }
+        assert!(add_transposed_product(&mut sum, &a, &d).is_err());
     }
 }

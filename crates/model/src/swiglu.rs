@@ -12,14 +12,16 @@ use rayon::prelude::*;
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
 
-/// `gate` and `up` have one shape. Float32 on the CPU runs the fused op; anything else
-/// candle's ops.
+/// `gate` and `up` have one shape. On the CPU the fused op computes in float32 (half-precision
+/// inputs are converted, and the result converted back); elsewhere candle's ops.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if !gate.device().is_cpu() || gate.dtype() != DType::F32 || up.dtype() != DType::F32 {
+    if !gate.device().is_cpu() {
         return gate.silu()? * up;
     }
-    gate.contiguous()?
-        .apply_op2_arc(&up.contiguous()?, Arc::new(Box::new(SwiGlu)))
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    f32(gate)?
+        .apply_op2_arc(&f32(up)?, Arc::new(Box::new(SwiGlu)))?
+        .to_dtype(gate.dtype())
 }
 
 fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {

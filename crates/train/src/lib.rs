@@ -15,6 +15,7 @@ pub mod schedule;
 pub mod step;
 pub mod trainer;
 
+pub use backward::backward_from;
 pub use batch::{collate, Batch, Example, IGNORE_INDEX};
 pub use engine::Engine;
 pub use error::{TrainError, TrainResult};

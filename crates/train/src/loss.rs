@@ -5,6 +5,8 @@
 //! float32 logits of a batch the largest tensor of the whole step.
 
 use candle_core::{backprop::GradStore, DType, Result, Tensor, Var, D};
+use ff_model::frozen_product::{frozen_input_grad, matmul_frozen_t};
+use ff_model::strided_product::add_transposed_product;
 use ff_model::CausalLm;
 
 use crate::backward::backward_from;
@@ -75,9 +77,9 @@ pub fn head_forward_backward(
 
     let mut nll_sum = 0.0;
     let mut grad_chunks = Vec::with_capacity(n.div_ceil(chunk));
-    // The trained head's gradient, summed over chunks in float32 and handed on with the last
-    // chunk's: a `[vocab, hidden]` gradient per chunk through autograd cost several passes each.
-    let mut head_grad: Option<Tensor> = None;
+    // The trained head's gradient, summed over chunks in float32 in one buffer and handed on
+    // with the last chunk's.
+    let mut head_grad = head_trains.then(|| vec![0f32; vocab * width]);
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let x = Var::from_tensor(&selected.narrow(0, start, len)?)?;
@@ -86,23 +88,20 @@ pub fn head_forward_backward(
         // The head's product needs no graph: the gradient of the normed states is
         // d(loss)/d(logits) · head, carried into x and the norm from there, and the head's own
         // is d(loss)/d(logits)ᵀ · normed.
-        let logits = normed.detach().matmul(&head.t()?)?.to_dtype(DType::F32)?;
+        let logits = matmul_frozen_t(&normed.detach(), &head)?.to_dtype(DType::F32)?;
         let (nll, grad_logits) = nll_and_grad(logits, targets, loss_denominator)?;
         nll_sum += nll;
-        if head_trains {
-            let g = grad_logits
-                .t()?
-                .matmul(&normed.detach().to_dtype(DType::F32)?)?;
-            head_grad = Some(match head_grad.take() {
-                Some(sum) => (sum + g)?,
-                None => g,
-            });
+        if let Some(sum) = head_grad.as_mut() {
+            add_transposed_product(sum, &grad_logits, &normed.detach().to_dtype(DType::F32)?)?;
         }
-        let grad_normed = grad_logits.to_dtype(head.dtype())?.matmul(&head)?;
+        let grad_normed = frozen_input_grad(&grad_logits, &head)?.to_dtype(normed.dtype())?;
         let mut grads = backward_from(&normed, &grad_normed)?;
         if start + len == n {
-            if let (Some(g), Some(var)) = (head_grad.take(), model.lm_head_weight().var()) {
-                grads.insert(var.as_tensor(), g);
+            if let (Some(sum), Some(var)) = (head_grad.take(), model.lm_head_weight().var()) {
+                grads.insert(
+                    var.as_tensor(),
+                    Tensor::from_vec(sum, (vocab, width), device)?,
+                );
             }
         }
         on_grads(&grads)?;
@@ -141,10 +140,8 @@ pub fn head_nll(model: &CausalLm, hidden: &Tensor, positions: &LabelPositions) -
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let targets = Tensor::new(&positions.targets[start..start + len], device)?.unsqueeze(1)?;
-        let logits = model
-            .norm
-            .forward(&selected.narrow(0, start, len)?)?
-            .matmul(&head.t()?)?
+        let normed = model.norm.forward(&selected.narrow(0, start, len)?)?;
+        let logits = matmul_frozen_t(&normed, &head)?
             .to_dtype(DType::F32)?
             .detach();
         let max = logits.max_keepdim(D::Minus1)?;

@@ -9,12 +9,12 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use ff_model::frozen_product::matmul_frozen_t;
 use ff_model::layers::attention;
+use ff_model::lora_product::lora_product;
 use ff_model::{ForwardCtx, ModelConfig};
-use ff_train::StepPhases;
+use ff_train::{backward_from, StepPhases};
 
 use super::{median, Finetuning};
 
@@ -120,45 +120,44 @@ pub fn matmul_gflops(n: usize) -> Result<f64> {
     Ok(2.0 * (n * n * n) as f64 / seconds / 1e9)
 }
 
-/// Seconds of one layer's Linear products, `(forward, backward)`, as the step computes them.
+/// Seconds of one layer's Linear products through the op the model runs (the fused frozen
+/// product and adapter under LoRA, candle's product when the weights train): `(forward,
+/// forward and backward)`.
 fn layer_products(shape: &StepShape) -> Result<(f64, f64)> {
     let rows = shape.tokens();
     let r = shape.lora_rank;
+    let var = |t: Tensor| -> Result<Var> { Ok(Var::from_tensor(&t)?) };
     let mut pieces = Vec::new();
     for (i, o) in linear_shapes(shape.config) {
-        let x = random((rows, i), shape.dtype)?;
-        let w = random((o, i), shape.dtype)?;
-        let grad = random((rows, o), shape.dtype)?;
-        let a = random((r, i), shape.dtype)?;
-        let b = random((o, r), shape.dtype)?;
-        pieces.push((x, w, grad, a, b));
+        let x = var(random((rows, i), shape.dtype)?)?;
+        let w = var(random((o, i), shape.dtype)?)?;
+        // Adapters train in float32 whatever the model's dtype, as in the model.
+        let a = var(random((r, i), DType::F32)?)?;
+        let b = var(random((o, r), DType::F32)?)?;
+        let upstream = random((rows, o), shape.dtype)?;
+        pieces.push((x, w, a, b, upstream));
     }
-    let forward = time(|| {
-        for (x, w, _, a, b) in &pieces {
-            if shape.lora() {
-                matmul_frozen_t(x, w)?;
-                x.matmul(&a.t()?)?.matmul(&b.t()?)?;
-            } else {
-                x.matmul(&w.t()?)?;
-            }
+    let forward = |x: &Var, w: &Var, a: &Var, b: &Var| -> Result<Tensor> {
+        if shape.lora() {
+            lora_product(x, w.as_tensor(), a, b, 2.0)?
+                .ok_or_else(|| anyhow!("no LoRA product kernel for {:?}", shape.dtype))
+        } else {
+            Ok(x.matmul(&w.t()?)?)
+        }
+    };
+    let forward_seconds = time(|| {
+        for (x, w, a, b, _) in &pieces {
+            forward(x, w, a, b)?.detach();
         }
         Ok(())
     })?;
-    let backward = time(|| {
-        for (x, w, grad, a, b) in &pieces {
-            grad.matmul(w)?;
-            if shape.lora() {
-                let grad_xa = grad.matmul(b)?;
-                grad_xa.matmul(a)?;
-                grad.t()?.matmul(&x.matmul(&a.t()?)?)?;
-                grad_xa.t()?.matmul(x)?;
-            } else {
-                grad.t()?.matmul(x)?;
-            }
+    let both_seconds = time(|| {
+        for (x, w, a, b, upstream) in &pieces {
+            backward_from(&forward(x, w, a, b)?, upstream)?;
         }
         Ok(())
     })?;
-    Ok((forward, backward))
+    Ok((forward_seconds, both_seconds))
 }
 
 /// Seconds of one layer's attention core (scores, mask, softmax, weighted sum):
@@ -187,7 +186,7 @@ fn layer_attention(shape: &StepShape) -> Result<(f64, f64)> {
         )?)
     };
     let forward_seconds = time(|| forward().map(|t| t.detach()))?;
-    let both_seconds = time(|| Ok((forward()? * &upstream)?.sum_all()?.backward()?))?;
+    let both_seconds = time(|| Ok(backward_from(&forward()?, &upstream)?))?;
     Ok((forward_seconds, both_seconds))
 }
 
@@ -195,8 +194,8 @@ fn layer_attention(shape: &StepShape) -> Result<(f64, f64)> {
 pub fn print(shape: &StepShape, phases: &StepPhases, seconds: f64) -> Result<()> {
     let layers = shape.config.num_hidden_layers as f64;
     let passes = shape.forward_passes();
-    let (products_forward, products_backward) = layer_products(shape)?;
-    let products = layers * (passes * products_forward + products_backward);
+    let (products_forward, products_both) = layer_products(shape)?;
+    let products = layers * ((passes - 1.0) * products_forward + products_both);
     let (attention_forward, attention_both) = layer_attention(shape)?;
     let attention = layers * ((passes - 1.0) * attention_forward + attention_both);
     let layer_time =
