@@ -13,6 +13,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::narrow::{narrow, widen};
 use crate::strided_product::{cpu_values, product, Operand, Threads};
 
 /// Queries whose scores are computed together: small enough that the keys a block needs are
@@ -48,9 +49,9 @@ pub fn causal_attention(
     let op = CausalAttention {
         mask: mask.to_dtype(DType::F32)?.contiguous()?,
     };
-    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let f32 = widen;
     let out = f32(q)?.apply_op3_arc(&f32(k)?, &f32(v)?, Arc::new(Box::new(op)))?;
-    Ok(Some(out.to_dtype(q.dtype())?))
+    Ok(Some(narrow(&out, q.dtype())?))
 }
 
 /// The backward recomputes a block's probabilities instead of keeping `[batch, heads, seq,

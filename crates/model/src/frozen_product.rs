@@ -11,9 +11,9 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, Storage, Tensor};
-use rayon::prelude::*;
 
-use crate::strided_product::{cpu_values, product, Operand, Threads};
+use crate::narrow::{narrow, widen};
+use crate::strided_product::{cpu_values, half_to_f32, product, Operand, Threads};
 
 /// Rows of a half-precision `W` converted to float32 at a time (9 MB for a 576-wide weight).
 const BLOCK_ROWS: usize = 4096;
@@ -28,10 +28,10 @@ pub fn matmul_frozen_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let op = FrozenMatmulT {
         w: w.detach().contiguous()?,
     };
-    x.to_dtype(DType::F32)?
+    let y = widen(x)?
         .contiguous()?
-        .apply_op1_arc(Arc::new(Box::new(op)))?
-        .to_dtype(x.dtype())
+        .apply_op1_arc(Arc::new(Box::new(op)))?;
+    narrow(&y, x.dtype())
 }
 
 /// `dy · W` for `dy` `[m, n]` and the frozen `w` `[n, k]`, without a graph: what the backward
@@ -96,29 +96,17 @@ fn for_row_blocks(w: &Tensor, mut f: impl FnMut(usize, &[f32])) -> Result<()> {
         return Err(Error::Msg("matmul-frozen-t runs on the CPU only".into()));
     };
     let start = layout.start_offset();
-    let mut block = Vec::new();
     for first in (0..n).step_by(BLOCK_ROWS) {
         let rows = BLOCK_ROWS.min(n - first);
         let range = start + first * k..start + (first + rows) * k;
         match cpu {
             CpuStorage::F32(values) => f(first, &values[range]),
-            CpuStorage::BF16(values) => {
-                convert(&mut block, &values[range], |v| v.to_f32());
-                f(first, &block);
-            }
-            CpuStorage::F16(values) => {
-                convert(&mut block, &values[range], |v| v.to_f32());
-                f(first, &block);
-            }
+            CpuStorage::BF16(values) => f(first, &half_to_f32(&values[range], |v| v.to_f32())),
+            CpuStorage::F16(values) => f(first, &half_to_f32(&values[range], |v| v.to_f32())),
             _ => return Err(Error::Msg("matmul-frozen-t needs a float weight".into())),
         }
     }
     Ok(())
-}
-
-fn convert<T: Sync>(block: &mut Vec<f32>, values: &[T], to_f32: impl Fn(&T) -> f32 + Sync + Send) {
-    block.clear();
-    block.par_extend(values.par_iter().map(to_f32));
 }
 
 struct FrozenMatmulT {

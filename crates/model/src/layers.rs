@@ -7,6 +7,7 @@ use crate::causal_attention::causal_attention;
 use crate::config::{ModelConfig, RopeScaling};
 use crate::dropout::derive_seed;
 use crate::linear::Linear;
+use crate::narrow::{narrow, widen};
 use crate::param::Param;
 use crate::rms_normalize::rms_normalize;
 use crate::rope_heads::rope_heads;
@@ -28,9 +29,8 @@ impl RmsNorm {
             return rms_normalize(x, &weight, self.eps, self.weight.is_trainable());
         }
         let ones = Tensor::ones(weight.dims1()?, DType::F32, x.device())?;
-        rms_normalize(&x.to_dtype(DType::F32)?, &ones, self.eps, false)?
-            .to_dtype(dtype)?
-            .broadcast_mul(&weight)
+        let normed = rms_normalize(&widen(x)?, &ones, self.eps, false)?;
+        narrow(&normed, dtype)?.broadcast_mul(&weight)
     }
 }
 

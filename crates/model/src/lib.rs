@@ -17,6 +17,7 @@ pub mod layers;
 pub mod linear;
 pub mod load;
 pub mod lora_product;
+pub mod narrow;
 pub mod param;
 pub mod peft;
 pub mod quant;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Storage, Tensor};
 
+use crate::narrow::{narrow, widen};
 use crate::strided_product::{cpu_values, float32_values, product, Operand, Threads};
 
 /// `x` is `[m, k]`, `w` the frozen `[n, k]`, `a` the adapter's float32 `[r, k]` and `b` its
@@ -52,10 +53,8 @@ pub fn lora_product(
         w: w.detach(),
         scale: scale as f32,
     };
-    let y = x
-        .to_dtype(DType::F32)?
-        .apply_op3_arc(a, b, Arc::new(Box::new(op)))?;
-    Ok(Some(y.to_dtype(x.dtype())?))
+    let y = widen(x)?.apply_op3_arc(a, b, Arc::new(Box::new(op)))?;
+    Ok(Some(narrow(&y, x.dtype())?))
 }
 
 struct LoraProduct {

@@ -7,7 +7,8 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
+use crate::narrow::{narrow, widen};
+use candle_core::{CpuStorage, CustomOp3, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `x` is `[batch, seq, heads, head_dim]`, `cos` and `sin` are `[seq, head_dim]` (the halves
@@ -19,9 +20,9 @@ pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tenso
         return Ok(None);
     }
     let op = Arc::new(Box::new(RopeHeads { inverse: false }) as Box<dyn CustomOp3 + Send + Sync>);
-    let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let f32 = |t: &Tensor| widen(t)?.contiguous();
     let rotated = f32(x)?.apply_op3_arc(&f32(cos)?, &f32(sin)?, op)?;
-    Ok(Some(rotated.to_dtype(x.dtype())?))
+    Ok(Some(narrow(&rotated, x.dtype())?))
 }
 
 /// Forward: `[b, s, h, d]` in, rotated by +angle, `[b, h, s, d]` out. Inverse (the backward):

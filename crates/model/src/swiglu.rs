@@ -6,8 +6,10 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use crate::narrow::{narrow, widen};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -18,10 +20,9 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !gate.device().is_cpu() {
         return gate.silu()? * up;
     }
-    let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
-    f32(gate)?
-        .apply_op2_arc(&f32(up)?, Arc::new(Box::new(SwiGlu)))?
-        .to_dtype(gate.dtype())
+    let f32 = |t: &Tensor| widen(t)?.contiguous();
+    let out = f32(gate)?.apply_op2_arc(&f32(up)?, Arc::new(Box::new(SwiGlu)))?;
+    narrow(&out, gate.dtype())
 }
 
 fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
