@@ -72,7 +72,7 @@ impl Linear {
     }
 
     /// The frozen product and its adapter as one op, where there is a kernel for them (a dense
-    /// frozen float32 weight, an adapter without dropout).
+    /// frozen weight in float32 or half precision, an adapter without dropout).
     fn fused_with_adapter(&self, x2: &Tensor) -> Result<Option<Tensor>> {
         match (&self.weight, &self.lora) {
             (Param::Frozen(w), Some(lora)) if lora.dropout == 0.0 => {
