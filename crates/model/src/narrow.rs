@@ -98,6 +98,7 @@ impl CustomOp1 for FromBf16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::grads_of;
     use candle_core::{Device, Var};
 
     #[test]
@@ -126,12 +127,7 @@ mod tests {
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
-        let grads = (ours * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = grads_of(ours, &upstream);
         let g = grads.get(&x).unwrap();
         assert_eq!(g.dtype(), DType::F32);
         assert_eq!(g.dims(), &[values.len()]);
@@ -151,12 +147,7 @@ mod tests {
                 .to_vec1::<f32>()
                 .unwrap()
         );
-        let grads = (wide * &values)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = grads_of(wide, &values);
         let g = grads.get(&x).unwrap();
         assert_eq!(g.dtype(), DType::BF16);
         assert_eq!(
