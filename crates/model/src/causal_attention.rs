@@ -46,11 +46,16 @@ pub fn causal_attention(
             v.shape()
         )));
     }
+    if mask.elem_count() != batch * seq * seq {
+        return Err(Error::Msg(format!(
+            "attention mask {:?} does not fit {batch} sequences of {seq} positions",
+            mask.shape()
+        )));
+    }
     let op = CausalAttention {
         mask: mask.to_dtype(DType::F32)?.contiguous()?,
     };
-    let f32 = widen;
-    let out = f32(q)?.apply_op3_arc(&f32(k)?, &f32(v)?, Arc::new(Box::new(op)))?;
+    let out = widen(q)?.apply_op3_arc(&widen(k)?, &widen(v)?, Arc::new(Box::new(op)))?;
     Ok(Some(narrow(&out, q.dtype())?))
 }
 
@@ -529,5 +534,8 @@ mod tests {
         let mask = Tensor::zeros((1, 1, 1, 4, 4), DType::F32, &dev).unwrap();
         let err = causal_attention(&q, &k, &k, &mask).unwrap_err();
         assert!(err.to_string().contains("attention of queries"), "{err}");
+        let short_mask = Tensor::zeros((1, 1, 1, 3, 3), DType::F32, &dev).unwrap();
+        let err = causal_attention(&q, &q, &q, &short_mask).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
     }
 }
