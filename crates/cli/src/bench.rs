@@ -105,7 +105,7 @@ impl SplitBatch {
         if self.nproc < 2 || self.steps == 0 || self.seq < 2 {
             bail!("--nproc must be at least 2, --steps positive and --seq at least 2");
         }
-        if self.batch == 0 || self.batch % self.nproc != 0 {
+        if self.batch == 0 || !self.batch.is_multiple_of(self.nproc) {
             bail!(
                 "--batch {} does not split evenly over {} processes; give a positive multiple of --nproc",
                 self.batch,

@@ -263,7 +263,7 @@ impl LaunchConfig {
                 self.num_machines - 1
             ));
         }
-        if self.num_processes % self.num_machines != 0 {
+        if !self.num_processes.is_multiple_of(self.num_machines) {
             return invalid(format!(
                 "num_processes {} is not divisible by num_machines {}; num_processes counts the processes of all machines together, so give each machine the same number",
                 self.num_processes, self.num_machines

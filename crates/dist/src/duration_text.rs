@@ -6,7 +6,7 @@ pub(crate) fn duration_text(d: Duration) -> String {
     let secs = d.as_secs_f64();
     if secs < 10.0 {
         format!("{secs:.1}s")
-    } else if secs < 600.0 || d.as_secs() % 60 != 0 {
+    } else if secs < 600.0 || !d.as_secs().is_multiple_of(60) {
         format!("{}s", d.as_secs())
     } else {
         format!("{}min", d.as_secs() / 60)

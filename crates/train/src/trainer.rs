@@ -426,7 +426,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         let elapsed = start.elapsed().as_secs_f64();
         let per_step = elapsed / (step - first_step) as f64;
         let remaining = per_step * (total_steps - step) as f64;
-        if step % logging_every == 0 {
+        if step.is_multiple_of(logging_every) {
             let mut record = Map::new();
             record.insert(
                 "loss".into(),
@@ -454,10 +454,10 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
             loss_since_log = 0.0;
             steps_since_log = 0;
         }
-        let epoch_end = step % steps_per_epoch == 0;
+        let epoch_end = step.is_multiple_of(steps_per_epoch);
         let eval_now = eval_enabled
             && match args.eval_strategy.as_str() {
-                "steps" => step % eval_every == 0,
+                "steps" => step.is_multiple_of(eval_every),
                 "epoch" => epoch_end,
                 _ => false,
             };
@@ -491,7 +491,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         run.group.all_reduce_sum(&mut flag)?;
         let interrupted = flag[0] > 0.0;
         let save_now = match args.save_strategy.as_str() {
-            "steps" => step % save_every == 0,
+            "steps" => step.is_multiple_of(save_every),
             "epoch" => epoch_end,
             _ => false,
         };

@@ -79,7 +79,7 @@ impl FourBit {
                 };
                 let q = nearest(code, scaled) as u8;
                 let i = block * BLOCKSIZE + j;
-                packed[i / 2] |= if i % 2 == 0 { q << 4 } else { q };
+                packed[i / 2] |= if i.is_multiple_of(2) { q << 4 } else { q };
             }
         }
         let scales = if double_quant {
