@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, Storage, Tensor};
 
-use crate::narrow::{narrow, widen};
+use crate::bf16_product;
+use crate::narrow::{narrow, to_bf16, widen};
 use crate::strided_product::{cpu_values, half_to_f32, product, Operand, Threads};
 
 /// Rows of a half-precision `W` converted to float32 at a time (9 MB for a 576-wide weight).
@@ -25,6 +26,10 @@ pub fn matmul_frozen_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return x.matmul(&w.t()?);
     }
     check_shapes(x.dims2()?.1, w)?;
+    if x.dtype() == DType::BF16 && bf16_product::suits(x.dim(0)?, w) {
+        let op = FrozenMatmulBf16 { w: w.detach() };
+        return x.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)));
+    }
     let op = FrozenMatmulT {
         w: w.detach().contiguous()?,
     };
@@ -148,6 +153,39 @@ impl CustomOp1 for FrozenMatmulT {
     }
 }
 
+/// [`matmul_frozen_t`] of bfloat16 `x` and `w` on the CPU's bf16 product: bfloat16 in and out,
+/// sums in float32, as PyTorch's bfloat16 Linear.
+struct FrozenMatmulBf16 {
+    /// `[n, k]`, bfloat16, fitting the bf16 product.
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmulBf16 {
+    fn name(&self) -> &'static str {
+        "matmul-frozen-t-bf16"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let m = x_layout.shape().dims2()?.0;
+        let (start, end) = x_layout
+            .contiguous_offsets()
+            .ok_or_else(|| Error::Msg("matmul-frozen-t needs a contiguous input".into()))?;
+        let x = &x.as_slice::<half::bf16>()?[start..end];
+        let y = bf16_product::times_transposed(x, m, &self.w)?;
+        Ok((
+            CpuStorage::BF16(to_bf16(&y)),
+            Shape::from((m, self.w.dim(0)?)),
+        ))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        let m = x.dim(0)?;
+        let grad_y = narrow(grad_y, DType::BF16)?;
+        let dx = bf16_product::with_values(&grad_y, |dy| bf16_product::times(dy, m, &self.w))?;
+        Ok(Some(Tensor::from_vec(to_bf16(&dx), x.shape(), x.device())?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +227,33 @@ mod tests {
             let got = g_ours.get(&x).unwrap();
             assert!(max_abs_diff(got, &expected) < 1e-3, "{dtype:?}");
         }
+    }
+
+    /// Where the CPU has the bf16 product: bfloat16 in and out, within bfloat16's rounding of the
+    /// float32 product of the same values.
+    #[test]
+    fn bfloat16_runs_on_the_bf16_product() {
+        let dev = Device::Cpu;
+        let (m, k, n) = (260, 64, 48);
+        let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+        let x = Var::from_tensor(&bf(Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap())).unwrap();
+        let w = bf(Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap());
+        assert_eq!(bf16_product::suits(m, &w), bf16_product::available());
+        let upstream = bf(Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap());
+        let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let y = matmul_frozen_t(x.as_tensor(), &w).unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        let expected = wide(x.as_tensor()).matmul(&wide(&w).t().unwrap()).unwrap();
+        // Magnitudes up to about 30: a bfloat16 step there is 0.125.
+        assert!(max_abs_diff(&wide(&y), &expected) < 0.13);
+        let grads = grads_of(y, &upstream);
+        let dx = grads.get(&x).unwrap();
+        assert_eq!(dx.dtype(), DType::BF16);
+        let expected = wide(&upstream).matmul(&wide(&w)).unwrap();
+        assert!(max_abs_diff(&wide(dx), &expected) < 0.13);
+        let head_grad = frozen_input_grad(&wide(&upstream), &w).unwrap();
+        assert_eq!(head_grad.dtype(), DType::F32);
+        assert!(max_abs_diff(&head_grad, &expected) < 1e-3);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! The model knows nothing about training loops or distribution: it computes a forward pass
 //! layer by layer, and exposes its parameters by name so that others can train or shard them.
 
+pub mod bf16_product;
 pub mod causal_attention;
 pub mod causal_lm;
 pub mod config;

@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Storage, Tensor};
 
-use crate::narrow::{narrow, widen};
+use crate::bf16_product;
+use crate::narrow::{narrow, to_bf16, widen};
 use crate::strided_product::{cpu_values, float32_values, product, Operand, Threads};
 
 /// `x` is `[m, k]`, `w` the frozen `[n, k]`, `a` the adapter's float32 `[r, k]` and `b` its
@@ -53,7 +54,13 @@ pub fn lora_product(
         w: w.detach(),
         scale: scale as f32,
     };
-    let y = widen(x)?.apply_op3_arc(a, b, Arc::new(Box::new(op)))?;
+    // bfloat16 inputs stay bfloat16 where the bf16 product can take the frozen part.
+    let x_in = if x.dtype() == DType::BF16 && bf16_product::suits(x.dim(0)?, w) {
+        x.contiguous()?
+    } else {
+        widen(x)?
+    };
+    let y = x_in.apply_op3_arc(a, b, Arc::new(Box::new(op)))?;
     Ok(Some(narrow(&y, x.dtype())?))
 }
 
@@ -107,26 +114,41 @@ impl CustomOp3 for LoraProduct {
     ) -> Result<(CpuStorage, Shape)> {
         let (m, k) = x_layout.shape().dims2()?;
         let (r, n) = (a_layout.dims()[0], b_layout.dims()[0]);
-        let (w_storage, w_layout) = self.w.storage_and_layout();
-        let w_values = weight_values(&w_storage)?;
-        let x = Operand::matrix(x.as_slice()?, x_layout)?;
-        let w = Operand::matrix(&w_values, w_layout)?;
+        let x_wide = float32_values(x)?;
+        let x_op = Operand::matrix(&x_wide, x_layout)?;
         let a = Operand::matrix(a.as_slice()?, a_layout)?;
         let b = Operand::matrix(b.as_slice()?, b_layout)?;
-        let xa = down_projection(x, a, m, r, k);
-        let mut y = vec![0f32; m * n];
-        // SAFETY: every operand is read through its own layout; y is m × n.
+        let xa = down_projection(x_op, a, m, r, k);
+        let mut y = match x {
+            CpuStorage::BF16(values) => {
+                let (start, end) = x_layout
+                    .contiguous_offsets()
+                    .ok_or_else(|| Error::Msg("the LoRA product needs a contiguous x".into()))?;
+                bf16_product::times_transposed(&values[start..end], m, &self.w)?
+            }
+            _ => {
+                let (w_storage, w_layout) = self.w.storage_and_layout();
+                let w_values = weight_values(&w_storage)?;
+                let w = Operand::matrix(&w_values, w_layout)?;
+                let mut y = vec![0f32; m * n];
+                // SAFETY: x and w are read through their layouts; y is m × n.
+                unsafe {
+                    product(
+                        (m, n, k),
+                        y.as_mut_ptr(),
+                        n,
+                        false,
+                        x_op,
+                        w.t(),
+                        1.0,
+                        Threads::Pool,
+                    )
+                };
+                y
+            }
+        };
+        // SAFETY: xa is m × r, b is read through its layout; y is m × n.
         unsafe {
-            product(
-                (m, n, k),
-                y.as_mut_ptr(),
-                n,
-                false,
-                x,
-                w.t(),
-                1.0,
-                Threads::Pool,
-            );
             product(
                 (m, n, r),
                 y.as_mut_ptr(),
@@ -153,22 +175,49 @@ impl CustomOp3 for LoraProduct {
         let (r, n) = (a.dim(0)?, b.dim(0)?);
         let grad_y = grad_y.to_dtype(DType::F32)?.contiguous()?;
         let (x_storage, x_layout) = x.storage_and_layout();
-        let (w_storage, w_layout) = self.w.storage_and_layout();
         let (a_storage, a_layout) = a.storage_and_layout();
         let (b_storage, b_layout) = b.storage_and_layout();
         let (dy_storage, dy_layout) = grad_y.storage_and_layout();
-        let w_values = weight_values(&w_storage)?;
-        let x_op = Operand::matrix(cpu_values(&x_storage)?, x_layout)?;
-        let w = Operand::matrix(&w_values, w_layout)?;
+        let Storage::Cpu(x_cpu) = &*x_storage else {
+            return Err(Error::Msg("the LoRA product runs on the CPU only".into()));
+        };
+        let x_wide = float32_values(x_cpu)?;
+        let x_op = Operand::matrix(&x_wide, x_layout)?;
         let a_op = Operand::matrix(cpu_values(&a_storage)?, a_layout)?;
         let b_op = Operand::matrix(cpu_values(&b_storage)?, b_layout)?;
-        let dy = Operand::matrix(cpu_values(&dy_storage)?, dy_layout)?;
+        let dy_values = cpu_values(&dy_storage)?;
+        let dy = Operand::matrix(dy_values, dy_layout)?;
         let s = self.scale;
+        let half = x.dtype() == DType::BF16;
         let mut dy_b = vec![0f32; m * r];
-        let mut dx = vec![0f32; m * k];
         let mut da = vec![0f32; r * k];
         let mut db = vec![0f32; n * r];
         let xa = down_projection(x_op, a_op, m, r, k);
+        // dy W: on the bf16 product (with dy rounded to bfloat16, as PyTorch's bfloat16
+        // gradients are) when x came in bfloat16, else in float32.
+        let mut dx = if half {
+            let dy16 = to_bf16(&dy_values[dy_layout.start_offset()..][..m * n]);
+            bf16_product::times(&dy16, m, &self.w)?
+        } else {
+            let (w_storage, w_layout) = self.w.storage_and_layout();
+            let w_values = weight_values(&w_storage)?;
+            let w = Operand::matrix(&w_values, w_layout)?;
+            let mut dx = vec![0f32; m * k];
+            // SAFETY: dy and w are read through their layouts; dx is m × k.
+            unsafe {
+                product(
+                    (m, k, n),
+                    dx.as_mut_ptr(),
+                    k,
+                    false,
+                    dy,
+                    w,
+                    1.0,
+                    Threads::Pool,
+                )
+            };
+            dx
+        };
         // SAFETY: every operand is read through its own layout; each result is written row-major
         // in the shape its vector was allocated for.
         unsafe {
@@ -184,17 +233,7 @@ impl CustomOp3 for LoraProduct {
                 Threads::Pool,
             );
             let dy_b = Operand::rows(&dy_b, r);
-            // dx = dy W + s · (dy B) A
-            product(
-                (m, k, n),
-                dx.as_mut_ptr(),
-                k,
-                false,
-                dy,
-                w,
-                1.0,
-                Threads::Pool,
-            );
+            // dx += s · (dy B) A
             product(
                 (m, k, r),
                 dx.as_mut_ptr(),
@@ -229,8 +268,13 @@ impl CustomOp3 for LoraProduct {
             );
         }
         let device = x.device();
+        let dx = if half {
+            Tensor::from_vec(to_bf16(&dx), (m, k), device)?
+        } else {
+            Tensor::from_vec(dx, (m, k), device)?
+        };
         Ok((
-            Some(Tensor::from_vec(dx, (m, k), device)?),
+            Some(dx),
             Some(Tensor::from_vec(da, (r, k), device)?),
             Some(Tensor::from_vec(db, (n, r), device)?),
         ))
@@ -285,26 +329,55 @@ mod tests {
     #[test]
     fn half_precision_runs_in_float32_and_mismatched_adapters_are_refused() {
         let dev = Device::Cpu;
-        let (m, k, n, r) = (5, 6, 7, 2);
-        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-        let a = Tensor::randn(0f32, 1.0, (r, k), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, (n, r), &dev).unwrap();
-        let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
-        let half = lora_product(&bf16(&x), &bf16(&w), &a, &b, 0.5)
-            .unwrap()
-            .unwrap();
-        assert_eq!(half.dtype(), DType::BF16);
-        // The same product from the bfloat16-rounded inputs in float32, rounded once at the end.
-        let f32 = |t: &Tensor| bf16(t).to_dtype(DType::F32).unwrap();
-        let expected = lora_product(&f32(&x), &f32(&w), &a, &b, 0.5)
-            .unwrap()
-            .unwrap();
-        assert!(
-            max_abs_diff(
-                &half.to_dtype(DType::F32).unwrap(),
-                &bf16(&expected).to_dtype(DType::F32).unwrap()
-            ) < 1e-6
+        // n odd: the float32 path after converting; 260 rows and n even: the bf16 product where
+        // the CPU has it.
+        for (m, k, n, r) in [(5, 6, 7, 2), (260, 6, 8, 2)] {
+            let var = |shape: (usize, usize)| {
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
+            };
+            let x = var((m, k));
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let (a, b) = (var((r, k)), var((n, r)));
+            let upstream = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
+            let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let x_half = Var::from_tensor(&bf16(x.as_tensor())).unwrap();
+            let half = lora_product(&x_half, &bf16(&w), &a, &b, 0.5)
+                .unwrap()
+                .unwrap();
+            assert_eq!(half.dtype(), DType::BF16);
+            // The same product of the bfloat16-rounded inputs in float32: within a bfloat16 step
+            // at these magnitudes (under 8: 1/32).
+            let (x_wide, w_wide) = (f32(x_half.as_tensor()), f32(&bf16(&w)));
+            let expected = lora_product(&x_wide, &w_wide, &a, &b, 0.5)
+                .unwrap()
+                .unwrap();
+            assert!(max_abs_diff(&f32(&half), &expected) < 0.04, "n = {n}");
+            let grads = grads_of(half, &bf16(&upstream));
+            let dx = grads.get(&x_half).unwrap();
+            assert_eq!(dx.dtype(), DType::BF16);
+            let expected = f32(&bf16(&upstream))
+                .matmul(&w_wide)
+                .unwrap()
+                .add(
+                    &(f32(&bf16(&upstream))
+                        .matmul(b.as_tensor())
+                        .unwrap()
+                        .matmul(a.as_tensor())
+                        .unwrap()
+                        * 0.5)
+                        .unwrap(),
+                )
+                .unwrap();
+            assert!(max_abs_diff(&f32(dx), &expected) < 0.1, "n = {n}");
+        }
+        let (x, w) = (
+            Tensor::zeros((5, 6), DType::F32, &dev).unwrap(),
+            Tensor::zeros((7, 6), DType::F32, &dev).unwrap(),
+        );
+        let (a, b) = (
+            Tensor::zeros((2, 6), DType::F32, &dev).unwrap(),
+            Tensor::zeros((7, 2), DType::F32, &dev).unwrap(),
         );
         let err = lora_product(&x, &w, &a, &b.t().unwrap(), 1.0).unwrap_err();
         assert!(err.to_string().contains("LoRA product"), "{err}");

@@ -43,6 +43,20 @@ fn round_to_bf16(value: f32) -> bf16 {
     bf16::from_bits((bits.wrapping_add(0x7fff + lsb) >> 16) as u16)
 }
 
+/// `values` rounded to bfloat16, in parallel runs of a plain loop.
+pub(crate) fn to_bf16(values: &[f32]) -> Vec<bf16> {
+    const RUN: usize = 1 << 15;
+    let mut out = vec![bf16::ZERO; values.len()];
+    out.par_chunks_mut(RUN)
+        .zip(values.par_chunks(RUN))
+        .for_each(|(out, values)| {
+            for (o, &v) in out.iter_mut().zip(values) {
+                *o = round_to_bf16(v);
+            }
+        });
+    out
+}
+
 struct ToBf16;
 
 impl CustomOp1 for ToBf16 {
@@ -51,20 +65,11 @@ impl CustomOp1 for ToBf16 {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        const RUN: usize = 1 << 15;
         let (start, end) = layout
             .contiguous_offsets()
             .ok_or_else(|| Error::Msg("the bfloat16 cast needs a contiguous input".into()))?;
         let x = &x.as_slice::<f32>()?[start..end];
-        let mut out = vec![bf16::ZERO; x.len()];
-        out.par_chunks_mut(RUN)
-            .zip(x.par_chunks(RUN))
-            .for_each(|(out, x)| {
-                for (o, &v) in out.iter_mut().zip(x) {
-                    *o = round_to_bf16(v);
-                }
-            });
-        Ok((CpuStorage::BF16(out), layout.shape().clone()))
+        Ok((CpuStorage::BF16(to_bf16(x)), layout.shape().clone()))
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
