@@ -76,6 +76,51 @@ pub(crate) fn times(dy: &[bf16], m: usize, w: &Tensor) -> Result<Vec<f32>> {
     with_values(w, |w| Ok(product(dy, m, &Packed::plain(w, n, k))))
 }
 
+/// A frozen bfloat16 weight `[n, k]` packed once for many products by it, both ways: the LM
+/// head multiplies every chunk of logit rows, too few rows each to pay for packing per product.
+pub struct PackedWeight {
+    transposed: Packed,
+    plain: Packed,
+}
+
+impl PackedWeight {
+    /// `w` must [`suit`](suits) the bf16 product for some row count.
+    pub fn new(w: &Tensor) -> Result<Self> {
+        let (n, k) = w.dims2()?;
+        with_values(w, |values| {
+            Ok(Self {
+                transposed: Packed::transposed(values, n, k),
+                plain: Packed::plain(values, n, k),
+            })
+        })
+    }
+
+    /// `x · wᵀ` for float32 `x` `[m, k]` (rounded to bfloat16 for the product), without a
+    /// graph: float32 `[m, n]`.
+    pub fn times_transposed(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, &self.transposed)
+    }
+
+    /// `dy · w` for float32 `dy` `[m, n]` (rounded to bfloat16), without a graph: float32
+    /// `[m, k]`.
+    pub fn times(&self, dy: &Tensor) -> Result<Tensor> {
+        self.apply(dy, &self.plain)
+    }
+
+    fn apply(&self, a: &Tensor, packed: &Packed) -> Result<Tensor> {
+        let m = a.dim(0)?;
+        if a.dims2()?.1 != 2 * packed.pairs {
+            return Err(Error::Msg(format!(
+                "{:?} does not fit the packed weight",
+                a.shape()
+            )));
+        }
+        let a16 = crate::narrow::narrow(a, DType::BF16)?;
+        let c = with_values(&a16, |a| Ok(product(a, m, packed)))?;
+        Tensor::from_vec(c, (m, packed.n), a.device())
+    }
+}
+
 /// The right operand packed for [`product`]: `n` columns of `c`, `pairs` pairs along the summed
 /// axis, panel by panel.
 pub struct Packed {

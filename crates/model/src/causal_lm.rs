@@ -4,6 +4,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 
 use crate::config::ModelConfig;
 use crate::layers::{DecoderLayer, ForwardCtx, RmsNorm};
+use crate::narrow::widen;
 use crate::param::Param;
 
 #[derive(Clone, Debug)]
@@ -14,21 +15,21 @@ pub struct CausalLm {
     pub norm: RmsNorm,
     /// `None` when the head is tied to `embed_tokens`.
     pub lm_head: Option<Param>,
-    /// Dtype of activations and frozen weights.
+    /// Dtype of the frozen weights. Activations are float32 whatever it is: the products round
+    /// their inputs to bfloat16 where they run on the bf16 product, and everything between
+    /// them (norms, attention, residual sums, gradients) stays in float32, where candle's
+    /// half-precision elementwise ops and gradient sums were half of a bfloat16 step's time.
     pub dtype: DType,
     pub device: Device,
 }
 
 impl CausalLm {
-    /// Hidden states `[batch, seq, hidden]` of `input_ids` `[batch, seq]` (u32).
+    /// Float32 hidden states `[batch, seq, hidden]` of `input_ids` `[batch, seq]` (u32).
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (batch, seq) = input_ids.dims2()?;
         let table = self.embed_tokens.in_dtype(self.dtype)?;
-        table.index_select(&input_ids.flatten_all()?, 0)?.reshape((
-            batch,
-            seq,
-            self.config.hidden_size,
-        ))
+        let rows = table.index_select(&input_ids.flatten_all()?, 0)?;
+        widen(&rows)?.reshape((batch, seq, self.config.hidden_size))
     }
 
     /// The `[vocab, hidden]` matrix that maps normed hidden states to logits.
@@ -45,7 +46,7 @@ impl CausalLm {
         }
         let h = self.norm.forward(&x)?;
         let (batch, seq, hidden) = h.dims3()?;
-        let w = self.lm_head_weight().in_dtype(self.dtype)?;
+        let w = self.lm_head_weight().in_dtype(h.dtype())?;
         h.reshape((batch * seq, hidden))?
             .matmul(&w.t()?)?
             .reshape((batch, seq, ()))

@@ -26,16 +26,14 @@ pub fn matmul_frozen_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return x.matmul(&w.t()?);
     }
     check_shapes(x.dims2()?.1, w)?;
-    if x.dtype() == DType::BF16 && bf16_product::suits(x.dim(0)?, w) {
-        let op = FrozenMatmulBf16 { w: w.detach() };
-        return x.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)));
-    }
-    let op = FrozenMatmulT {
-        w: w.detach().contiguous()?,
+    let op: Box<dyn CustomOp1 + Send + Sync> = if bf16_product::suits(x.dim(0)?, w) {
+        Box::new(FrozenMatmulBf16 { w: w.detach() })
+    } else {
+        Box::new(FrozenMatmulT {
+            w: w.detach().contiguous()?,
+        })
     };
-    let y = widen(x)?
-        .contiguous()?
-        .apply_op1_arc(Arc::new(Box::new(op)))?;
+    let y = widen(x)?.contiguous()?.apply_op1_arc(Arc::new(op))?;
     narrow(&y, x.dtype())
 }
 
@@ -153,10 +151,11 @@ impl CustomOp1 for FrozenMatmulT {
     }
 }
 
-/// [`matmul_frozen_t`] of bfloat16 `x` and `w` on the CPU's bf16 product: bfloat16 in and out,
-/// sums in float32, as PyTorch's bfloat16 Linear.
+/// [`matmul_frozen_t`] by a bfloat16 `w` on the CPU's bf16 product: float32 in and out, the
+/// input (and in backward the output's gradient) rounded to bfloat16 for the product, as a
+/// bfloat16 model's activations and gradients are; sums in float32.
 struct FrozenMatmulBf16 {
-    /// `[n, k]`, bfloat16, fitting the bf16 product.
+    /// `[n, k]`, bfloat16, suiting the bf16 product.
     w: Tensor,
 }
 
@@ -170,19 +169,16 @@ impl CustomOp1 for FrozenMatmulBf16 {
         let (start, end) = x_layout
             .contiguous_offsets()
             .ok_or_else(|| Error::Msg("matmul-frozen-t needs a contiguous input".into()))?;
-        let x = &x.as_slice::<half::bf16>()?[start..end];
-        let y = bf16_product::times_transposed(x, m, &self.w)?;
-        Ok((
-            CpuStorage::BF16(to_bf16(&y)),
-            Shape::from((m, self.w.dim(0)?)),
-        ))
+        let x = to_bf16(&x.as_slice::<f32>()?[start..end]);
+        let y = bf16_product::times_transposed(&x, m, &self.w)?;
+        Ok((CpuStorage::F32(y), Shape::from((m, self.w.dim(0)?))))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
         let m = x.dim(0)?;
         let grad_y = narrow(grad_y, DType::BF16)?;
         let dx = bf16_product::with_values(&grad_y, |dy| bf16_product::times(dy, m, &self.w))?;
-        Ok(Some(Tensor::from_vec(to_bf16(&dx), x.shape(), x.device())?))
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
 

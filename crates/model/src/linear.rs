@@ -52,7 +52,7 @@ impl Linear {
             None => {
                 let mut y = match &self.weight {
                     Param::Quantized(q) => q.matmul_t(&x2)?,
-                    Param::Frozen(w) => matmul_frozen_t(&x2, &w.to_dtype(dtype)?)?,
+                    Param::Frozen(w) => matmul_frozen_t(&x2, w)?,
                     Param::Trainable(w) => x2.matmul(&w.as_tensor().to_dtype(dtype)?.t()?)?,
                 };
                 if let Some(lora) = &self.lora {

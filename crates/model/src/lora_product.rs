@@ -53,13 +53,9 @@ pub fn lora_product(
     let op = LoraProduct {
         w: w.detach(),
         scale: scale as f32,
+        on_bf16_product: bf16_product::suits(x.dim(0)?, w),
     };
-    // bfloat16 inputs stay bfloat16 where the bf16 product can take the frozen part.
-    let x_in = if x.dtype() == DType::BF16 && bf16_product::suits(x.dim(0)?, w) {
-        x.contiguous()?
-    } else {
-        widen(x)?
-    };
+    let x_in = widen(x)?;
     let y = x_in.apply_op3_arc(a, b, Arc::new(Box::new(op)))?;
     Ok(Some(narrow(&y, x.dtype())?))
 }
@@ -68,6 +64,9 @@ struct LoraProduct {
     /// Frozen: read in forward and backward, never given a gradient.
     w: Tensor,
     scale: f32,
+    /// The frozen products run on the bf16 product, their float32 operands rounded to
+    /// bfloat16 (as a bfloat16 model's activations and gradients are).
+    on_bf16_product: bool,
 }
 
 /// The frozen weight's values in float32.
@@ -119,33 +118,30 @@ impl CustomOp3 for LoraProduct {
         let a = Operand::matrix(a.as_slice()?, a_layout)?;
         let b = Operand::matrix(b.as_slice()?, b_layout)?;
         let xa = down_projection(x_op, a, m, r, k);
-        let mut y = match x {
-            CpuStorage::BF16(values) => {
-                let (start, end) = x_layout
-                    .contiguous_offsets()
-                    .ok_or_else(|| Error::Msg("the LoRA product needs a contiguous x".into()))?;
-                bf16_product::times_transposed(&values[start..end], m, &self.w)?
-            }
-            _ => {
-                let (w_storage, w_layout) = self.w.storage_and_layout();
-                let w_values = weight_values(&w_storage)?;
-                let w = Operand::matrix(&w_values, w_layout)?;
-                let mut y = vec![0f32; m * n];
-                // SAFETY: x and w are read through their layouts; y is m × n.
-                unsafe {
-                    product(
-                        (m, n, k),
-                        y.as_mut_ptr(),
-                        n,
-                        false,
-                        x_op,
-                        w.t(),
-                        1.0,
-                        Threads::Pool,
-                    )
-                };
-                y
-            }
+        let mut y = if self.on_bf16_product {
+            let (start, end) = x_layout
+                .contiguous_offsets()
+                .ok_or_else(|| Error::Msg("the LoRA product needs a contiguous x".into()))?;
+            bf16_product::times_transposed(&to_bf16(&x_wide[start..end]), m, &self.w)?
+        } else {
+            let (w_storage, w_layout) = self.w.storage_and_layout();
+            let w_values = weight_values(&w_storage)?;
+            let w = Operand::matrix(&w_values, w_layout)?;
+            let mut y = vec![0f32; m * n];
+            // SAFETY: x and w are read through their layouts; y is m × n.
+            unsafe {
+                product(
+                    (m, n, k),
+                    y.as_mut_ptr(),
+                    n,
+                    false,
+                    x_op,
+                    w.t(),
+                    1.0,
+                    Threads::Pool,
+                )
+            };
+            y
         };
         // SAFETY: xa is m × r, b is read through its layout; y is m × n.
         unsafe {
@@ -188,14 +184,12 @@ impl CustomOp3 for LoraProduct {
         let dy_values = cpu_values(&dy_storage)?;
         let dy = Operand::matrix(dy_values, dy_layout)?;
         let s = self.scale;
-        let half = x.dtype() == DType::BF16;
         let mut dy_b = vec![0f32; m * r];
         let mut da = vec![0f32; r * k];
         let mut db = vec![0f32; n * r];
         let xa = down_projection(x_op, a_op, m, r, k);
-        // dy W: on the bf16 product (with dy rounded to bfloat16, as PyTorch's bfloat16
-        // gradients are) when x came in bfloat16, else in float32.
-        let mut dx = if half {
+        // dy W: on the bf16 product with dy rounded to bfloat16, or in float32.
+        let mut dx = if self.on_bf16_product {
             let dy16 = to_bf16(&dy_values[dy_layout.start_offset()..][..m * n]);
             bf16_product::times(&dy16, m, &self.w)?
         } else {
@@ -268,13 +262,8 @@ impl CustomOp3 for LoraProduct {
             );
         }
         let device = x.device();
-        let dx = if half {
-            Tensor::from_vec(to_bf16(&dx), (m, k), device)?
-        } else {
-            Tensor::from_vec(dx, (m, k), device)?
-        };
         Ok((
-            Some(dx),
+            Some(Tensor::from_vec(dx, (m, k), device)?),
             Some(Tensor::from_vec(da, (r, k), device)?),
             Some(Tensor::from_vec(db, (n, r), device)?),
         ))

@@ -5,6 +5,7 @@
 //! float32 logits of a batch the largest tensor of the whole step.
 
 use candle_core::{backprop::GradStore, DType, Result, Tensor, Var, D};
+use ff_model::bf16_product::{self, PackedWeight};
 use ff_model::frozen_product::{frozen_input_grad, matmul_frozen_t};
 use ff_model::strided_product::add_transposed_product;
 use ff_model::CausalLm;
@@ -80,6 +81,13 @@ pub fn head_forward_backward(
     // The trained head's gradient, summed over chunks in float32 in one buffer and handed on
     // with the last chunk's.
     let mut head_grad = head_trains.then(|| vec![0f32; vocab * width]);
+    // A bfloat16 head is packed once for the bf16 product of every chunk, when there are rows
+    // enough to pay for it.
+    let packed_head = if !head_trains && bf16_product::suits(n, &head) {
+        Some(PackedWeight::new(&head)?)
+    } else {
+        None
+    };
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let x = Var::from_tensor(&selected.narrow(0, start, len)?)?;
@@ -88,13 +96,20 @@ pub fn head_forward_backward(
         // The head's product needs no graph: the gradient of the normed states is
         // d(loss)/d(logits) · head, carried into x and the norm from there, and the head's own
         // is d(loss)/d(logits)ᵀ · normed.
-        let logits = matmul_frozen_t(&normed.detach(), &head)?.to_dtype(DType::F32)?;
+        let logits = match &packed_head {
+            Some(packed) => packed.times_transposed(&normed.detach())?,
+            None => matmul_frozen_t(&normed.detach(), &head)?.to_dtype(DType::F32)?,
+        };
         let (nll, grad_logits) = nll_and_grad(logits, targets, loss_denominator)?;
         nll_sum += nll;
         if let Some(sum) = head_grad.as_mut() {
             add_transposed_product(sum, &grad_logits, &normed.detach().to_dtype(DType::F32)?)?;
         }
-        let grad_normed = frozen_input_grad(&grad_logits, &head)?.to_dtype(normed.dtype())?;
+        let grad_normed = match &packed_head {
+            Some(packed) => packed.times(&grad_logits)?,
+            None => frozen_input_grad(&grad_logits, &head)?,
+        }
+        .to_dtype(normed.dtype())?;
         let mut grads = backward_from(&normed, &grad_normed)?;
         if start + len == n {
             if let (Some(sum), Some(var)) = (head_grad.take(), model.lm_head_weight().var()) {

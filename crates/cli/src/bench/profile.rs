@@ -128,13 +128,19 @@ fn layer_products(shape: &StepShape) -> Result<(f64, f64)> {
     let r = shape.lora_rank;
     let var = |t: Tensor| -> Result<Var> { Ok(Var::from_tensor(&t)?) };
     let mut pieces = Vec::new();
+    // As in the model: float32 activations whatever the dtype; frozen weights in the model's
+    // dtype, trained ones (adapters, or every weight in full fine-tuning) in float32.
+    let weight_dtype = if shape.lora() {
+        shape.dtype
+    } else {
+        DType::F32
+    };
     for (i, o) in linear_shapes(shape.config) {
-        let x = var(random((rows, i), shape.dtype)?)?;
-        let w = var(random((o, i), shape.dtype)?)?;
-        // Adapters train in float32 whatever the model's dtype, as in the model.
+        let x = var(random((rows, i), DType::F32)?)?;
+        let w = var(random((o, i), weight_dtype)?)?;
         let a = var(random((r, i), DType::F32)?)?;
         let b = var(random((o, r), DType::F32)?)?;
-        let upstream = random((rows, o), shape.dtype)?;
+        let upstream = random((rows, o), DType::F32)?;
         pieces.push((x, w, a, b, upstream));
     }
     let forward = |x: &Var, w: &Var, a: &Var, b: &Var| -> Result<Tensor> {
@@ -166,7 +172,7 @@ fn layer_attention(shape: &StepShape) -> Result<(f64, f64)> {
     let c = shape.config;
     let (b, s, hd) = (shape.batch, shape.seq, c.head_dim);
     let heads = |n: usize| -> Result<Var> {
-        let t = Tensor::randn(0f32, 1.0, (b, n, s, hd), &Device::Cpu)?.to_dtype(shape.dtype)?;
+        let t = Tensor::randn(0f32, 1.0, (b, n, s, hd), &Device::Cpu)?;
         Ok(Var::from_tensor(&t)?)
     };
     let (q, k, v) = (
@@ -175,8 +181,7 @@ fn layer_attention(shape: &StepShape) -> Result<(f64, f64)> {
         heads(c.num_key_value_heads)?,
     );
     let ctx = ForwardCtx::new(c, &vec![vec![1u8; s]; b], shape.dtype, 0, &Device::Cpu)?;
-    let upstream = Tensor::randn(0f32, 1.0, (b, s, c.num_attention_heads, hd), &Device::Cpu)?
-        .to_dtype(shape.dtype)?;
+    let upstream = Tensor::randn(0f32, 1.0, (b, s, c.num_attention_heads, hd), &Device::Cpu)?;
     let forward = || -> Result<Tensor> {
         Ok(attention(
             q.as_tensor(),
