@@ -13,6 +13,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::fast_exp::exp_shifted;
 use crate::narrow::{narrow, widen};
 use crate::strided_product::{cpu_values, product, Operand, Threads};
 
@@ -282,12 +283,8 @@ fn softmax_row(row: &mut [f32], limit: usize, mask: &[f32], scale: f32) {
         *s = *s * scale + m;
         max = max.max(*s);
     }
-    let mut sum = 0f32;
-    for s in live.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
+    exp_shifted(live, max);
+    let inv = 1.0 / live.iter().sum::<f32>();
     live.iter_mut().for_each(|s| *s *= inv);
     dead.fill(0.0);
 }

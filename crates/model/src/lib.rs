@@ -10,6 +10,7 @@ pub mod causal_lm;
 pub mod config;
 pub mod dropout;
 pub mod error;
+pub mod fast_exp;
 pub mod finetune;
 pub mod frozen_product;
 pub mod gguf;

@@ -6,6 +6,7 @@
 //! once more after the logits exist, rows in parallel.
 
 use candle_core::{Result, Tensor};
+use ff_model::fast_exp::exp_shifted;
 use rayon::prelude::*;
 
 /// For `logits` `[rows, vocab]` in float32 and each row's target: the sum over rows of
@@ -25,11 +26,8 @@ pub fn nll_and_grad(logits: Tensor, targets: &[u32], denominator: f64) -> Result
             let target = target as usize;
             let target_logit = row[target];
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f64;
-            for v in row.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v as f64;
-            }
+            exp_shifted(row, max);
+            let sum: f64 = row.iter().map(|&v| v as f64).sum();
             let scale = (1.0 / (sum * denominator)) as f32;
             row.iter_mut().for_each(|g| *g *= scale);
             row[target] -= (1.0 / denominator) as f32;
