@@ -1,7 +1,7 @@
 //! `exp` over a slice of float32 as a plain loop the compiler vectorizes.
 //!
-//! Softmax rows (attention's scores, the 49k logits of every label position) call `exp` for
-//! every element; the C library's `expf` is a call per element, 4% of a step. This is Cephes'
+//! Softmax rows (attention's scores, the 49k logits of every label position) and SiLU call
+//! `exp` for every element; the C library's `expf` is a call per element, 4% of a step. This is Cephes'
 //! single-precision exp: a degree-7 polynomial on the remainder after taking out powers of two,
 //! within two units in the last place of `f32::exp`, branch-free so that it runs 4 or more
 //! lanes at a time.
@@ -14,8 +14,9 @@ pub fn exp_shifted(values: &mut [f32], shift: f32) {
     }
 }
 
+/// `exp(x)`, 0 below −87; inlined so that loops calling it vectorize.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split so that n · LN2_HIGH is exact.
     const LN2_HIGH: f32 = 0.693_359_4;

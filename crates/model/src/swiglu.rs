@@ -9,6 +9,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::fast_exp::exp;
 use crate::narrow::{narrow, widen};
 
 /// Elements per parallel task.
@@ -32,8 +33,9 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> 
     Ok(&storage.as_slice::<f32>()?[start..end])
 }
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp(-x))
 }
 
 /// `out[i] = f(a[i], b[i], c[i])` over equal-length slices, in parallel.
