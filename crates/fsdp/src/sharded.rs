@@ -12,7 +12,7 @@ use ff_model::quant::{QuantFormat, QuantizedWeight, RawBuffer};
 use ff_model::CausalLm;
 
 use crate::error::{FsdpError, FsdpResult};
-use crate::layout::{Piece, UnitLayout};
+use crate::layout::{Entry, Piece, UnitLayout};
 use crate::plan::plan_units;
 use crate::prefetch::Prefetcher;
 use crate::slots::{slots_of, Part};
@@ -431,20 +431,43 @@ impl Sharded {
         let layout = &unit.layout;
         let trained_bytes = layout.trained_shard * 4;
         let per_rank = trained_bytes + if with_frozen { layout.frozen_shard } else { 0 };
-        // An entry's bytes, collected from the rank-major gathered buffer without first copying
-        // the whole unit into one contiguous buffer (the root unit holds the embedding table).
-        let trained = |start: usize, len: usize| {
-            collect_span(gathered, per_rank, 0, trained_bytes, start * 4, len * 4)
+        // An entry, collected from the rank-major gathered buffer without first copying the
+        // whole unit into one contiguous buffer (the root unit holds the embedding table).
+        let trained = |entry: &Entry| {
+            span_tensor(
+                gathered,
+                per_rank,
+                0,
+                trained_bytes,
+                entry.offset * 4,
+                DType::F32,
+                &entry.shape,
+                &self.device,
+            )
         };
-        let frozen = |start: usize, len: usize| {
-            collect_span(
+        let frozen = |entry: &Entry| {
+            span_tensor(
                 gathered,
                 per_rank,
                 trained_bytes,
                 layout.frozen_shard,
-                start,
-                len,
+                entry.offset,
+                entry.dtype,
+                &entry.shape,
+                &self.device,
             )
+        };
+        let frozen_bytes = |entry: &Entry| {
+            let mut bytes = vec![0u8; entry.num_bytes()];
+            copy_span(
+                gathered,
+                per_rank,
+                trained_bytes,
+                layout.frozen_shard,
+                entry.offset,
+                &mut bytes,
+            );
+            bytes
         };
         let mut installed = vec![None; layout.entries.len()];
         let mut slot_layouts = unit.slots.iter();
@@ -455,23 +478,9 @@ impl Sharded {
                         let entry = &layout.entries[*index];
                         debug_assert_eq!(entry.name, name);
                         if entry.trainable {
-                            let bytes = trained(entry.offset, entry.numel());
-                            let t = Tensor::from_raw_buffer(
-                                &bytes,
-                                DType::F32,
-                                entry.shape.as_slice(),
-                                &self.device,
-                            )?;
-                            installed[*index] = slot.fill(t)?;
+                            installed[*index] = slot.fill(trained(entry)?)?;
                         } else if with_frozen {
-                            let bytes = frozen(entry.offset, entry.num_bytes());
-                            let t = Tensor::from_raw_buffer(
-                                &bytes,
-                                entry.dtype,
-                                entry.shape.as_slice(),
-                                &self.device,
-                            )?;
-                            slot.fill(t)?;
+                            slot.fill(frozen(entry)?)?;
                         }
                     }
                     SlotLayout::Quantized {
@@ -483,7 +492,7 @@ impl Sharded {
                             .iter()
                             .map(|(buffer, index)| {
                                 let entry = &layout.entries[*index];
-                                let bytes = frozen(entry.offset, entry.num_bytes());
+                                let bytes = frozen_bytes(entry);
                                 let raw = match entry.dtype {
                                     DType::U8 => RawBuffer::U8(bytes),
                                     _ => RawBuffer::F32(
@@ -792,24 +801,49 @@ fn flatten_unit(
 
 /// Bytes `start..start + len` of one region (trained or frozen) of a unit, from `gathered`,
 /// where each rank's `per_rank` bytes hold that region's `shard` bytes at `region_start`.
-fn collect_span(
+fn copy_span(
     gathered: &[u8],
     per_rank: usize,
     region_start: usize,
     shard: usize,
     start: usize,
-    len: usize,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
+    out: &mut [u8],
+) {
     let mut at = start;
-    while at < start + len {
+    let mut written = 0;
+    while written < out.len() {
         let (rank, within) = (at / shard, at % shard);
-        let take = (shard - within).min(start + len - at);
+        let take = (shard - within).min(out.len() - written);
         let from = rank * per_rank + region_start + within;
-        out.extend_from_slice(&gathered[from..from + take]);
+        out[written..written + take].copy_from_slice(&gathered[from..from + take]);
         at += take;
+        written += take;
     }
-    out
+}
+
+/// A tensor of `dtype` and `shape` from bytes `start..` of a region of the gathered buffer:
+/// float32 values are copied once, straight into the tensor's storage.
+#[allow(clippy::too_many_arguments)]
+fn span_tensor(
+    gathered: &[u8],
+    per_rank: usize,
+    region_start: usize,
+    shard: usize,
+    start: usize,
+    dtype: DType,
+    shape: &[usize],
+    device: &Device,
+) -> FsdpResult<Tensor> {
+    let numel: usize = shape.iter().product();
+    if dtype == DType::F32 {
+        let mut values = vec![0f32; numel];
+        let bytes = bytemuck::cast_slice_mut(&mut values);
+        copy_span(gathered, per_rank, region_start, shard, start, bytes);
+        return Ok(Tensor::from_vec(values, shape, device)?);
+    }
+    let mut bytes = vec![0u8; numel * dtype.size_in_bytes()];
+    copy_span(gathered, per_rank, region_start, shard, start, &mut bytes);
+    Ok(Tensor::from_raw_buffer(&bytes, dtype, shape, device)?)
 }
 
 /// The raw little-endian bytes of a tensor's elements.
