@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use crate::fast_exp::exp_shifted;
 use crate::narrow::{narrow, widen};
-use crate::strided_product::{cpu_values, product, Operand, Threads};
+use crate::strided_product::{contiguous, cpu_values, product, Operand, Threads};
 
 /// Queries whose scores are computed together: small enough that the keys a block needs are
 /// close to the causal triangle, large enough for the products to run at speed.
@@ -169,15 +169,6 @@ impl SharedOut {
     }
 }
 
-/// The contiguous values of `t` (the mask, the output's gradient).
-fn contiguous_values<'a>(values: &'a [f32], t: &Tensor) -> Result<&'a [f32]> {
-    let (start, end) = t
-        .layout()
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Msg("attention needs a contiguous mask and gradient".into()))?;
-    Ok(&values[start..end])
-}
-
 impl CustomOp3 for CausalAttention {
     fn name(&self) -> &'static str {
         "causal-attention"
@@ -197,7 +188,7 @@ impl CustomOp3 for CausalAttention {
         let k = Heads::new(k.as_slice()?, k_layout);
         let v = Heads::new(v.as_slice()?, v_layout);
         let (mask_storage, _) = self.mask.storage_and_layout();
-        let mask = contiguous_values(cpu_values(&mask_storage)?, &self.mask)?;
+        let mask = contiguous(cpu_values(&mask_storage)?, self.mask.layout())?;
         let Dims {
             batch,
             heads,
@@ -260,8 +251,8 @@ impl CustomOp3 for CausalAttention {
         let (mask_storage, _) = self.mask.storage_and_layout();
         let (dq, dk, dv) = backward(
             &Dims::of(q_layout, k_layout)?,
-            contiguous_values(cpu_values(&mask_storage)?, &self.mask)?,
-            contiguous_values(cpu_values(&go_storage)?, &grad_out)?,
+            contiguous(cpu_values(&mask_storage)?, self.mask.layout())?,
+            contiguous(cpu_values(&go_storage)?, grad_out.layout())?,
             Heads::new(cpu_values(&q_storage)?, q_layout),
             Heads::new(cpu_values(&k_storage)?, k_layout),
             Heads::new(cpu_values(&v_storage)?, v_layout),

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, St
 
 use crate::bf16_product;
 use crate::narrow::{narrow, to_bf16, widen};
-use crate::strided_product::{cpu_values, half_to_f32, product, Operand, Threads};
+use crate::strided_product::{contiguous, cpu_values, half_to_f32, product, Operand, Threads};
 
 /// Rows of a half-precision `W` converted to float32 at a time (9 MB for a 576-wide weight).
 const BLOCK_ROWS: usize = 4096;
@@ -166,10 +166,7 @@ impl CustomOp1 for FrozenMatmulBf16 {
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let m = x_layout.shape().dims2()?.0;
-        let (start, end) = x_layout
-            .contiguous_offsets()
-            .ok_or_else(|| Error::Msg("matmul-frozen-t needs a contiguous input".into()))?;
-        let x = to_bf16(&x.as_slice::<f32>()?[start..end]);
+        let x = to_bf16(contiguous(x.as_slice::<f32>()?, x_layout)?);
         let y = bf16_product::times_transposed(&x, m, &self.w)?;
         Ok((CpuStorage::F32(y), Shape::from((m, self.w.dim(0)?))))
     }

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, St
 
 use crate::bf16_product;
 use crate::narrow::{narrow, to_bf16, widen};
-use crate::strided_product::{cpu_values, float32_values, product, Operand, Threads};
+use crate::strided_product::{contiguous, cpu_values, float32_values, product, Operand, Threads};
 
 /// `x` is `[m, k]`, `w` the frozen `[n, k]`, `a` the adapter's float32 `[r, k]` and `b` its
 /// `[n, r]`; returns `x wᵀ + scale · (x aᵀ) bᵀ` as `[m, n]` in `x`'s dtype. The products run in
@@ -119,10 +119,8 @@ impl CustomOp3 for LoraProduct {
         let b = Operand::matrix(b.as_slice()?, b_layout)?;
         let xa = down_projection(x_op, a, m, r, k);
         let mut y = if self.on_bf16_product {
-            let (start, end) = x_layout
-                .contiguous_offsets()
-                .ok_or_else(|| Error::Msg("the LoRA product needs a contiguous x".into()))?;
-            bf16_product::times_transposed(&to_bf16(&x_wide[start..end]), m, &self.w)?
+            let x = to_bf16(contiguous(&x_wide, x_layout)?);
+            bf16_product::times_transposed(&x, m, &self.w)?
         } else {
             let (w_storage, w_layout) = self.w.storage_and_layout();
             let w_values = weight_values(&w_storage)?;

@@ -7,11 +7,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::strided_product::half_to_f32;
+use crate::strided_product::{contiguous, half_to_f32};
 
 /// `x` (float32) in `dtype`; bfloat16 on the CPU through the loop here, anything else through
 /// candle's cast. The gradient is widened back to float32.
@@ -65,10 +65,7 @@ impl CustomOp1 for ToBf16 {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| Error::Msg("the bfloat16 cast needs a contiguous input".into()))?;
-        let x = &x.as_slice::<f32>()?[start..end];
+        let x = contiguous(x.as_slice::<f32>()?, layout)?;
         Ok((CpuStorage::BF16(to_bf16(x)), layout.shape().clone()))
     }
 
@@ -85,10 +82,7 @@ impl CustomOp1 for FromBf16 {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| Error::Msg("the float32 cast needs a contiguous input".into()))?;
-        let x = &x.as_slice::<bf16>()?[start..end];
+        let x = contiguous(x.as_slice::<bf16>()?, layout)?;
         Ok((
             CpuStorage::F32(half_to_f32(x, |v| v.to_f32())),
             layout.shape().clone(),

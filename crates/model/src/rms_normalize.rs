@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::strided_product::cpu_values;
+use crate::strided_product::{contiguous, cpu_values};
 
 /// `x` is float32 `[..., width]`, `weight` float32 `[width]`; `weight_trains` says whether the
 /// backward forms the weight's gradient.
@@ -24,14 +24,6 @@ pub fn rms_normalize(x: &Tensor, weight: &Tensor, eps: f64, weight_trains: bool)
     let op = RmsNormalize { eps, weight_trains };
     x.contiguous()?
         .apply_op2_arc(&weight.contiguous()?, Arc::new(Box::new(op)))
-}
-
-/// The contiguous float32 values of `values` as `layout` places them.
-fn contiguous<'a>(values: &'a [f32], layout: &Layout) -> Result<&'a [f32]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Msg("rms normalize needs contiguous inputs".into()))?;
-    Ok(&values[start..end])
 }
 
 /// `1 / sqrt(mean(row²) + eps)`.
@@ -57,8 +49,8 @@ impl CustomOp2 for RmsNormalize {
         weight: &CpuStorage,
         weight_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(x.as_slice()?, x_layout)?;
-        let weight = contiguous(weight.as_slice()?, weight_layout)?;
+        let x = contiguous(x.as_slice::<f32>()?, x_layout)?;
+        let weight = contiguous(weight.as_slice::<f32>()?, weight_layout)?;
         let width = weight.len();
         if width == 0 || x_layout.dims().last() != Some(&width) {
             return Err(Error::Msg(format!(

@@ -8,7 +8,8 @@
 use std::sync::Arc;
 
 use crate::narrow::{narrow, widen};
-use candle_core::{CpuStorage, CustomOp3, Error, Layout, Result, Shape, Tensor};
+use crate::strided_product::contiguous;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `x` is `[batch, seq, heads, head_dim]`, `cos` and `sin` are `[seq, head_dim]` (the halves
@@ -31,13 +32,6 @@ struct RopeHeads {
     inverse: bool,
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Msg("rope needs contiguous inputs".into()))?;
-    Ok(&storage.as_slice::<f32>()?[start..end])
-}
-
 impl CustomOp3 for RopeHeads {
     fn name(&self) -> &'static str {
         "rope-heads"
@@ -55,9 +49,9 @@ impl CustomOp3 for RopeHeads {
         let (b, d1, d2, d) = x_layout.shape().dims4()?;
         // Input axes 1 and 2 are (seq, heads) forward and (heads, seq) inverse.
         let (seq, heads) = if self.inverse { (d2, d1) } else { (d1, d2) };
-        let x = f32_slice(x, x_layout)?;
-        let cos = f32_slice(cos, cos_layout)?;
-        let sin = f32_slice(sin, sin_layout)?;
+        let x = contiguous(x.as_slice::<f32>()?, x_layout)?;
+        let cos = contiguous(cos.as_slice::<f32>()?, cos_layout)?;
+        let sin = contiguous(sin.as_slice::<f32>()?, sin_layout)?;
         let half = d / 2;
         // The angle's sign: y1 = x1·c − x2·s, y2 = x2·c + x1·s; the inverse negates s.
         let sign = if self.inverse { -1.0f32 } else { 1.0 };

@@ -107,6 +107,19 @@ pub(crate) unsafe fn product(
     )
 }
 
+/// The part of `values` (a storage's whole slice) that the contiguous `layout` covers; the fused
+/// ops make their inputs contiguous before they read them this way.
+pub(crate) fn contiguous<'a, T>(values: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+        Error::Msg(format!(
+            "expected a contiguous tensor, got strides {:?} for shape {:?}",
+            layout.stride(),
+            layout.shape()
+        ))
+    })?;
+    Ok(&values[start..end])
+}
+
 /// The float32 values of a CPU storage (all of them: layouts index into it).
 pub(crate) fn cpu_values(storage: &Storage) -> Result<&[f32]> {
     match storage {

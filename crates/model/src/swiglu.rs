@@ -6,11 +6,12 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Error, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::fast_exp::exp;
 use crate::narrow::{narrow, widen};
+use crate::strided_product::contiguous;
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -24,13 +25,6 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let f32 = |t: &Tensor| widen(t)?.contiguous();
     let out = f32(gate)?.apply_op2_arc(&f32(up)?, Arc::new(Box::new(SwiGlu)))?;
     narrow(&out, gate.dtype())
-}
-
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Msg("swiglu needs contiguous inputs".into()))?;
-    Ok(&storage.as_slice::<f32>()?[start..end])
 }
 
 #[inline(always)]
@@ -66,7 +60,10 @@ impl CustomOp2 for SwiGlu {
         up: &CpuStorage,
         up_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, u) = (f32_slice(gate, gate_layout)?, f32_slice(up, up_layout)?);
+        let (g, u) = (
+            contiguous(gate.as_slice::<f32>()?, gate_layout)?,
+            contiguous(up.as_slice::<f32>()?, up_layout)?,
+        );
         let y = map3(g, u, u, |g, u, _| g * sigmoid(g) * u);
         Ok((CpuStorage::F32(y), gate_layout.shape().clone()))
     }
@@ -102,9 +99,9 @@ impl CustomOp3 for GateGrad {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = f32_slice(gate, gate_layout)?;
-        let u = f32_slice(up, up_layout)?;
-        let dy = f32_slice(grad, grad_layout)?;
+        let g = contiguous(gate.as_slice::<f32>()?, gate_layout)?;
+        let u = contiguous(up.as_slice::<f32>()?, up_layout)?;
+        let dy = contiguous(grad.as_slice::<f32>()?, grad_layout)?;
         let out = map3(g, u, dy, |g, u, dy| {
             let s = sigmoid(g);
             dy * u * s * (1.0 + g * (1.0 - s))
@@ -128,8 +125,8 @@ impl CustomOp2 for UpGrad {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = f32_slice(gate, gate_layout)?;
-        let dy = f32_slice(grad, grad_layout)?;
+        let g = contiguous(gate.as_slice::<f32>()?, gate_layout)?;
+        let dy = contiguous(grad.as_slice::<f32>()?, grad_layout)?;
         let out = map3(g, dy, dy, |g, dy, _| dy * g * sigmoid(g));
         Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
     }
