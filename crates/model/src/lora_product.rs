@@ -113,13 +113,14 @@ impl CustomOp3 for LoraProduct {
     ) -> Result<(CpuStorage, Shape)> {
         let (m, k) = x_layout.shape().dims2()?;
         let (r, n) = (a_layout.dims()[0], b_layout.dims()[0]);
-        let x_wide = float32_values(x)?;
-        let x_op = Operand::matrix(&x_wide, x_layout)?;
+        // x is float32: lora_product widens it before the op.
+        let x_values = x.as_slice::<f32>()?;
+        let x_op = Operand::matrix(x_values, x_layout)?;
         let a = Operand::matrix(a.as_slice()?, a_layout)?;
         let b = Operand::matrix(b.as_slice()?, b_layout)?;
         let xa = down_projection(x_op, a, m, r, k);
         let mut y = if self.on_bf16_product {
-            let x = to_bf16(contiguous(&x_wide, x_layout)?);
+            let x = to_bf16(contiguous(x_values, x_layout)?);
             bf16_product::times_transposed(&x, m, &self.w)?
         } else {
             let (w_storage, w_layout) = self.w.storage_and_layout();
@@ -172,11 +173,7 @@ impl CustomOp3 for LoraProduct {
         let (a_storage, a_layout) = a.storage_and_layout();
         let (b_storage, b_layout) = b.storage_and_layout();
         let (dy_storage, dy_layout) = grad_y.storage_and_layout();
-        let Storage::Cpu(x_cpu) = &*x_storage else {
-            return Err(Error::Msg("the LoRA product runs on the CPU only".into()));
-        };
-        let x_wide = float32_values(x_cpu)?;
-        let x_op = Operand::matrix(&x_wide, x_layout)?;
+        let x_op = Operand::matrix(cpu_values(&x_storage)?, x_layout)?;
         let a_op = Operand::matrix(cpu_values(&a_storage)?, a_layout)?;
         let b_op = Operand::matrix(cpu_values(&b_storage)?, b_layout)?;
         let dy_values = cpu_values(&dy_storage)?;
