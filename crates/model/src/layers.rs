@@ -13,8 +13,8 @@ use crate::rms_normalize::rms_normalize;
 use crate::rope_heads::rope_heads;
 use crate::swiglu::swiglu;
 
-/// RMSNorm computed in float32 and cast back, as transformers does: the normalized values are
-/// cast to the input's dtype before the weight multiplies them.
+/// RMSNorm computed in float32 (the model's activations are float32; a half-precision input is
+/// widened and the result cast back).
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
     pub weight: Param,
@@ -23,14 +23,9 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let weight = self.weight.in_dtype(dtype)?;
-        if dtype == DType::F32 {
-            return rms_normalize(x, &weight, self.eps, self.weight.is_trainable());
-        }
-        let ones = Tensor::ones(weight.dims1()?, DType::F32, x.device())?;
-        let normed = rms_normalize(&widen(x)?, &ones, self.eps, false)?;
-        narrow(&normed, dtype)?.broadcast_mul(&weight)
+        let weight = self.weight.in_dtype(DType::F32)?;
+        let normed = rms_normalize(&widen(x)?, &weight, self.eps, self.weight.is_trainable())?;
+        narrow(&normed, x.dtype())
     }
 }
 
