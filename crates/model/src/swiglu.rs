@@ -2,16 +2,16 @@
 //!
 //! From candle's ops it was a SiLU and a product, and SiLU's backward alone is half a dozen
 //! passes over the `[tokens, intermediate]` activations; here forward is one pass and backward
-//! two (one per input's gradient).
+//! another, which gives both inputs' gradients.
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::fast_exp::exp;
 use crate::narrow::{narrow, widen};
-use crate::strided_product::contiguous;
+use crate::strided_product::{contiguous, cpu_values};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -32,20 +32,6 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
-/// `out[i] = f(a[i], b[i], c[i])` over equal-length slices, in parallel.
-fn map3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK))
-        .zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK)))
-        .for_each(|((o, a), (b, c))| {
-            for (((o, &a), &b), &c) in o.iter_mut().zip(a).zip(b).zip(c) {
-                *o = f(a, b, c);
-            }
-        });
-    out
-}
-
 struct SwiGlu;
 
 impl CustomOp2 for SwiGlu {
@@ -60,14 +46,21 @@ impl CustomOp2 for SwiGlu {
         up: &CpuStorage,
         up_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, u) = (
-            contiguous(gate.as_slice::<f32>()?, gate_layout)?,
-            contiguous(up.as_slice::<f32>()?, up_layout)?,
-        );
-        let y = map3(g, u, u, |g, u, _| g * sigmoid(g) * u);
+        let g = contiguous(gate.as_slice::<f32>()?, gate_layout)?;
+        let u = contiguous(up.as_slice::<f32>()?, up_layout)?;
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(y, (g, u))| {
+                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                    *y = g * sigmoid(g) * u;
+                }
+            });
         Ok((CpuStorage::F32(y), gate_layout.shape().clone()))
     }
 
+    /// Both gradients in one pass: `dgate = dy · up · silu'(gate)` with `silu'(g) = σ(g) · (1 +
+    /// g · (1 − σ(g)))`, and `dup = dy · silu(gate)`.
     fn bwd(
         &self,
         gate: &Tensor,
@@ -76,59 +69,33 @@ impl CustomOp2 for SwiGlu {
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad_y = grad_y.contiguous()?;
-        let grad_gate = gate.apply_op3_no_bwd(up, &grad_y, &GateGrad)?;
-        let grad_up = gate.apply_op2_no_bwd(&grad_y, &UpGrad)?;
-        Ok((Some(grad_gate), Some(grad_up)))
-    }
-}
-
-/// `dy · up · silu'(gate)`, with `silu'(g) = σ(g) · (1 + g · (1 − σ(g)))`.
-struct GateGrad;
-
-impl CustomOp3 for GateGrad {
-    fn name(&self) -> &'static str {
-        "swiglu-gate-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        gate: &CpuStorage,
-        gate_layout: &Layout,
-        up: &CpuStorage,
-        up_layout: &Layout,
-        grad: &CpuStorage,
-        grad_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = contiguous(gate.as_slice::<f32>()?, gate_layout)?;
-        let u = contiguous(up.as_slice::<f32>()?, up_layout)?;
-        let dy = contiguous(grad.as_slice::<f32>()?, grad_layout)?;
-        let out = map3(g, u, dy, |g, u, dy| {
-            let s = sigmoid(g);
-            dy * u * s * (1.0 + g * (1.0 - s))
-        });
-        Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
-    }
-}
-
-/// `dy · silu(gate)`.
-struct UpGrad;
-
-impl CustomOp2 for UpGrad {
-    fn name(&self) -> &'static str {
-        "swiglu-up-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        gate: &CpuStorage,
-        gate_layout: &Layout,
-        grad: &CpuStorage,
-        grad_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = contiguous(gate.as_slice::<f32>()?, gate_layout)?;
-        let dy = contiguous(grad.as_slice::<f32>()?, grad_layout)?;
-        let out = map3(g, dy, dy, |g, dy, _| dy * g * sigmoid(g));
-        Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
+        let (g_storage, g_layout) = gate.storage_and_layout();
+        let (u_storage, u_layout) = up.storage_and_layout();
+        let (dy_storage, dy_layout) = grad_y.storage_and_layout();
+        let g = contiguous(cpu_values(&g_storage)?, g_layout)?;
+        let u = contiguous(cpu_values(&u_storage)?, u_layout)?;
+        let dy = contiguous(cpu_values(&dy_storage)?, dy_layout)?;
+        let mut grad_gate = vec![0f32; g.len()];
+        let mut grad_up = vec![0f32; g.len()];
+        grad_gate
+            .par_chunks_mut(CHUNK)
+            .zip(grad_up.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .zip(u.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+            .for_each(|(((dg, du), g), (u, dy))| {
+                // Equal lengths up front, so the loop runs without bounds checks.
+                let n = g.len();
+                let (dg, du, u, dy) = (&mut dg[..n], &mut du[..n], &u[..n], &dy[..n]);
+                for i in 0..n {
+                    let s = sigmoid(g[i]);
+                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                    du[i] = dy[i] * g[i] * s;
+                }
+            });
+        Ok((
+            Some(Tensor::from_vec(grad_gate, gate.shape(), gate.device())?),
+            Some(Tensor::from_vec(grad_up, up.shape(), up.device())?),
+        ))
     }
 }
 
