@@ -39,8 +39,8 @@ pub fn available() -> bool {
 /// than converting the head to float32 block by block).
 const MIN_ROWS: usize = 256;
 
-/// Whether a product of `rows` rows by the frozen weight `w` (as [`times_transposed`] and
-/// [`times`] take it) should run here: a bfloat16 matrix on the CPU with both sides even, enough
+/// Whether a product of `rows` rows by the frozen weight `w` (as `times_transposed` and
+/// `times` take it) should run here: a bfloat16 matrix on the CPU with both sides even, enough
 /// rows to pay for packing `w`, and the instruction present.
 pub fn suits(rows: usize, w: &Tensor) -> bool {
     rows >= MIN_ROWS
