@@ -6,6 +6,7 @@ mod cpu_threads;
 mod data;
 mod env_cmd;
 mod export;
+mod heap;
 mod launch_cmd;
 mod model_source;
 mod peak_rss;
@@ -71,6 +72,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    heap::keep_freed_memory_for_reuse();
     cpu_threads::keep_elementwise_on_caller();
     let cli = Cli::parse();
     let result = match cli.command {
