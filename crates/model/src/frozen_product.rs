@@ -168,14 +168,15 @@ impl CustomOp1 for FrozenMatmulBf16 {
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let m = x_layout.shape().dims2()?.0;
         let x = to_bf16(contiguous(x.as_slice::<f32>()?, x_layout)?);
-        let y = bf16_product::times_transposed(&x, m, &self.w)?;
+        let y = bf16_product::times_transposed(&x, m, &self.w, None)?;
         Ok((CpuStorage::F32(y), Shape::from((m, self.w.dim(0)?))))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
         let m = x.dim(0)?;
         let grad_y = narrow(grad_y, DType::BF16)?;
-        let dx = bf16_product::with_values(&grad_y, |dy| bf16_product::times(dy, m, &self.w))?;
+        let dx =
+            bf16_product::with_values(&grad_y, |dy| bf16_product::times(dy, m, &self.w, None))?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Storage, Tensor};
 
-use crate::bf16_product;
+use crate::bf16_product::{self, LowRank};
 use crate::narrow::{narrow, to_bf16, widen};
 use crate::strided_product::{contiguous, cpu_values, float32_values, product, Operand, Threads};
 
@@ -119,9 +119,16 @@ impl CustomOp3 for LoraProduct {
         let a = Operand::matrix(a.as_slice()?, a_layout)?;
         let b = Operand::matrix(b.as_slice()?, b_layout)?;
         let xa = down_projection(x_op, a, m, r, k);
-        let mut y = if self.on_bf16_product {
+        let y = if self.on_bf16_product {
             let x = to_bf16(contiguous(x_values, x_layout)?);
-            bf16_product::times_transposed(&x, m, &self.w)?
+            // SAFETY: b is n × r as its view says.
+            let right = unsafe { b.t().scaled_copy((r, n), self.scale) };
+            let adapter = LowRank {
+                left: &xa,
+                right: &right,
+                rank: r,
+            };
+            bf16_product::times_transposed(&x, m, &self.w, Some(adapter))?
         } else {
             let (w_storage, w_layout) = self.w.storage_and_layout();
             let w_values = weight_values(&w_storage)?;
@@ -138,23 +145,21 @@ impl CustomOp3 for LoraProduct {
                     w.t(),
                     1.0,
                     Threads::Pool,
-                )
+                );
+                // y += s · (x Aᵀ) Bᵀ
+                product(
+                    (m, n, r),
+                    y.as_mut_ptr(),
+                    n,
+                    true,
+                    Operand::rows(&xa, r),
+                    b.t(),
+                    self.scale,
+                    Threads::Pool,
+                );
             };
             y
         };
-        // SAFETY: xa is m × r, b is read through its layout; y is m × n.
-        unsafe {
-            product(
-                (m, n, r),
-                y.as_mut_ptr(),
-                n,
-                true,
-                Operand::rows(&xa, r),
-                b.t(),
-                self.scale,
-                Threads::Pool,
-            );
-        }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -183,30 +188,6 @@ impl CustomOp3 for LoraProduct {
         let mut da = vec![0f32; r * k];
         let mut db = vec![0f32; n * r];
         let xa = down_projection(x_op, a_op, m, r, k);
-        // dy W: on the bf16 product with dy rounded to bfloat16, or in float32.
-        let mut dx = if self.on_bf16_product {
-            let dy16 = to_bf16(&dy_values[dy_layout.start_offset()..][..m * n]);
-            bf16_product::times(&dy16, m, &self.w)?
-        } else {
-            let (w_storage, w_layout) = self.w.storage_and_layout();
-            let w_values = weight_values(&w_storage)?;
-            let w = Operand::matrix(&w_values, w_layout)?;
-            let mut dx = vec![0f32; m * k];
-            // SAFETY: dy and w are read through their layouts; dx is m × k.
-            unsafe {
-                product(
-                    (m, k, n),
-                    dx.as_mut_ptr(),
-                    k,
-                    false,
-                    dy,
-                    w,
-                    1.0,
-                    Threads::Pool,
-                )
-            };
-            dx
-        };
         // SAFETY: every operand is read through its own layout; each result is written row-major
         // in the shape its vector was allocated for.
         unsafe {
@@ -221,25 +202,13 @@ impl CustomOp3 for LoraProduct {
                 1.0,
                 Threads::Pool,
             );
-            let dy_b = Operand::rows(&dy_b, r);
-            // dx += s · (dy B) A
-            product(
-                (m, k, r),
-                dx.as_mut_ptr(),
-                k,
-                true,
-                dy_b,
-                a_op,
-                s,
-                Threads::Pool,
-            );
             // dA = s · (dy B)ᵀ x
             product(
                 (r, k, m),
                 da.as_mut_ptr(),
                 k,
                 false,
-                dy_b.t(),
+                Operand::rows(&dy_b, r).t(),
                 x_op,
                 s,
                 Threads::Pool,
@@ -256,6 +225,48 @@ impl CustomOp3 for LoraProduct {
                 Threads::Pool,
             );
         }
+        // dx = dy W + s · (dy B) A: on the bf16 product with dy rounded to bfloat16 and the
+        // adapter's term added in float32, or all in float32.
+        let dx = if self.on_bf16_product {
+            let dy16 = to_bf16(&dy_values[dy_layout.start_offset()..][..m * n]);
+            // SAFETY: a is r × k as its view says.
+            let right = unsafe { a_op.scaled_copy((r, k), s) };
+            let adapter = LowRank {
+                left: &dy_b,
+                right: &right,
+                rank: r,
+            };
+            bf16_product::times(&dy16, m, &self.w, Some(adapter))?
+        } else {
+            let (w_storage, w_layout) = self.w.storage_and_layout();
+            let w_values = weight_values(&w_storage)?;
+            let w = Operand::matrix(&w_values, w_layout)?;
+            let mut dx = vec![0f32; m * k];
+            // SAFETY: dy, w, dy B and a are read through their layouts; dx is m × k.
+            unsafe {
+                product(
+                    (m, k, n),
+                    dx.as_mut_ptr(),
+                    k,
+                    false,
+                    dy,
+                    w,
+                    1.0,
+                    Threads::Pool,
+                );
+                product(
+                    (m, k, r),
+                    dx.as_mut_ptr(),
+                    k,
+                    true,
+                    Operand::rows(&dy_b, r),
+                    a_op,
+                    s,
+                    Threads::Pool,
+                );
+            }
+            dx
+        };
         let device = x.device();
         Ok((
             Some(Tensor::from_vec(dx, (m, k), device)?),

@@ -42,6 +42,20 @@ impl Operand {
         })
     }
 
+    /// `scale` times the view's first `rows × cols` values, copied row-major.
+    ///
+    /// # Safety
+    /// Every element the strides reach must lie inside the allocation `ptr` points into.
+    pub unsafe fn scaled_copy(self, (rows, cols): (usize, usize), scale: f32) -> Vec<f32> {
+        let mut out = Vec::with_capacity(rows * cols);
+        for i in 0..rows as isize {
+            for j in 0..cols as isize {
+                out.push(scale * *self.ptr.offset(i * self.row_stride + j * self.col_stride));
+            }
+        }
+        out
+    }
+
     /// The same matrix transposed, still in place.
     pub fn t(self) -> Self {
         Self {
