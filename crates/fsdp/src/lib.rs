@@ -14,6 +14,7 @@
 //! path is that engine.
 
 pub mod error;
+mod gathered;
 pub mod layout;
 pub mod plan;
 mod prefetch;

@@ -10,14 +10,16 @@ use std::thread::JoinHandle;
 
 use ff_dist::{DistError, ProcessGroup};
 
+use crate::gathered::{Gathered, Shard};
+
 struct Request {
     unit: usize,
-    shard: Vec<u8>,
+    shard: Shard,
 }
 
 pub struct Prefetcher {
     requests: Option<Sender<Request>>,
-    results: Receiver<(usize, Result<Vec<u8>, DistError>)>,
+    results: Receiver<(usize, Result<Gathered, DistError>)>,
     pending: Option<usize>,
     thread: Option<JoinHandle<()>>,
 }
@@ -30,8 +32,7 @@ impl Prefetcher {
             .name("fsdp-prefetch".into())
             .spawn(move || {
                 for Request { unit, shard } in inbox {
-                    let mut full = vec![0u8; shard.len() * group.world_size()];
-                    let result = group.all_gather_bytes(&shard, &mut full).map(|()| full);
+                    let result = shard.gather(group.as_ref());
                     if outbox.send((unit, result)).is_err() {
                         break;
                     }
@@ -52,7 +53,7 @@ impl Prefetcher {
     }
 
     /// Starts gathering `unit` from this rank's `shard`; at most one gather is in flight.
-    pub fn start(&mut self, unit: usize, shard: Vec<u8>) {
+    pub fn start(&mut self, unit: usize, shard: Shard) {
         debug_assert!(self.pending.is_none());
         if let Some(tx) = &self.requests {
             if tx.send(Request { unit, shard }).is_ok() {
@@ -61,20 +62,20 @@ impl Prefetcher {
         }
     }
 
-    /// Waits for the gather in flight and returns its unit and bytes.
-    pub fn finish(&mut self) -> Result<Option<(usize, Vec<u8>)>, DistError> {
+    /// Waits for the gather in flight and returns its unit and what was gathered.
+    pub fn finish(&mut self) -> Result<Option<(usize, Gathered)>, DistError> {
         let Some(unit) = self.pending.take() else {
             return Ok(None);
         };
         match self.results.recv() {
-            Ok((done, bytes)) => {
+            Ok((done, gathered)) => {
                 debug_assert_eq!(done, unit);
-                Ok(Some((done, bytes?)))
+                Ok(Some((done, gathered?)))
             }
             Err(_) => Err(DistError::Broken {
-                op: "all_gather_bytes",
+                op: "all_gather",
                 group: "fsdp-prefetch".into(),
-                failed_op: "all_gather_bytes",
+                failed_op: "all_gather",
                 message: "the prefetch thread stopped".into(),
             }),
         }

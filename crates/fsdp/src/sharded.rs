@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::backprop::GradStore;
@@ -12,6 +13,7 @@ use ff_model::quant::{QuantFormat, QuantizedWeight, RawBuffer};
 use ff_model::CausalLm;
 
 use crate::error::{FsdpError, FsdpResult};
+use crate::gathered::{Gathered, Shard};
 use crate::layout::{Entry, Piece, UnitLayout};
 use crate::plan::plan_units;
 use crate::prefetch::Prefetcher;
@@ -46,8 +48,11 @@ struct Unit {
     layout: UnitLayout,
     /// Per slot of the unit's parts, in [`slots_of`] order.
     slots: Vec<SlotLayout>,
-    /// This rank's frozen bytes.
-    frozen: Vec<u8>,
+    /// This rank's frozen bytes, sent as they are by every gather.
+    frozen: Arc<Vec<u8>>,
+    /// The dtype every frozen tensor of the unit has, if they share one and none is quantized:
+    /// they are then gathered into one buffer of it and put in the model as views of it.
+    frozen_dtype: Option<DType>,
     pieces: Vec<Piece>,
     /// Index of the unit's first piece in [`Sharded::vars`].
     first_piece: usize,
@@ -252,8 +257,20 @@ impl Sharded {
                 .accounting
                 .largest_unit_bytes
                 .max(layout.full_bytes());
+            let quantized = slot_layouts
+                .iter()
+                .any(|s| matches!(s, SlotLayout::Quantized { .. }));
+            let mut frozen_dtypes = layout
+                .entries
+                .iter()
+                .filter(|e| !e.trainable)
+                .map(|e| e.dtype);
+            let first_dtype = frozen_dtypes.next();
+            let frozen_dtype =
+                first_dtype.filter(|&d| !quantized && frozen_dtypes.all(|other| other == d));
             engine.units.push(Unit {
-                frozen: frozen[frozen_range].to_vec(),
+                frozen: Arc::new(frozen[frozen_range].to_vec()),
+                frozen_dtype,
                 parts,
                 layout,
                 slots: slot_layouts,
@@ -341,10 +358,10 @@ impl Sharded {
             let unit = &self.units[u];
             let nothing_to_fill = unit.layout.trained_len == 0 && !with_frozen;
             if unit.installed.is_none() && !nothing_to_fill {
-                let shard = self.shard_of(u, with_frozen)?;
-                let mut full = vec![0u8; shard.len() * self.shard_group.world_size()];
-                self.shard_group.all_gather_bytes(&shard, &mut full)?;
-                self.fill(model, u, &full, with_frozen)?;
+                let gathered = self
+                    .shard_of(u, with_frozen)?
+                    .gather(self.shard_group.as_ref())?;
+                self.fill(model, u, gathered, with_frozen)?;
             }
         }
         Ok(())
@@ -404,70 +421,51 @@ impl Sharded {
         Ok(out)
     }
 
-    /// This rank's shard of unit `u` as it travels in an all-gather.
-    fn shard_of(&self, u: usize, with_frozen: bool) -> FsdpResult<Vec<u8>> {
+    /// This rank's shard of unit `u` as it travels in the gathers.
+    fn shard_of(&self, u: usize, with_frozen: bool) -> FsdpResult<Shard> {
         let unit = &self.units[u];
         let mut trained = vec![0f32; unit.layout.trained_shard];
         for (i, piece) in unit.pieces.iter().enumerate() {
             let values = self.vars[unit.first_piece + i].to_vec1::<f32>()?;
             trained[piece.in_shard.clone()].copy_from_slice(&values);
         }
-        let mut bytes: Vec<u8> = bytemuck::cast_slice(&trained).to_vec();
-        if with_frozen {
-            bytes.extend_from_slice(&unit.frozen);
-        }
-        Ok(bytes)
+        let frozen = (with_frozen && unit.layout.frozen_len > 0)
+            .then(|| (Arc::clone(&unit.frozen), unit.frozen_dtype));
+        Ok(Shard { trained, frozen })
     }
 
-    /// Puts unit `u`'s tensors, from the gathered bytes of every rank, into the model.
+    /// Puts unit `u`'s tensors, gathered from every rank, into the model.
     fn fill(
         &mut self,
         model: &mut CausalLm,
         u: usize,
-        gathered: &[u8],
+        gathered: Gathered,
         with_frozen: bool,
     ) -> FsdpResult<()> {
         let unit = &self.units[u];
         let layout = &unit.layout;
-        let trained_bytes = layout.trained_shard * 4;
-        let per_rank = trained_bytes + if with_frozen { layout.frozen_shard } else { 0 };
-        // An entry, collected from the rank-major gathered buffer without first copying the
-        // whole unit into one contiguous buffer (the root unit holds the embedding table).
-        let trained = |entry: &Entry| {
-            span_tensor(
-                gathered,
-                per_rank,
-                0,
-                trained_bytes,
-                entry.offset * 4,
-                DType::F32,
-                &entry.shape,
-                &self.device,
-            )
+        let device = &self.device;
+        let trained = |entry: &Entry| -> FsdpResult<Tensor> {
+            let values = &gathered.trained[entry.offset..entry.offset + entry.numel()];
+            Ok(Tensor::from_slice(values, entry.shape.as_slice(), device)?)
         };
-        let frozen = |entry: &Entry| {
-            span_tensor(
-                gathered,
-                per_rank,
-                trained_bytes,
-                layout.frozen_shard,
-                entry.offset,
-                entry.dtype,
-                &entry.shape,
-                &self.device,
-            )
+        let (flat, bytes) = match gathered.frozen {
+            Some(values) => match values.into_tensor(device)? {
+                Ok(flat) => (Some(flat), Vec::new()),
+                Err(bytes) => (None, bytes),
+            },
+            None => (None, Vec::new()),
         };
-        let frozen_bytes = |entry: &Entry| {
-            let mut bytes = vec![0u8; entry.num_bytes()];
-            copy_span(
-                gathered,
-                per_rank,
-                trained_bytes,
-                layout.frozen_shard,
-                entry.offset,
-                &mut bytes,
-            );
-            bytes
+        let frozen_bytes = |entry: &Entry| &bytes[entry.offset..entry.offset + entry.num_bytes()];
+        let frozen = |entry: &Entry| -> FsdpResult<Tensor> {
+            Ok(match &flat {
+                Some(flat) => flat
+                    .narrow(0, entry.offset / entry.dtype.size_in_bytes(), entry.numel())?
+                    .reshape(entry.shape.as_slice())?,
+                None => {
+                    Tensor::from_raw_buffer(frozen_bytes(entry), entry.dtype, &entry.shape, device)?
+                }
+            })
         };
         let mut installed = vec![None; layout.entries.len()];
         let mut slot_layouts = unit.slots.iter();
@@ -494,7 +492,7 @@ impl Sharded {
                                 let entry = &layout.entries[*index];
                                 let bytes = frozen_bytes(entry);
                                 let raw = match entry.dtype {
-                                    DType::U8 => RawBuffer::U8(bytes),
+                                    DType::U8 => RawBuffer::U8(bytes.to_vec()),
                                     _ => RawBuffer::F32(
                                         bytes
                                             .chunks_exact(4)
@@ -543,20 +541,15 @@ impl Sharded {
     fn gather(&mut self, model: &mut CausalLm, u: usize) -> FsdpResult<()> {
         let started = Instant::now();
         let prefetched = match &mut self.prefetcher {
-            Some(p) if p.pending() == Some(u) => p.finish()?.map(|(_, bytes)| bytes),
+            Some(p) if p.pending() == Some(u) => p.finish()?.map(|(_, gathered)| gathered),
             _ => None,
         };
-        let full = match prefetched {
-            Some(bytes) => bytes,
-            None => {
-                let shard = self.shard_of(u, true)?;
-                let mut full = vec![0u8; shard.len() * self.shard_group.world_size()];
-                self.shard_group.all_gather_bytes(&shard, &mut full)?;
-                full
-            }
+        let gathered = match prefetched {
+            Some(gathered) => gathered,
+            None => self.shard_of(u, true)?.gather(self.shard_group.as_ref())?,
         };
         self.accounting.comm_wait += started.elapsed();
-        self.fill(model, u, &full, true)
+        self.fill(model, u, gathered, true)
     }
 
     /// Starts gathering the first unit after event `k` that is not in the model yet.
@@ -797,53 +790,6 @@ fn flatten_unit(
     let mut out: Vec<u8> = bytemuck::cast_slice(&trained).to_vec();
     out.extend_from_slice(&frozen);
     Ok(out)
-}
-
-/// Bytes `start..start + len` of one region (trained or frozen) of a unit, from `gathered`,
-/// where each rank's `per_rank` bytes hold that region's `shard` bytes at `region_start`.
-fn copy_span(
-    gathered: &[u8],
-    per_rank: usize,
-    region_start: usize,
-    shard: usize,
-    start: usize,
-    out: &mut [u8],
-) {
-    let mut at = start;
-    let mut written = 0;
-    while written < out.len() {
-        let (rank, within) = (at / shard, at % shard);
-        let take = (shard - within).min(out.len() - written);
-        let from = rank * per_rank + region_start + within;
-        out[written..written + take].copy_from_slice(&gathered[from..from + take]);
-        at += take;
-        written += take;
-    }
-}
-
-/// A tensor of `dtype` and `shape` from bytes `start..` of a region of the gathered buffer:
-/// float32 values are copied once, straight into the tensor's storage.
-#[allow(clippy::too_many_arguments)]
-fn span_tensor(
-    gathered: &[u8],
-    per_rank: usize,
-    region_start: usize,
-    shard: usize,
-    start: usize,
-    dtype: DType,
-    shape: &[usize],
-    device: &Device,
-) -> FsdpResult<Tensor> {
-    let numel: usize = shape.iter().product();
-    if dtype == DType::F32 {
-        let mut values = vec![0f32; numel];
-        let bytes = bytemuck::cast_slice_mut(&mut values);
-        copy_span(gathered, per_rank, region_start, shard, start, bytes);
-        return Ok(Tensor::from_vec(values, shape, device)?);
-    }
-    let mut bytes = vec![0u8; numel * dtype.size_in_bytes()];
-    copy_span(gathered, per_rank, region_start, shard, start, &mut bytes);
-    Ok(Tensor::from_raw_buffer(&bytes, dtype, shape, device)?)
 }
 
 /// The raw little-endian bytes of a tensor's elements.
