@@ -383,8 +383,11 @@ fn four_example_dataset(dir: &Path) -> std::path::PathBuf {
     data
 }
 
+/// Two launchers as two nodes of two processes. HYBRID_SHARD shards within a node, whose ranks
+/// read each other's frozen shards from shared memory; FULL_SHARD shards over all four ranks,
+/// whose frozen shards then travel through Gloo.
 #[test]
-fn hybrid_shard_on_two_nodes_and_accumulation_train_like_one_process() {
+fn sharding_on_two_nodes_and_accumulation_train_like_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let job = Job::new(dir.path());
     let data = four_example_dataset(dir.path());
@@ -400,42 +403,48 @@ fn hybrid_shard_on_two_nodes_and_accumulation_train_like_one_process() {
             "max_steps=3",
         ],
     );
-    let settings = fsdp(ShardingStrategy::HybridShard).to_env_value();
-    let port = support::free_port().to_string();
-    let nodes: Vec<_> = (0..2)
-        .map(|node| {
-            let rank = node.to_string();
-            let env = [
-                ("FORCE_TORCHRUN", "1"),
-                ("NNODES", "2"),
-                ("NODE_RANK", rank.as_str()),
-                ("NPROC_PER_NODE", "2"),
-                ("MASTER_ADDR", "127.0.0.1"),
-                ("MASTER_PORT", port.as_str()),
-                (ff_config::FSDP_ENV_VAR, settings.as_str()),
-            ];
-            job.train(
-                &format!("node{node}"),
-                &config,
-                &[
-                    "output_dir=hybrid",
-                    &data_dir,
-                    "per_device_train_batch_size=1",
-                    "max_steps=3",
-                ],
-                &env,
-            )
-        })
-        .collect();
-    let deadline = Instant::now() + DEADLINE;
-    for node in nodes {
-        assert_success(&node.wait_until(deadline));
+    for (strategy, out) in [
+        (ShardingStrategy::HybridShard, "hybrid"),
+        (ShardingStrategy::FullShard, "full_shard_two_nodes"),
+    ] {
+        let settings = fsdp(strategy).to_env_value();
+        let port = support::free_port().to_string();
+        let output_dir = format!("output_dir={out}");
+        let nodes: Vec<_> = (0..2)
+            .map(|node| {
+                let rank = node.to_string();
+                let env = [
+                    ("FORCE_TORCHRUN", "1"),
+                    ("NNODES", "2"),
+                    ("NODE_RANK", rank.as_str()),
+                    ("NPROC_PER_NODE", "2"),
+                    ("MASTER_ADDR", "127.0.0.1"),
+                    ("MASTER_PORT", port.as_str()),
+                    (ff_config::FSDP_ENV_VAR, settings.as_str()),
+                ];
+                job.train(
+                    &format!("{out}-node{node}"),
+                    &config,
+                    &[
+                        &output_dir,
+                        &data_dir,
+                        "per_device_train_batch_size=1",
+                        "max_steps=3",
+                    ],
+                    &env,
+                )
+            })
+            .collect();
+        let deadline = Instant::now() + DEADLINE;
+        for node in nodes {
+            assert_success(&node.wait_until(deadline));
+        }
+        assert_same_losses(
+            &logged_losses(&dir.path().join("one")),
+            &logged_losses(&dir.path().join(out)),
+            out,
+        );
     }
-    assert_same_losses(
-        &logged_losses(&dir.path().join("one")),
-        &logged_losses(&dir.path().join("hybrid")),
-        "HYBRID_SHARD",
-    );
 
     // Gradient accumulation under FULL_SHARD: 2 ranks x batch 1 x 2 micro-batches.
     two_workers(

@@ -11,6 +11,9 @@ pub enum FsdpError {
 
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+
+    #[error("reading a peer's frozen shard from shared memory failed: {0}")]
+    PeerShard(#[from] std::io::Error),
 }
 
 pub type FsdpResult<T> = std::result::Result<T, FsdpError>;

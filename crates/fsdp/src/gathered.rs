@@ -7,28 +7,44 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use ff_dist::{DistError, ProcessGroup};
+use ff_dist::ProcessGroup;
 use half::{bf16, f16};
+
+use crate::error::FsdpResult;
+use crate::peer_shards::PeerShards;
 
 /// What this rank sends to gather a unit.
 pub struct Shard {
     /// The rank's trained shard, padded.
     pub trained: Vec<f32>,
-    /// The rank's frozen shard, padded, and the dtype every frozen tensor of the unit has
+    /// Where the frozen shards come from, and the dtype every frozen tensor of the unit has
     /// (`None` when they differ); absent when the frozen tensors are not wanted.
-    pub frozen: Option<(Arc<Vec<u8>>, Option<DType>)>,
+    pub frozen: Option<(FrozenSource, Option<DType>)>,
+}
+
+/// How a unit's frozen shards are gathered.
+pub enum FrozenSource {
+    /// This rank's shard (padded), sent through the group's all-gather.
+    Own(Arc<Vec<u8>>),
+    /// Unit `.1` of the shards every rank published in shared memory.
+    Published(Arc<PeerShards>, usize),
 }
 
 impl Shard {
     /// Runs the collectives; every rank of `group` must call it for the same unit.
-    pub fn gather(&self, group: &dyn ProcessGroup) -> Result<Gathered, DistError> {
+    pub fn gather(&self, group: &dyn ProcessGroup) -> FsdpResult<Gathered> {
         let world = group.world_size();
         let mut trained = vec![0f32; self.trained.len() * world];
         group.all_gather(&self.trained, &mut trained)?;
         let frozen = match &self.frozen {
-            Some((shard, dtype)) => {
+            Some((FrozenSource::Own(shard), dtype)) => {
                 let mut values = FrozenValues::zeroed(*dtype, shard.len() * world);
                 group.all_gather_bytes(shard, values.bytes_mut())?;
+                Some(values)
+            }
+            Some((FrozenSource::Published(peers, unit), dtype)) => {
+                let mut values = FrozenValues::zeroed(*dtype, peers.shard_len(*unit) * world);
+                peers.read(*unit, values.bytes_mut())?;
                 Some(values)
             }
             None => None,

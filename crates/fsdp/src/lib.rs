@@ -16,6 +16,7 @@
 pub mod error;
 mod gathered;
 pub mod layout;
+mod peer_shards;
 pub mod plan;
 mod prefetch;
 pub mod sharded;

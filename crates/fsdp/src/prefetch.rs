@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 
 use ff_dist::{DistError, ProcessGroup};
 
+use crate::error::FsdpResult;
 use crate::gathered::{Gathered, Shard};
 
 struct Request {
@@ -19,7 +20,7 @@ struct Request {
 
 pub struct Prefetcher {
     requests: Option<Sender<Request>>,
-    results: Receiver<(usize, Result<Gathered, DistError>)>,
+    results: Receiver<(usize, FsdpResult<Gathered>)>,
     pending: Option<usize>,
     thread: Option<JoinHandle<()>>,
 }
@@ -63,7 +64,7 @@ impl Prefetcher {
     }
 
     /// Waits for the gather in flight and returns its unit and what was gathered.
-    pub fn finish(&mut self) -> Result<Option<(usize, Gathered)>, DistError> {
+    pub fn finish(&mut self) -> FsdpResult<Option<(usize, Gathered)>> {
         let Some(unit) = self.pending.take() else {
             return Ok(None);
         };
@@ -77,7 +78,8 @@ impl Prefetcher {
                 group: "fsdp-prefetch".into(),
                 failed_op: "all_gather",
                 message: "the prefetch thread stopped".into(),
-            }),
+            }
+            .into()),
         }
     }
 }

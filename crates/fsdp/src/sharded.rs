@@ -13,8 +13,9 @@ use ff_model::quant::{QuantFormat, QuantizedWeight, RawBuffer};
 use ff_model::CausalLm;
 
 use crate::error::{FsdpError, FsdpResult};
-use crate::gathered::{Gathered, Shard};
+use crate::gathered::{FrozenSource, Gathered, Shard};
 use crate::layout::{Entry, Piece, UnitLayout};
+use crate::peer_shards::PeerShards;
 use crate::plan::plan_units;
 use crate::prefetch::Prefetcher;
 use crate::slots::{slots_of, Part};
@@ -48,7 +49,8 @@ struct Unit {
     layout: UnitLayout,
     /// Per slot of the unit's parts, in [`slots_of`] order.
     slots: Vec<SlotLayout>,
-    /// This rank's frozen bytes, sent as they are by every gather.
+    /// This rank's frozen bytes, sent as they are by every gather (empty once every unit's
+    /// are published in shared memory).
     frozen: Arc<Vec<u8>>,
     /// The dtype every frozen tensor of the unit has, if they share one and none is quantized:
     /// they are then gathered into one buffer of it and put in the model as views of it.
@@ -92,6 +94,8 @@ pub struct Sharded {
     forward_prefetch: bool,
     backward_prefetch: BackwardPrefetch,
     prefetcher: Option<Prefetcher>,
+    /// Every unit's frozen shards, where the shard group's ranks share this machine.
+    published: Option<Arc<PeerShards>>,
     device: Device,
     num_layers: usize,
     extent: BackwardExtent,
@@ -161,6 +165,7 @@ impl Sharded {
             forward_prefetch: config.forward_prefetch,
             backward_prefetch: config.backward_prefetch,
             prefetcher,
+            published: None,
             device: device.clone(),
             num_layers: model.layers.len(),
             extent: BackwardExtent {
@@ -281,6 +286,18 @@ impl Sharded {
             });
             engine.empty_slots(model, u)?;
         }
+        if engine.shard_group.world_size() <= local {
+            let shards: Vec<&[u8]> = engine.units.iter().map(|u| u.frozen.as_slice()).collect();
+            engine.published =
+                PeerShards::publish(engine.shard_group.as_ref(), &shards)?.map(Arc::new);
+            if engine.published.is_some() {
+                // The shared files hold them now.
+                for unit in &mut engine.units {
+                    unit.frozen = Arc::new(Vec::new());
+                }
+            }
+        }
+        return_freed_pages();
         Ok(engine)
     }
 
@@ -429,8 +446,13 @@ impl Sharded {
             let values = self.vars[unit.first_piece + i].to_vec1::<f32>()?;
             trained[piece.in_shard.clone()].copy_from_slice(&values);
         }
-        let frozen = (with_frozen && unit.layout.frozen_len > 0)
-            .then(|| (Arc::clone(&unit.frozen), unit.frozen_dtype));
+        let frozen = (with_frozen && unit.layout.frozen_len > 0).then(|| {
+            let source = match &self.published {
+                Some(peers) => FrozenSource::Published(Arc::clone(peers), u),
+                None => FrozenSource::Own(Arc::clone(&unit.frozen)),
+            };
+            (source, unit.frozen_dtype)
+        });
         Ok(Shard { trained, frozen })
     }
 
@@ -742,6 +764,18 @@ impl Residency for Sharded {
         self.events.clear();
         self.cursor = 0;
         Ok(())
+    }
+}
+
+/// Hands the pages of what wrapping freed (the model's unsharded tensors, and the private
+/// frozen shards once published) back to the system. An allocator that keeps freed memory for
+/// reuse, as the `ferrofactory` binary asks glibc's to, would otherwise keep the whole model
+/// resident on every rank.
+fn return_freed_pages() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only gives free pages of the heap back to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
