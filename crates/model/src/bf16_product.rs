@@ -155,12 +155,15 @@ pub struct Packed {
 }
 
 impl Packed {
-    fn zeroed(n: usize, pairs: usize) -> Self {
-        Self {
-            words: vec![0u32; n.div_ceil(PANEL) * pairs * PANEL],
-            n,
-            pairs,
-        }
+    /// `n` columns of `c` and `pairs` pairs along the summed axis; `fill(panel, words)` writes
+    /// each panel's words, on rayon's pool (words past the last column stay zero).
+    fn build(n: usize, pairs: usize, fill: impl Fn(usize, &mut [u32]) + Sync) -> Self {
+        let mut words = vec![0u32; n.div_ceil(PANEL) * pairs * PANEL];
+        words
+            .par_chunks_mut((pairs * PANEL).max(1))
+            .enumerate()
+            .for_each(|(panel, words)| fill(panel, words));
+        Self { words, n, pairs }
     }
 
     /// `w` `[n, k]` row-major as the right operand of `a · wᵀ` (`k` even): column `j` of `c`
@@ -169,41 +172,27 @@ impl Packed {
     pub fn transposed(w: &[bf16], n: usize, k: usize) -> Self {
         assert!(available(), "the bf16 product needs AVX512_BF16");
         assert_eq!(w.len(), n * k, "operand of the bf16 product");
-        let mut packed = Self::zeroed(n, k / 2);
-        let pairs = packed.pairs;
-        packed
-            .words
-            .par_chunks_mut(pairs * PANEL)
-            .enumerate()
-            .for_each(|(panel, words)| {
-                let rows = &w[panel * PANEL * k..((panel + 1) * PANEL).min(n) * k];
-                // SAFETY: the CPU has AVX-512 (asserted above); rows holds whole rows of k
-                // values, words one panel of pairs × PANEL.
-                unsafe { gather_panel(rows, k, words) }
-            });
-        packed
+        Self::build(n, k / 2, |panel, words| {
+            let rows = &w[panel * PANEL * k..((panel + 1) * PANEL).min(n) * k];
+            // SAFETY: the CPU has AVX-512 (asserted above); rows holds whole rows of k values,
+            // words one panel of k / 2 × PANEL.
+            unsafe { gather_panel(rows, k, words) }
+        })
     }
 
     /// `w` `[n, k]` row-major as the right operand of `a · w` (`n` even): columns of `c` are
     /// `w`'s columns, the summed axis its rows, so a pair interleaves two rows.
     pub fn plain(w: &[bf16], n: usize, k: usize) -> Self {
-        let mut packed = Self::zeroed(k, n / 2);
-        let pairs = packed.pairs;
-        packed
-            .words
-            .par_chunks_mut(pairs * PANEL)
-            .enumerate()
-            .for_each(|(panel, words)| {
-                let columns = panel * PANEL..((panel + 1) * PANEL).min(k);
-                for (words, rows) in words.chunks_exact_mut(PANEL).zip(w.chunks_exact(2 * k)) {
-                    let (even, odd) = rows.split_at(k);
-                    let pairs = even[columns.clone()].iter().zip(&odd[columns.clone()]);
-                    for (word_out, (&low, &high)) in words.iter_mut().zip(pairs) {
-                        *word_out = word(low, high);
-                    }
+        Self::build(k, n / 2, |panel, words| {
+            let columns = panel * PANEL..((panel + 1) * PANEL).min(k);
+            for (words, rows) in words.chunks_exact_mut(PANEL).zip(w.chunks_exact(2 * k)) {
+                let (even, odd) = rows.split_at(k);
+                let pairs = even[columns.clone()].iter().zip(&odd[columns.clone()]);
+                for (word_out, (&low, &high)) in words.iter_mut().zip(pairs) {
+                    *word_out = word(low, high);
                 }
-            });
-        packed
+            }
+        })
     }
 }
 

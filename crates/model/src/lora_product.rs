@@ -97,6 +97,67 @@ fn down_projection(x: Operand, a: Operand, m: usize, r: usize, k: usize) -> Vec<
     xa
 }
 
+impl LoraProduct {
+    /// `lhs · W' + scale · left · right` as a new row-major `[m, cols]`, where `W'` is the frozen
+    /// weight transposed (forward) or as it is (the input's gradient), `lhs` is `[m, inner]`,
+    /// `left` the adapter's narrow `[m, r]` and `right` its `[r, cols]`. On the bf16 product
+    /// `lhs` is rounded to bfloat16 and the adapter's term added in float32 as the product's
+    /// tiles are stored; otherwise both are float32 products.
+    fn frozen_plus_adapter(
+        &self,
+        (lhs_values, lhs_layout): (&[f32], &Layout),
+        transposed: bool,
+        (m, cols, inner, r): (usize, usize, usize, usize),
+        left: &[f32],
+        right: Operand,
+    ) -> Result<Vec<f32>> {
+        if self.on_bf16_product {
+            let lhs = to_bf16(contiguous(lhs_values, lhs_layout)?);
+            // SAFETY: right is r × cols as its view says.
+            let right = unsafe { right.scaled_copy((r, cols), self.scale) };
+            let adapter = Some(LowRank {
+                left,
+                right: &right,
+                rank: r,
+            });
+            return if transposed {
+                bf16_product::times_transposed(&lhs, m, &self.w, adapter)
+            } else {
+                bf16_product::times(&lhs, m, &self.w, adapter)
+            };
+        }
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let w_values = weight_values(&w_storage)?;
+        let w = Operand::matrix(&w_values, w_layout)?;
+        let mut out = vec![0f32; m * cols];
+        // SAFETY: lhs, w and right are read through their layouts, left is m × r; out is
+        // m × cols.
+        unsafe {
+            product(
+                (m, cols, inner),
+                out.as_mut_ptr(),
+                cols,
+                false,
+                Operand::matrix(lhs_values, lhs_layout)?,
+                if transposed { w.t() } else { w },
+                1.0,
+                Threads::Pool,
+            );
+            product(
+                (m, cols, r),
+                out.as_mut_ptr(),
+                cols,
+                true,
+                Operand::rows(left, r),
+                right,
+                self.scale,
+                Threads::Pool,
+            );
+        }
+        Ok(out)
+    }
+}
+
 impl CustomOp3 for LoraProduct {
     fn name(&self) -> &'static str {
         "lora-product"
@@ -119,47 +180,8 @@ impl CustomOp3 for LoraProduct {
         let a = Operand::matrix(a.as_slice()?, a_layout)?;
         let b = Operand::matrix(b.as_slice()?, b_layout)?;
         let xa = down_projection(x_op, a, m, r, k);
-        let y = if self.on_bf16_product {
-            let x = to_bf16(contiguous(x_values, x_layout)?);
-            // SAFETY: b is n × r as its view says.
-            let right = unsafe { b.t().scaled_copy((r, n), self.scale) };
-            let adapter = LowRank {
-                left: &xa,
-                right: &right,
-                rank: r,
-            };
-            bf16_product::times_transposed(&x, m, &self.w, Some(adapter))?
-        } else {
-            let (w_storage, w_layout) = self.w.storage_and_layout();
-            let w_values = weight_values(&w_storage)?;
-            let w = Operand::matrix(&w_values, w_layout)?;
-            let mut y = vec![0f32; m * n];
-            // SAFETY: x and w are read through their layouts; y is m × n.
-            unsafe {
-                product(
-                    (m, n, k),
-                    y.as_mut_ptr(),
-                    n,
-                    false,
-                    x_op,
-                    w.t(),
-                    1.0,
-                    Threads::Pool,
-                );
-                // y += s · (x Aᵀ) Bᵀ
-                product(
-                    (m, n, r),
-                    y.as_mut_ptr(),
-                    n,
-                    true,
-                    Operand::rows(&xa, r),
-                    b.t(),
-                    self.scale,
-                    Threads::Pool,
-                );
-            };
-            y
-        };
+        // y = x Wᵀ + s · (x Aᵀ) Bᵀ
+        let y = self.frozen_plus_adapter((x_values, x_layout), true, (m, n, k, r), &xa, b.t())?;
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -225,48 +247,9 @@ impl CustomOp3 for LoraProduct {
                 Threads::Pool,
             );
         }
-        // dx = dy W + s · (dy B) A: on the bf16 product with dy rounded to bfloat16 and the
-        // adapter's term added in float32, or all in float32.
-        let dx = if self.on_bf16_product {
-            let dy16 = to_bf16(&dy_values[dy_layout.start_offset()..][..m * n]);
-            // SAFETY: a is r × k as its view says.
-            let right = unsafe { a_op.scaled_copy((r, k), s) };
-            let adapter = LowRank {
-                left: &dy_b,
-                right: &right,
-                rank: r,
-            };
-            bf16_product::times(&dy16, m, &self.w, Some(adapter))?
-        } else {
-            let (w_storage, w_layout) = self.w.storage_and_layout();
-            let w_values = weight_values(&w_storage)?;
-            let w = Operand::matrix(&w_values, w_layout)?;
-            let mut dx = vec![0f32; m * k];
-            // SAFETY: dy, w, dy B and a are read through their layouts; dx is m × k.
-            unsafe {
-                product(
-                    (m, k, n),
-                    dx.as_mut_ptr(),
-                    k,
-                    false,
-                    dy,
-                    w,
-                    1.0,
-                    Threads::Pool,
-                );
-                product(
-                    (m, k, r),
-                    dx.as_mut_ptr(),
-                    k,
-                    true,
-                    Operand::rows(&dy_b, r),
-                    a_op,
-                    s,
-                    Threads::Pool,
-                );
-            }
-            dx
-        };
+        // dx = dy W + s · (dy B) A
+        let dx =
+            self.frozen_plus_adapter((dy_values, dy_layout), false, (m, k, n, r), &dy_b, a_op)?;
         let device = x.device();
         Ok((
             Some(Tensor::from_vec(dx, (m, k), device)?),
