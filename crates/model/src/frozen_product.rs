@@ -14,8 +14,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, Storage, Tensor};
 
 use crate::bf16_product;
-use crate::narrow::{narrow, to_bf16, widen};
-use crate::strided_product::{contiguous, cpu_values, half_to_f32, product, Operand, Threads};
+use crate::narrow::{convert, narrow, to_bf16, widen};
+use crate::strided_product::{contiguous, cpu_values, product, Operand, Threads};
 
 /// Rows of a half-precision `W` converted to float32 at a time (9 MB for a 576-wide weight).
 const BLOCK_ROWS: usize = 4096;
@@ -105,8 +105,8 @@ fn for_row_blocks(w: &Tensor, mut f: impl FnMut(usize, &[f32])) -> Result<()> {
         let range = start + first * k..start + (first + rows) * k;
         match cpu {
             CpuStorage::F32(values) => f(first, &values[range]),
-            CpuStorage::BF16(values) => f(first, &half_to_f32(&values[range], |v| v.to_f32())),
-            CpuStorage::F16(values) => f(first, &half_to_f32(&values[range], |v| v.to_f32())),
+            CpuStorage::BF16(values) => f(first, &convert(&values[range], |v| v.to_f32())),
+            CpuStorage::F16(values) => f(first, &convert(&values[range], |v| v.to_f32())),
             _ => return Err(Error::Msg("matmul-frozen-t needs a float weight".into())),
         }
     }

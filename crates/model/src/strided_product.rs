@@ -7,7 +7,8 @@ use std::borrow::Cow;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Error, Layout, Result, Storage, Tensor};
 use gemm::{gemm, Parallelism};
-use rayon::prelude::*;
+
+use crate::narrow::convert;
 
 /// A matrix read in place: its first element and the steps between rows and between columns.
 #[derive(Clone, Copy)]
@@ -147,8 +148,8 @@ pub(crate) fn cpu_values(storage: &Storage) -> Result<&[f32]> {
 pub(crate) fn float32_values(storage: &CpuStorage) -> Result<Cow<'_, [f32]>> {
     Ok(match storage {
         CpuStorage::F32(values) => Cow::Borrowed(values),
-        CpuStorage::BF16(values) => Cow::Owned(half_to_f32(values, |v| v.to_f32())),
-        CpuStorage::F16(values) => Cow::Owned(half_to_f32(values, |v| v.to_f32())),
+        CpuStorage::BF16(values) => Cow::Owned(convert(values, |v| v.to_f32())),
+        CpuStorage::F16(values) => Cow::Owned(convert(values, |v| v.to_f32())),
         other => {
             return Err(Error::Msg(format!(
                 "expected float32, bfloat16 or float16 values, got {:?}",
@@ -156,24 +157,6 @@ pub(crate) fn float32_values(storage: &CpuStorage) -> Result<Cow<'_, [f32]>> {
             )))
         }
     })
-}
-
-/// Half-precision values in float32, converted in parallel runs of plain loops (which the
-/// compiler vectorizes; an element-wise parallel collect was ten times slower).
-pub(crate) fn half_to_f32<T: Copy + Sync>(
-    values: &[T],
-    to_f32: impl Fn(T) -> f32 + Sync,
-) -> Vec<f32> {
-    const RUN: usize = 1 << 15;
-    let mut out = vec![0f32; values.len()];
-    out.par_chunks_mut(RUN)
-        .zip(values.par_chunks(RUN))
-        .for_each(|(out, values)| {
-            for (o, &v) in out.iter_mut().zip(values) {
-                *o = to_f32(v);
-            }
-        });
-    out
 }
 
 /// `sum += aᵀ · b` for `a` `[rows, n]` and `b` `[rows, k]`, `sum` row-major `[n, k]`: a weight's
