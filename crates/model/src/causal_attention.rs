@@ -444,7 +444,7 @@ fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{grads_of, max_abs_diff};
+    use crate::test_util::{grads_of, max_abs_diff, normal};
     use candle_core::{Device, Var, D};
 
     /// The same attention from candle's ops: keys and values repeated per query head, the mask
@@ -478,13 +478,10 @@ mod tests {
         let dev = Device::Cpu;
         // 70 positions: a full block of 64 queries and a partial one.
         let (b, h, kv, s, d) = (2, 6, 2, 70, 8);
-        let var = |n: usize| {
-            Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, n, s, d), &dev).unwrap()).unwrap()
-        };
+        let var = |n: usize| Var::from_tensor(&normal((b, n, s, d), 0.0, 1.0, 1)).unwrap();
         let (q, k) = (var(h), var(kv));
         // Values stored positions-first, as the value projection leaves them.
-        let v_stored =
-            Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, kv, d), &dev).unwrap()).unwrap();
+        let v_stored = Var::from_tensor(&normal((b, s, kv, d), 0.0, 1.0, 2)).unwrap();
         let v = v_stored.as_tensor().transpose(1, 2).unwrap();
         // Example 0 causal; example 1 left-padded by 3, so its first 3 query rows see nothing.
         let mut mask = vec![0f32; b * s * s];
@@ -498,7 +495,7 @@ mod tests {
             }
         }
         let mask = Tensor::from_vec(mask, (b, 1, 1, s, s), &dev).unwrap();
-        let upstream = Tensor::randn(0f32, 1.0, (b, s, h, d), &dev).unwrap();
+        let upstream = normal((b, s, h, d), 0.0, 1.0, 3);
 
         let ours = causal_attention(q.as_tensor(), k.as_tensor(), &v, &mask)
             .unwrap()

@@ -184,21 +184,17 @@ impl CustomOp1 for FrozenMatmulBf16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{grads_of, max_abs_diff};
+    use crate::test_util::{grads_of, max_abs_diff, normal};
     use candle_core::{Device, Var};
 
     #[test]
     fn equals_matmul_forward_and_input_gradient_in_every_float_dtype() {
-        let dev = Device::Cpu;
         // More weight rows than a block, so the blocks' seams are crossed.
         let (m, k, n) = (5, 7, BLOCK_ROWS + 3);
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap()).unwrap();
-        let upstream = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
+        let x = Var::from_tensor(&normal((m, k), 0.0, 1.0, 1)).unwrap();
+        let upstream = normal((m, n), 0.0, 1.0, 2);
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
+            let w = normal((n, k), 0.0, 1.0, 6).to_dtype(dtype).unwrap();
             // The reference multiplies the same (rounded) weight in float32.
             let w32 = w.to_dtype(DType::F32).unwrap();
             let ours = matmul_frozen_t(&x.as_tensor().to_dtype(dtype).unwrap(), &w)
@@ -228,13 +224,12 @@ mod tests {
     /// float32 product of the same values.
     #[test]
     fn bfloat16_runs_on_the_bf16_product() {
-        let dev = Device::Cpu;
         let (m, k, n) = (260, 64, 48);
         let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
-        let x = Var::from_tensor(&bf(Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap())).unwrap();
-        let w = bf(Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap());
+        let x = Var::from_tensor(&bf(normal((m, k), 0.0, 1.0, 3))).unwrap();
+        let w = bf(normal((n, k), 0.0, 1.0, 4));
         assert_eq!(bf16_product::suits(m, &w), bf16_product::available());
-        let upstream = bf(Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap());
+        let upstream = bf(normal((m, n), 0.0, 1.0, 5));
         let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         let y = matmul_frozen_t(x.as_tensor(), &w).unwrap();
         assert_eq!(y.dtype(), DType::BF16);

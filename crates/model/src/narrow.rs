@@ -106,16 +106,13 @@ impl CustomOp1 for FromBf16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::grads_of;
+    use crate::test_util::{grads_of, normal};
     use candle_core::{Device, Var};
 
     #[test]
     fn rounds_as_candle_does_and_passes_the_gradient_back() {
         let dev = Device::Cpu;
-        let mut values: Vec<f32> = Tensor::randn(0f32, 10.0, 4096, &dev)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let mut values: Vec<f32> = normal(4096, 0.0, 10.0, 2).to_vec1().unwrap();
         // Ties (the lower half exactly 0x8000) both ways, infinities, a NaN, the largest finite.
         values.extend([
             f32::from_bits(0x3f80_8000),
@@ -143,8 +140,7 @@ mod tests {
 
     #[test]
     fn widens_exactly_and_narrows_the_gradient() {
-        let dev = Device::Cpu;
-        let values = Tensor::randn(0f32, 10.0, 1000, &dev).unwrap();
+        let values = normal(1000, 0.0, 10.0, 1);
         let x = Var::from_tensor(&values.to_dtype(DType::BF16).unwrap()).unwrap();
         let wide = widen(x.as_tensor()).unwrap();
         assert_eq!(

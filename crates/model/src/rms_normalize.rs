@@ -141,14 +141,14 @@ impl CustomOp2 for RmsNormalize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::normal;
     use candle_core::{Device, Var};
 
     #[test]
     fn equals_candle_ops_forward_and_backward() {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, 16), &dev).unwrap()).unwrap();
-        let weight = Var::from_tensor(&Tensor::randn(1f32, 0.1, 16, &dev).unwrap()).unwrap();
-        let upstream = Tensor::randn(0f32, 1.0, (3, 5, 16), &dev).unwrap();
+        let x = Var::from_tensor(&normal((3, 5, 16), 0.0, 1.0, 1)).unwrap();
+        let weight = Var::from_tensor(&normal(16, 1.0, 0.1, 2)).unwrap();
+        let upstream = normal((3, 5, 16), 0.0, 1.0, 3);
         let eps = 1e-5;
         let ours = rms_normalize(x.as_tensor(), weight.as_tensor(), eps, true).unwrap();
         let inv = (x
@@ -182,7 +182,7 @@ mod tests {
     #[test]
     fn a_frozen_weight_gets_no_gradient() {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 8), &dev).unwrap()).unwrap();
+        let x = Var::from_tensor(&normal((4, 8), 0.0, 1.0, 4)).unwrap();
         let weight = Tensor::ones(8, DType::F32, &dev).unwrap();
         let y = rms_normalize(x.as_tensor(), &weight, 1e-6, false).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();

@@ -102,17 +102,17 @@ impl CustomOp3 for RopeHeads {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var, D};
+    use crate::test_util::normal;
+    use candle_core::{Var, D};
 
     #[test]
     fn equals_rotate_half_of_transposed_heads_forward_and_backward() {
-        let dev = Device::Cpu;
         let (b, s, h, d) = (2, 5, 3, 8);
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, h, d), &dev).unwrap()).unwrap();
-        let half_angles = Tensor::randn(0f32, 1.0, (s, d / 2), &dev).unwrap();
+        let x = Var::from_tensor(&normal((b, s, h, d), 0.0, 1.0, 1)).unwrap();
+        let half_angles = normal((s, d / 2), 0.0, 1.0, 2);
         let angles = Tensor::cat(&[&half_angles, &half_angles], 1).unwrap();
         let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
-        let upstream = Tensor::randn(0f32, 1.0, (b, h, s, d), &dev).unwrap();
+        let upstream = normal((b, h, s, d), 0.0, 1.0, 3);
 
         let ours = rope_heads(x.as_tensor(), &cos, &sin).unwrap().unwrap();
         let t = x.as_tensor().transpose(1, 2).unwrap().contiguous().unwrap();

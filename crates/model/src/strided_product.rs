@@ -203,16 +203,15 @@ pub fn add_transposed_product(sum: &mut [f32], a: &Tensor, b: &Tensor) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use crate::test_util::normal;
 
     #[test]
     fn adds_transposed_products_into_the_sum() {
-        let dev = Device::Cpu;
-        let a = Tensor::randn(0f32, 1.0, (6, 4), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, (6, 3), &dev).unwrap();
+        let a = normal((6, 4), 0.0, 1.0, 1);
+        let b = normal((6, 3), 0.0, 1.0, 2);
         // A second pair read through a transposed view.
-        let c = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap().t().unwrap();
-        let d = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
+        let c = normal((4, 5), 0.0, 1.0, 3).t().unwrap();
+        let d = normal((5, 3), 0.0, 1.0, 4);
         let mut sum = vec![1f32; 12];
         add_transposed_product(&mut sum, &a, &b).unwrap();
         add_transposed_product(&mut sum, &c, &d).unwrap();

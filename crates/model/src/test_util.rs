@@ -1,7 +1,25 @@
 //! What the fused ops' unit tests share: each compares an op and its backward with the same
 //! computation in candle's own ops.
 
-use candle_core::{backprop::GradStore, Tensor};
+use candle_core::{backprop::GradStore, Device, Shape, Tensor};
+
+use crate::dropout::derive_seed;
+
+/// Normally distributed values that are the same in every run, so a test that passes once passes
+/// always and a failure repeats (candle's CPU `randn` cannot be seeded). Box–Muller over uniforms
+/// from `derive_seed(seed, i)`.
+pub fn normal<S: Into<Shape>>(shape: S, mean: f32, std: f32, seed: u64) -> Tensor {
+    let shape = shape.into();
+    let uniform =
+        |i: usize| ((derive_seed(seed, i as u64) >> 40) as f32 + 0.5) / (1u64 << 24) as f32;
+    let values: Vec<f32> = (0..shape.elem_count())
+        .map(|i| {
+            let (u, v) = (uniform(2 * i), uniform(2 * i + 1));
+            mean + std * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
 
 /// Largest absolute difference between two tensors of one shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -86,6 +86,7 @@ impl CustomOp2 for GradThroughQuantized {
 mod tests {
     use super::super::{FourBitType, QuantFormat};
     use super::*;
+    use crate::test_util::normal;
     use candle_core::{DType, Device, Var};
 
     /// A weight of several chunks: the chunked product and its gradient equal the dense ones
@@ -95,7 +96,7 @@ mod tests {
         let device = Device::Cpu;
         let cols = 4096;
         let rows = 3 * super::super::CHUNK_ELEMENTS / cols + 5;
-        let w = Tensor::randn(0f32, 0.02, (rows, cols), &device).unwrap();
+        let w = normal((rows, cols), 0.0, 0.02, 1);
         let format = QuantFormat::FourBit {
             kind: FourBitType::Nf4,
             double_quant: true,
@@ -103,8 +104,8 @@ mod tests {
         let q = QuantizedWeight::quantize(&w, format).unwrap();
         assert!(q.row_chunks().count() > 3);
         let dense = q.dequantize(DType::F32, &device).unwrap();
-        let x = Var::randn(0f32, 1.0, (3, cols), &device).unwrap();
-        let up = Tensor::randn(0f32, 1.0, (3, rows), &device).unwrap();
+        let x = Var::from_tensor(&normal((3, cols), 0.0, 1.0, 2)).unwrap();
+        let up = normal((3, rows), 0.0, 1.0, 3);
 
         let y = q.matmul_t(x.as_tensor()).unwrap();
         let y_dense = x.as_tensor().matmul(&dense.t().unwrap()).unwrap();
@@ -128,10 +129,9 @@ mod tests {
 
     #[test]
     fn half_precision_compute_follows_the_input_dtype() {
-        let device = Device::Cpu;
-        let w = Tensor::randn(0f32, 0.02, (96, 128), &device).unwrap();
+        let w = normal((96, 128), 0.0, 0.02, 4);
         let q = QuantizedWeight::quantize(&w, QuantFormat::Int8Rowwise).unwrap();
-        let x32 = Tensor::randn(0f32, 1.0, (5, 128), &device).unwrap();
+        let x32 = normal((5, 128), 0.0, 1.0, 5);
         let y32 = q.matmul_t(&x32).unwrap();
         for dtype in [DType::BF16, DType::F16] {
             let x = Var::from_tensor(&x32.to_dtype(dtype).unwrap()).unwrap();
