@@ -1,6 +1,8 @@
 //! AdamW as `torch.optim.AdamW`, and gradient clipping by global L2 norm.
 
-use candle_core::{DType, Result, Tensor, Var};
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -61,44 +63,106 @@ impl AdamW {
     }
 
     /// One update with learning rate `lr`; `grads[i]` belongs to `vars[i]` (None: no gradient,
-    /// the parameter is left alone as torch does).
-    pub fn step(&mut self, vars: &[Var], grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+    /// the parameter is left alone as torch does). Every gradient is first multiplied by
+    /// `grad_scale` when one is given: the clipping coefficient of [`clip_coefficient`], applied
+    /// here, element by element as `clip_grad_norm_` would, instead of by a scaled copy of each
+    /// gradient. The parameter and its moments are updated in place.
+    pub fn step(
+        &mut self,
+        vars: &[Var],
+        grads: &[Option<Tensor>],
+        lr: f64,
+        grad_scale: Option<f64>,
+    ) -> Result<()> {
         self.state.step += 1;
         let t = self.state.step as i32;
         let c = &self.config;
         let bias_correction1 = 1.0 - c.beta1.powi(t);
         let bias_correction2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        let step_size = (lr / bias_correction1) as f32;
-        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
-        let eps = c.eps as f32;
         for (i, (var, grad)) in vars.iter().zip(grads).enumerate() {
             let Some(grad) = grad else { continue };
-            let g = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            let m = &mut self.state.moments[i];
-            if m.exp_avg.is_empty() {
-                m.exp_avg = vec![0.0; p.len()];
-                m.exp_avg_sq = vec![0.0; p.len()];
+            let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+            let (grad_storage, grad_layout) = grad.storage_and_layout();
+            let Storage::Cpu(CpuStorage::F32(grad_values)) = &*grad_storage else {
+                candle_core::bail!("AdamW updates float32 parameters on the CPU");
+            };
+            let grad_values =
+                &grad_values[grad_layout.start_offset()..][..grad_layout.shape().elem_count()];
+            let moments = &mut self.state.moments[i];
+            if moments.exp_avg.is_empty() {
+                moments.exp_avg = vec![0.0; grad_values.len()];
+                moments.exp_avg_sq = vec![0.0; grad_values.len()];
             }
             let decay = if self.decays[i] {
                 (1.0 - lr * c.weight_decay) as f32
             } else {
                 1.0
             };
-            let bc2 = bias_correction2_sqrt as f32;
-            for (((p, &g), m1), m2) in p
-                .iter_mut()
-                .zip(&g)
-                .zip(m.exp_avg.iter_mut())
-                .zip(m.exp_avg_sq.iter_mut())
-            {
-                *p *= decay;
-                *m1 = b1 * *m1 + (1.0 - b1) * g;
-                *m2 = b2 * *m2 + (1.0 - b2) * g * g;
-                let denom = m2.sqrt() / bc2 + eps;
-                *p -= step_size * *m1 / denom;
-            }
-            var.set(&Tensor::from_vec(p, var.shape(), var.device())?)?;
+            var.inplace_op1(&Update {
+                grad: grad_values,
+                grad_scale: grad_scale.map(|s| s as f32),
+                moments: RefCell::new(moments),
+                decay,
+                step_size: (lr / bias_correction1) as f32,
+                beta1: c.beta1 as f32,
+                beta2: c.beta2 as f32,
+                eps: c.eps as f32,
+                bias_correction2_sqrt: bias_correction2_sqrt as f32,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// One parameter's AdamW update, run on the parameter's own storage.
+struct Update<'a> {
+    grad: &'a [f32],
+    grad_scale: Option<f32>,
+    moments: RefCell<&'a mut Moments>,
+    decay: f32,
+    step_size: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    bias_correction2_sqrt: f32,
+}
+
+impl InplaceOp1 for Update<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let CpuStorage::F32(values) = storage else {
+            candle_core::bail!("AdamW updates float32 parameters");
+        };
+        if !layout.is_contiguous() || layout.shape().elem_count() != self.grad.len() {
+            candle_core::bail!("AdamW needs a contiguous parameter the size of its gradient");
+        }
+        let params = &mut values[layout.start_offset()..][..self.grad.len()];
+        let mut moments = self.moments.borrow_mut();
+        let Moments {
+            exp_avg,
+            exp_avg_sq,
+        } = &mut **moments;
+        let (b1, b2) = (self.beta1, self.beta2);
+        for (((p, &g), m1), m2) in params
+            .iter_mut()
+            .zip(self.grad)
+            .zip(exp_avg.iter_mut())
+            .zip(exp_avg_sq.iter_mut())
+        {
+            // `+ 0.0` as candle's affine computes a clipped gradient, so that a zero keeps its
+            // sign exactly as with a scaled copy.
+            let g = match self.grad_scale {
+                Some(scale) => g * scale + 0.0,
+                None => g,
+            };
+            *p *= self.decay;
+            *m1 = b1 * *m1 + (1.0 - b1) * g;
+            *m2 = b2 * *m2 + (1.0 - b2) * g * g;
+            let denom = m2.sqrt() / self.bias_correction2_sqrt + self.eps;
+            *p -= self.step_size * *m1 / denom;
         }
         Ok(())
     }
@@ -118,14 +182,10 @@ pub fn grad_sq_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     Ok(total)
 }
 
-/// Scales gradients so their global norm is at most `max_norm`, as `clip_grad_norm_` does
-/// (coefficient `max_norm / (norm + 1e-6)`, capped at 1).
-pub fn clip_grads(grads: &mut [Option<Tensor>], total_norm: f64, max_norm: f64) -> Result<()> {
+/// The factor that brings gradients of global norm `total_norm` to at most `max_norm`, as
+/// `clip_grad_norm_` computes it (`max_norm / (norm + 1e-6)`); `None` when it would not shrink
+/// them (torch caps it at 1).
+pub fn clip_coefficient(total_norm: f64, max_norm: f64) -> Option<f64> {
     let coef = max_norm / (total_norm + 1e-6);
-    if coef < 1.0 {
-        for g in grads.iter_mut().flatten() {
-            *g = g.affine(coef, 0.0)?;
-        }
-    }
-    Ok(())
+    (coef < 1.0).then_some(coef)
 }

@@ -396,11 +396,11 @@ pub fn train_step(
     let nll_sum = nll[0];
     phases.communication += lap(&mut clock);
     let grad_norm = engine.grad_norm()?;
-    if let Some(max_norm) = options.max_grad_norm {
-        crate::optim::clip_grads(engine.grads_mut(), grad_norm, max_norm)?;
-    }
+    let clip = options
+        .max_grad_norm
+        .and_then(|max_norm| crate::optim::clip_coefficient(grad_norm, max_norm));
     let grads = std::mem::take(engine.grads_mut());
-    optimizer.step(engine.vars(), &grads, lr)?;
+    optimizer.step(engine.vars(), &grads, lr, clip)?;
     *engine.grads_mut() = grads;
     phases.optimizer += lap(&mut clock);
     Ok(StepStats {
