@@ -95,7 +95,55 @@ fn main() -> ExitCode {
         }
     };
     result.unwrap_or_else(|e| {
-        eprintln!("error: {e:#}");
+        print_error(&e.chain().map(|cause| cause.to_string()).collect::<Vec<_>>());
         ExitCode::FAILURE
     })
+}
+
+/// Prints `error: ` and the causes of an error as one line (see [`one_line`]). The line goes
+/// out in one write, so that the ranks of a launch failing alike cannot interleave their lines.
+fn print_error(causes: &[String]) {
+    use std::io::Write;
+    // Nothing is left to report a failed write of the report itself to.
+    let _ = std::io::stderr().write_all(one_line(causes).as_bytes());
+}
+
+/// `error: ` and the causes joined by `: `, skipping a cause whose words the line already holds
+/// (library errors name their source in their own message).
+fn one_line(causes: &[String]) -> String {
+    let mut line = String::from("error:");
+    for cause in causes {
+        if !line.contains(cause.as_str()) {
+            line.push(' ');
+            line.push_str(cause);
+            line.push(':');
+        }
+    }
+    line.pop();
+    line.push('\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn a_cause_is_named_once() {
+        let causes = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            one_line(&causes(&[
+                "cannot read x.yaml: No such file or directory (os error 2)",
+                "No such file or directory (os error 2)",
+            ])),
+            "error: cannot read x.yaml: No such file or directory (os error 2)\n"
+        );
+        assert_eq!(
+            one_line(&causes(&[
+                "loading adapter a",
+                "a/adapter_config.json is missing"
+            ])),
+            "error: loading adapter a: a/adapter_config.json is missing\n"
+        );
+    }
 }

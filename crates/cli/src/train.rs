@@ -177,7 +177,7 @@ pub(crate) fn launch_workers(
     match ff_dist::launch(&spec) {
         Ok(()) => Ok(std::process::ExitCode::SUCCESS),
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::print_error(&[e.to_string()]);
             Ok(std::process::ExitCode::from(
                 e.exit_code().clamp(1, 255) as u8
             ))

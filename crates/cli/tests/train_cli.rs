@@ -97,6 +97,11 @@ fn override_changes_the_run_and_bad_keys_fail_in_one_line() {
     );
     let error = failure(&["train", "missing.yaml"], dir.path());
     assert!(error.contains("cannot read missing.yaml"), "{error}");
+    assert_eq!(
+        error.matches("os error 2").count(),
+        1,
+        "the cause once: {error}"
+    );
 }
 
 #[test]
@@ -240,6 +245,27 @@ fn user_mistakes_are_one_sentence_and_touch_nothing() {
         stderr.contains("checkpoint-3 is incomplete: it has no adapter_config.json"),
         "{stderr}"
     );
+
+    let stderr = failure(
+        &[
+            "train",
+            config,
+            "resume_from_checkpoint=/no/such/checkpoint-5",
+        ],
+        dir.path(),
+    );
+    assert!(
+        stderr.ends_with("resume_from_checkpoint /no/such/checkpoint-5 does not exist"),
+        "{stderr}"
+    );
+    let file = dir.path().join("file");
+    std::fs::write(&file, "keep").unwrap();
+    let stderr = failure(
+        &["train", config, &format!("output_dir={}", file.display())],
+        dir.path(),
+    );
+    assert!(stderr.contains("is a file, not a folder"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
 
     let bad = dir.path().join("bad.yaml");
     std::fs::write(
@@ -388,4 +414,95 @@ fn nodes_with_different_configs_are_refused_naming_the_node() {
         !dir.path().join("out").join("trainer_log.jsonl").exists(),
         "no training ran"
     );
+}
+
+/// A fresh-LoRA version of the fixture config, saving every step, for resume tests.
+fn fresh_lora_config(dir: &Path) -> String {
+    let config = fixture_config(dir, "");
+    let yaml = std::fs::read_to_string(&config).unwrap();
+    let fresh: String = yaml
+        .lines()
+        .filter(|l| !l.starts_with("adapter_name_or_path"))
+        .map(|l| {
+            if l.starts_with("save_steps") {
+                "save_steps: 1\n".to_string()
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&config, fresh).unwrap();
+    config.to_str().unwrap().to_string()
+}
+
+#[test]
+fn resuming_what_would_train_something_else_or_nothing_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fresh_lora_config(dir.path());
+    let out = dir.path().join("out");
+    assert_succeeded(&ferrofactory(
+        &["train", &config, "max_steps=2"],
+        dir.path(),
+    ));
+    let results = std::fs::read_to_string(out.join("train_results.json")).unwrap();
+
+    // Run again: the newest checkpoint is the last step, so there is nothing to resume.
+    let stderr = failure(&["train", &config, "max_steps=2"], dir.path());
+    assert!(
+        stderr.contains("checkpoint-2 is at step 2 of 2, so its run is finished"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("train_results.json")).unwrap(),
+        results
+    );
+
+    std::fs::remove_dir_all(out.join("checkpoint-2")).unwrap();
+    let stderr = failure(
+        &["train", &config, "max_steps=2", "lora_rank=4"],
+        dir.path(),
+    );
+    assert!(
+        stderr.contains(
+            "checkpoint-1 was written with lora_rank 8 (this run: 4), lora_alpha 16 (this run: 8);"
+        ),
+        "{stderr}"
+    );
+    let stderr = failure(
+        &["train", &config, "max_steps=2", "lora_target=q_proj,v_proj"],
+        dir.path(),
+    );
+    assert!(stderr.contains("lora_target q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (this run: q_proj,v_proj)"), "{stderr}");
+    let stderr = failure(
+        &["train", &config, "max_steps=2", "finetuning_type=full"],
+        dir.path(),
+    );
+    assert!(stderr.contains("was written by a LoRA run"), "{stderr}");
+    let stderr = failure(&["train", &config, "max_steps=3"], dir.path());
+    assert!(
+        stderr.contains("was written by a run with training steps 2 (this run: 3)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("train_results.json")).unwrap(),
+        results
+    );
+    // The same settings resume and finish the run.
+    assert_succeeded(&ferrofactory(
+        &["train", &config, "max_steps=2"],
+        dir.path(),
+    ));
+    assert!(out.join("checkpoint-2").is_dir());
+}
+
+#[test]
+fn a_cutoff_that_leaves_no_label_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fresh_lora_config(dir.path());
+    let stderr = failure(&["train", &config, "cutoff_len=1"], dir.path());
+    assert!(
+        stderr.contains("no training example keeps a token to learn after cutting to cutoff_len 1"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("out/adapter_model.safetensors").exists());
 }

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use ff_model::finetune::LoraSpec;
-use ff_model::peft::{load_adapter, save_adapter, save_adapter_weights};
+use ff_model::peft::{
+    load_adapter, read_adapter_config, save_adapter, save_adapter_weights, ADAPTER_CONFIG,
+};
 use ff_model::safetensors_io::{save_atomic, write_atomic, SafetensorsFiles};
 use ff_model::CausalLm;
 use serde::{Deserialize, Serialize};
@@ -83,14 +85,74 @@ pub fn save_weights(
     Ok(())
 }
 
+/// Refuses a checkpoint whose trained weights are not the ones this run trains: an adapter under
+/// full or freeze tuning or the other way round, or an adapter of another rank, alpha, set of
+/// modules or scaling. Resuming it would train the checkpoint's adapter and save it beside this
+/// run's adapter_config.json, an adapter that PEFT loads wrong or not at all.
+pub fn check_same_finetuning(weights: &SavedWeights, dir: &Path) -> TrainResult<()> {
+    let has_adapter = dir.join(ADAPTER_CONFIG).is_file();
+    let has_model = dir.join(MODEL_FILE).is_file() || dir.join(SHARDED_MARKER).is_file();
+    let refuse = |what: String| {
+        Err(TrainError::Checkpoint(format!(
+            "{} was written {what}; resume with the settings it was written with, or start over in another output_dir",
+            dir.display()
+        )))
+    };
+    match weights {
+        SavedWeights::Full if has_adapter => refuse("by a LoRA run (finetuning_type: lora)".into()),
+        SavedWeights::Lora(_) if !has_adapter && has_model => {
+            refuse("by a full or freeze run, not a LoRA run".into())
+        }
+        SavedWeights::Lora(spec) if has_adapter => {
+            let saved = read_adapter_config(dir)?;
+            let sorted = |targets: &[String]| {
+                let mut t = targets.to_vec();
+                t.sort();
+                t
+            };
+            let mut differences = Vec::new();
+            if saved.rank != spec.rank {
+                differences.push(format!(
+                    "lora_rank {} (this run: {})",
+                    saved.rank, spec.rank
+                ));
+            }
+            if saved.alpha != spec.alpha {
+                differences.push(format!(
+                    "lora_alpha {} (this run: {})",
+                    saved.alpha, spec.alpha
+                ));
+            }
+            if sorted(&saved.targets) != sorted(&spec.targets) {
+                differences.push(format!(
+                    "lora_target {} (this run: {})",
+                    saved.targets.join(","),
+                    spec.targets.join(",")
+                ));
+            }
+            if saved.use_rslora != spec.use_rslora {
+                differences.push(format!(
+                    "use_rslora {} (this run: {})",
+                    saved.use_rslora, spec.use_rslora
+                ));
+            }
+            if differences.is_empty() {
+                Ok(())
+            } else {
+                refuse(format!("with {}", differences.join(", ")))
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Refuses a checkpoint folder that lacks a file resume needs, naming it.
 pub fn check_complete(weights: &SavedWeights, dir: &Path) -> TrainResult<()> {
     let weight_files: Vec<String> = match (sharded_world_size(dir)?, weights) {
         (Some(world), _) => (0..world).map(|r| shard_file(r, world)).collect(),
-        (None, SavedWeights::Lora(_)) => vec![
-            "adapter_config.json".into(),
-            "adapter_model.safetensors".into(),
-        ],
+        (None, SavedWeights::Lora(_)) => {
+            vec![ADAPTER_CONFIG.into(), "adapter_model.safetensors".into()]
+        }
         (None, SavedWeights::Full) => vec![MODEL_FILE.into()],
     };
     for name in weight_files

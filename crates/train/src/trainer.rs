@@ -14,11 +14,12 @@ use ff_model::peft::write_adapter_config;
 use ff_model::CausalLm;
 use serde_json::{json, Map, Value};
 
-use crate::batch::{collate, Example};
+use crate::batch::{collate, Example, IGNORE_INDEX};
 use crate::checkpoint::{
-    check_complete, list_checkpoints, load_optimizer, load_shard, load_weights, read_trainer_state,
-    rotate_checkpoints, save_optimizer, save_shard, save_weights, shard_file, sharded_world_size,
-    write_json, SavedWeights, TrainerState, OPTIMIZER_FILE, SHARDED_MARKER, TRAINER_STATE,
+    check_complete, check_same_finetuning, list_checkpoints, load_optimizer, load_shard,
+    load_weights, read_trainer_state, rotate_checkpoints, save_optimizer, save_shard, save_weights,
+    shard_file, sharded_world_size, write_json, SavedWeights, TrainerState, OPTIMIZER_FILE,
+    SHARDED_MARKER, TRAINER_STATE,
 };
 use crate::engine::Engine;
 use crate::error::{TrainError, TrainResult};
@@ -113,6 +114,11 @@ pub fn prepare_output_dir(args: &TrainArgs, output_dir: &Path) -> TrainResult<Op
         },
         Some(path) => {
             let dir = PathBuf::from(path);
+            if !dir.exists() {
+                return Err(TrainError::Config(format!(
+                    "resume_from_checkpoint {path} does not exist"
+                )));
+            }
             if !dir.join(TRAINER_STATE).is_file() {
                 return Err(TrainError::Config(format!(
                     "resume_from_checkpoint {path} is not a checkpoint folder (it has no {TRAINER_STATE})"
@@ -121,6 +127,12 @@ pub fn prepare_output_dir(args: &TrainArgs, output_dir: &Path) -> TrainResult<Op
             Some(dir)
         }
     };
+    if output_dir.exists() && !output_dir.is_dir() {
+        return Err(TrainError::Config(format!(
+            "output_dir {} is a file, not a folder; choose another output_dir",
+            output_dir.display()
+        )));
+    }
     if explicit.is_some() {
         return Ok(explicit);
     }
@@ -197,6 +209,35 @@ fn run_hash(args: &TrainArgs, num_examples: usize, total_steps: u64) -> String {
     )
 }
 
+/// What differs between two [`run_hash`]es, in the words of the settings behind them.
+fn run_difference(saved: &str, current: &str) -> String {
+    let fields = |hash: &str| -> HashMap<String, String> {
+        hash.split(';')
+            .filter_map(|f| f.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let (saved, current) = (fields(saved), fields(current));
+    let differences: Vec<String> = [
+        ("n", "training examples"),
+        ("bs", "per_device_train_batch_size"),
+        ("ga", "gradient_accumulation_steps"),
+        ("seed", "seed"),
+        ("steps", "training steps"),
+    ]
+    .iter()
+    .filter_map(|(key, words)| {
+        let (was, is) = (saved.get(*key)?, current.get(*key)?);
+        (was != is).then(|| format!("{words} {was} (this run: {is})"))
+    })
+    .collect();
+    if differences.is_empty() {
+        "other data or batch settings".into()
+    } else {
+        differences.join(", ")
+    }
+}
+
 fn round(v: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (v * f).round() / f
@@ -230,6 +271,17 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         .then(|| PathBuf::from(String::from_utf8_lossy(&resume_text).into_owned()));
     if run.train.is_empty() {
         return Err(TrainError::Config("the training set is empty".into()));
+    }
+    // Labels are shifted by one: the first position never counts.
+    if run
+        .train
+        .iter()
+        .all(|e| e.labels.iter().skip(1).all(|&l| l == IGNORE_INDEX))
+    {
+        return Err(TrainError::Config(format!(
+            "no training example keeps a token to learn after cutting to cutoff_len {}, so the loss would be empty; raise cutoff_len",
+            args.cutoff_len
+        )));
     }
 
     let plan = EpochPlan::new(
@@ -265,14 +317,30 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         ferrofactory_run_hash: hash.clone(),
         ..TrainerState::default()
     };
-    let resumed_shards = match &resume_from {
+    let resumed = match &resume_from {
         Some(dir) => {
+            check_same_finetuning(&run.weights, dir)?;
             check_complete(&run.weights, dir)?;
+            let saved = read_trainer_state(dir)?;
+            if saved.ferrofactory_run_hash != hash {
+                return Err(TrainError::Checkpoint(format!(
+                    "{} was written by a run with {}; resume with the same dataset, batch sizes, seed and step count, or start over in another output_dir",
+                    dir.display(),
+                    run_difference(&saved.ferrofactory_run_hash, &hash)
+                )));
+            }
+            if saved.global_step >= total_steps {
+                return Err(TrainError::Checkpoint(format!(
+                    "{} is at step {} of {total_steps}, so its run is finished and resuming would only overwrite its results; set overwrite_output_dir: true to train again, or choose another output_dir",
+                    dir.display(),
+                    saved.global_step
+                )));
+            }
             let shards = sharded_world_size(dir)?;
             if shards.is_none() {
                 load_weights(model, &run.weights, dir)?;
             }
-            shards
+            Some((saved, shards))
         }
         None => None,
     };
@@ -313,14 +381,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         },
         engine.names(),
     );
-    if let Some(dir) = &resume_from {
-        let saved = read_trainer_state(dir)?;
-        if saved.ferrofactory_run_hash != hash {
-            return Err(TrainError::Checkpoint(format!(
-                "{} was written by a run with other data or batch settings; resume with the same dataset, batch sizes, seed and step count",
-                dir.display()
-            )));
-        }
+    if let (Some(dir), Some((saved, resumed_shards))) = (&resume_from, resumed) {
         optimizer.state = match (&engine, resumed_shards) {
             (Engine::Sharded(s), Some(world)) => {
                 if world != run.group.world_size() {
