@@ -28,7 +28,18 @@ impl CausalLm {
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (batch, seq) = input_ids.dims2()?;
         let table = self.embed_tokens.in_dtype(self.dtype)?;
-        let rows = table.index_select(&input_ids.flatten_all()?, 0)?;
+        let ids = input_ids.flatten_all()?;
+        let rows = table.index_select(&ids, 0)?;
+        // Lookups of the padding token pass no gradient to its row, as transformers'
+        // `nn.Embedding(padding_idx)` (a tied head still trains it).
+        let rows = match (self.config.pad_token_id, self.embed_tokens.var()) {
+            (Some(pad), Some(_)) => ids
+                .eq(pad)?
+                .unsqueeze(1)?
+                .broadcast_as(rows.shape())?
+                .where_cond(&rows.detach(), &rows)?,
+            _ => rows,
+        };
         widen(&rows)?.reshape((batch, seq, self.config.hidden_size))
     }
 

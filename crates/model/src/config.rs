@@ -41,6 +41,9 @@ pub struct ModelConfig {
     pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
+    /// The embedding row that lookups never train: transformers builds the table as
+    /// `nn.Embedding(padding_idx=pad_token_id)`.
+    pub pad_token_id: Option<u32>,
     /// Bias on q, k and v projections (always on for qwen2).
     pub attention_bias: bool,
     pub mlp_bias: bool,
@@ -166,8 +169,10 @@ impl Reader<'_> {
             .and_then(|q| q.get("quant_method"))
             .and_then(Value::as_str)
             .map(str::to_string);
+        let vocab_size = self.usize_required("vocab_size")?;
         Ok(ModelConfig {
-            vocab_size: self.usize_required("vocab_size")?,
+            vocab_size,
+            pad_token_id: self.pad_token_id(vocab_size)?,
             hidden_size,
             intermediate_size: self.usize_required("intermediate_size")?,
             num_hidden_layers: self.usize_required("num_hidden_layers")?,
@@ -186,6 +191,23 @@ impl Reader<'_> {
             model_type,
             raw: self.raw.clone(),
         })
+    }
+
+    /// `pad_token_id` as `nn.Embedding` takes `padding_idx`: a negative one counts from the end.
+    fn pad_token_id(&self, vocab_size: usize) -> Result<Option<u32>> {
+        let id = match self.raw.get("pad_token_id") {
+            None | Some(Value::Null) => return Ok(None),
+            Some(v) => v
+                .as_i64()
+                .ok_or_else(|| self.error(format!("`pad_token_id` must be an integer, got {v}")))?,
+        };
+        let row = if id < 0 { vocab_size as i64 + id } else { id };
+        if !(0..vocab_size as i64).contains(&row) {
+            return Err(self.error(format!(
+                "`pad_token_id` {id} is not a row of the {vocab_size}-token embedding"
+            )));
+        }
+        Ok(Some(row as u32))
     }
 
     /// transformers 5 writes `rope_parameters` (theta and scaling together); older files write
@@ -263,6 +285,20 @@ mod tests {
         assert_eq!(c.rope_theta, 10000.0);
         assert_eq!(c.rope_scaling, RopeScaling::None);
         assert!(!c.tie_word_embeddings);
+    }
+
+    #[test]
+    fn pad_token_id_as_embedding_padding_idx() {
+        let pad = |v: &str| parse(&format!(r#"{{{BASE},"pad_token_id":{v}}}"#));
+        assert_eq!(parse(&format!("{{{BASE}}}")).unwrap().pad_token_id, None);
+        assert_eq!(pad("null").unwrap().pad_token_id, None);
+        assert_eq!(pad("3").unwrap().pad_token_id, Some(3));
+        assert_eq!(pad("-1").unwrap().pad_token_id, Some(9));
+        let msg = pad("10").unwrap_err().to_string();
+        assert!(
+            msg.contains("`pad_token_id` 10 is not a row of the 10-token embedding"),
+            "{msg}"
+        );
     }
 
     #[test]

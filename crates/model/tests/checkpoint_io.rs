@@ -315,3 +315,37 @@ fn truncated_adapter_names_file_and_tensor() {
     );
     assert!(message.contains("lora_"), "names a tensor: {message}");
 }
+
+#[test]
+fn lookups_of_the_padding_token_do_not_train_its_row() {
+    let grad_rows = |pad_token_id: Option<u32>| -> Vec<f32> {
+        let mut model = tiny();
+        model.config.pad_token_id = pad_token_id;
+        ff_model::finetune::make_all_trainable(&mut model).unwrap();
+        let ids = Tensor::new(&[[1u32, 2, 3, 2]], &Device::Cpu).unwrap();
+        let embedded = model.embed(&ids).unwrap();
+        let grads = embedded.sum_all().unwrap().backward().unwrap();
+        let table = model.embed_tokens.var().unwrap();
+        let grad = grads.get(table).unwrap();
+        // The summed gradient of rows 1, 2 and 3: one sum per looked-up row.
+        (1..4)
+            .map(|row| {
+                grad.get(row)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(
+        tiny().config.pad_token_id,
+        Some(2),
+        "tiny-llama's config.json"
+    );
+    let hidden = tiny().config.hidden_size as f32;
+    // Each lookup adds a gradient of ones to its row; row 2 is looked up twice.
+    assert_eq!(grad_rows(None), vec![hidden, 2.0 * hidden, hidden]);
+    assert_eq!(grad_rows(Some(2)), vec![hidden, 0.0, hidden]);
+}
