@@ -47,10 +47,9 @@ pub struct TrainerState {
     pub best_model_checkpoint: Option<String>,
     #[serde(default = "yes")]
     pub is_world_process_zero: bool,
-    /// Hash of the settings that decide the data order and step layout; resuming under other
-    /// settings would silently train on other data, so it is refused.
-    #[serde(default)]
-    pub ferrofactory_run_hash: String,
+    /// Written to [`RUN_FILE`] beside this file, not in it.
+    #[serde(skip)]
+    pub run_hash: String,
 }
 
 fn yes() -> bool {
@@ -431,6 +430,32 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> TrainResult<()> {
     let text = serde_json::to_string_pretty(value).expect("plain data serialises");
     write_atomic(path, text.as_bytes())?;
     Ok(())
+}
+
+/// Beside `trainer_state.json` in a checkpoint: the settings that decide the data order and
+/// step layout. Resuming under other settings would silently train on other data, so it is
+/// refused. A file of its own, because Hugging Face's `TrainerState` refuses unknown keys.
+pub const RUN_FILE: &str = "ferrofactory_run.json";
+
+pub fn write_run_hash(dir: &Path, hash: &str) -> TrainResult<()> {
+    write_json(
+        &dir.join(RUN_FILE),
+        &serde_json::json!({ "run_hash": hash }),
+    )
+}
+
+/// The run hash a checkpoint was written with: from [`RUN_FILE`], or from `trainer_state.json`
+/// where earlier versions kept it. `None` when neither has it.
+pub fn read_run_hash(dir: &Path) -> TrainResult<Option<String>> {
+    let (path, key) = match dir.join(RUN_FILE) {
+        path if path.is_file() => (path, "run_hash"),
+        _ => (dir.join(TRAINER_STATE), "ferrofactory_run_hash"),
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+    let value: Value = serde_json::from_str(&text).map_err(|e| {
+        TrainError::Checkpoint(format!("{} is not valid JSON ({e})", path.display()))
+    })?;
+    Ok(value.get(key).and_then(Value::as_str).map(str::to_string))
 }
 
 pub fn read_trainer_state(dir: &Path) -> TrainResult<TrainerState> {

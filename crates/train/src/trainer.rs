@@ -17,9 +17,9 @@ use serde_json::{json, Map, Value};
 use crate::batch::{collate, Example, IGNORE_INDEX};
 use crate::checkpoint::{
     check_complete, check_same_finetuning, list_checkpoints, load_optimizer, load_shard,
-    load_weights, read_trainer_state, rotate_checkpoints, save_optimizer, save_shard, save_weights,
-    shard_file, sharded_world_size, write_json, SavedWeights, TrainerState, OPTIMIZER_FILE,
-    SHARDED_MARKER, TRAINER_STATE,
+    load_weights, read_run_hash, read_trainer_state, rotate_checkpoints, save_optimizer,
+    save_shard, save_weights, shard_file, sharded_world_size, write_json, write_run_hash,
+    SavedWeights, TrainerState, OPTIMIZER_FILE, RUN_FILE, SHARDED_MARKER, TRAINER_STATE,
 };
 use crate::engine::Engine;
 use crate::error::{TrainError, TrainResult};
@@ -309,12 +309,17 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
 
     let mut state = TrainerState {
         max_steps: total_steps,
-        num_train_epochs: args.num_train_epochs,
+        // Hugging Face records the epochs that max_steps spans, whole.
+        num_train_epochs: if args.max_steps > 0 {
+            total_steps.div_ceil(steps_per_epoch.max(1)) as f64
+        } else {
+            args.num_train_epochs
+        },
         logging_steps: args.logging_steps,
         save_steps: args.save_steps,
         train_batch_size: args.per_device_train_batch_size,
         is_world_process_zero: true,
-        ferrofactory_run_hash: hash.clone(),
+        run_hash: hash.clone(),
         ..TrainerState::default()
     };
     let resumed = match &resume_from {
@@ -322,11 +327,17 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
             check_same_finetuning(&run.weights, dir)?;
             check_complete(&run.weights, dir)?;
             let saved = read_trainer_state(dir)?;
-            if saved.ferrofactory_run_hash != hash {
+            let Some(saved_hash) = read_run_hash(dir)? else {
+                return Err(TrainError::Checkpoint(format!(
+                    "{} does not say which data and batch settings wrote it (it has no {RUN_FILE}), so it cannot be resumed exactly; start over in another output_dir",
+                    dir.display()
+                )));
+            };
+            if saved_hash != hash {
                 return Err(TrainError::Checkpoint(format!(
                     "{} was written by a run with {}; resume with the same dataset, batch sizes, seed and step count, or start over in another output_dir",
                     dir.display(),
-                    run_difference(&saved.ferrofactory_run_hash, &hash)
+                    run_difference(&saved_hash, &hash)
                 )));
             }
             if saved.global_step >= total_steps {
@@ -838,6 +849,7 @@ fn save_checkpoint(
     }
     if main {
         write_json(&tmp.join(TRAINER_STATE), state)?;
+        write_run_hash(&tmp, &state.run_hash)?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
         }
