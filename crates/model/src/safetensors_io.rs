@@ -227,7 +227,28 @@ pub fn save_atomic(
     let tmp = tmp_path(path);
     safetensors::serialize_to_file(owned.iter().map(|(n, t)| (n.as_str(), t)), metadata, &tmp)
         .map_err(|e| ModelError::file(&tmp, format!("could not be written ({e})")))?;
+    give_usual_permissions(&tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+}
+
+/// safetensors writes through a private temporary file (mode 0600); a weight file gets the
+/// mode any other new file of this process gets (0666 less the umask), as PyTorch's do.
+fn give_usual_permissions(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // The umask can only be read by setting it; /proc tells it without a race.
+        let umask = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+                u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+            })
+            .unwrap_or(0o022);
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666 & !umask))
+            .map_err(|e| ModelError::io(path, e))?;
+    }
+    Ok(())
 }
 
 /// Writes a text file atomically (see [`save_atomic`]).

@@ -200,6 +200,19 @@ fn trained_adapter(dir: &Path) -> CausalLm {
 fn saved_adapter_loads_back_bit_exact() {
     let dir = tempfile::tempdir().unwrap();
     let mut saved = trained_adapter(dir.path());
+    // Readable like the adapter_config.json beside it, not private like a temporary file.
+    let mode = |name: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(
+        mode("adapter_model.safetensors"),
+        mode("adapter_config.json")
+    );
     let mut loaded = tiny();
     let loaded_spec = load_adapter(&mut loaded, dir.path()).unwrap();
     assert_eq!(loaded_spec, spec());
