@@ -32,6 +32,13 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
             export_dir.display()
         );
     }
+    // A file (or a link) there would only fail the final rename, after the whole merge.
+    if std::fs::symlink_metadata(&export_dir).is_ok_and(|meta| !meta.is_dir()) {
+        bail!(
+            "export_dir {} exists and is not a directory; export writes a fresh model directory and overwrites nothing, so remove it or choose another export_dir",
+            export_dir.display()
+        );
+    }
 
     let source = ModelSource::open(&model_path)?;
     let files_dir = source.files_dir().to_path_buf();
@@ -99,7 +106,6 @@ fn refuse_prequantized(model_path: &Path, has_adapter: bool) -> Result<()> {
     }
 }
 
-/// A fresh folder beside `dir`, so that the final rename stays on one filesystem.
 /// Loads a PEFT adapter folder, or a SHARDED_STATE_DICT checkpoint of a LoRA run (its shards
 /// joined into an adapter in a temporary folder first).
 fn load_adapter_or_shards(model: &mut ff_model::CausalLm, dir: &Path) -> Result<()> {
@@ -118,6 +124,7 @@ fn load_adapter_or_shards(model: &mut ff_model::CausalLm, dir: &Path) -> Result<
     loaded.map(|_| ())
 }
 
+/// A fresh folder beside `dir`, so that the final rename stays on one filesystem.
 fn temporary_sibling(dir: &Path) -> Result<PathBuf> {
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

@@ -47,7 +47,7 @@ enum Command {
     /// Write the tokenized training examples, one JSON line each, without training.
     Preprocess {
         config: PathBuf,
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        /// `key=value` pairs that override the file; `--output` may come before or after them.
         overrides: Vec<String>,
         /// Write to this file instead of standard output.
         #[arg(long)]

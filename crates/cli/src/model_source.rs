@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use ff_model::gguf::{is_gguf_file, GgufModel};
+use ff_model::gguf::GgufModel;
 use ff_model::load::{from_tensors_quantized, load_model_dir_quantized};
 use ff_model::quant::QuantFormat;
 use ff_model::CausalLm;
@@ -24,7 +24,9 @@ impl ModelSource {
                 path.display()
             );
         }
-        if !is_gguf_file(path) {
+        // Anything but a directory must be a GGUF file, whatever its extension: opening it
+        // checks the magic, so a stray file is named as such rather than read as a directory.
+        if path.is_dir() {
             return Ok(Self::Dir(path.to_path_buf()));
         }
         let gguf = GgufModel::open(path)?;

@@ -174,6 +174,27 @@ fn refusals_name_the_reason() {
 }
 
 #[test]
+fn an_export_dir_that_is_a_file_is_refused_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("merged"), "mine").unwrap();
+    let err = refusal(&export(dir.path(), ""));
+    assert!(
+        err.contains("merged exists and is not a directory"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("merged")).unwrap(),
+        "mine"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
+
+#[test]
 fn merging_into_a_prequantized_checkpoint_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(

@@ -143,6 +143,100 @@ fn preprocess_writes_the_reference_tokens() {
 }
 
 #[test]
+fn preprocess_output_replaces_no_other_file_and_bad_paths_fail_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fixture_config(dir.path(), "");
+    let config = config.to_str().unwrap();
+    let pp = dir.path().join("pp");
+    std::fs::create_dir(&pp).unwrap();
+    std::fs::write(pp.join("x.tmp"), "precious").unwrap();
+    let output = ferrofactory(
+        &["preprocess", config, "--output", "pp/x.jsonl"],
+        dir.path(),
+    );
+    assert_succeeded(&output);
+    assert_eq!(
+        std::fs::read_to_string(pp.join("x.tmp")).unwrap(),
+        "precious"
+    );
+    let mut names: Vec<_> = std::fs::read_dir(&pp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["x.jsonl", "x.tmp"], "no temporary file is left");
+
+    // --output after the overrides, as the usage line writes it.
+    let output = ferrofactory(
+        &[
+            "preprocess",
+            config,
+            "cutoff_len=32",
+            "--output",
+            "pp/y.jsonl",
+        ],
+        dir.path(),
+    );
+    assert_succeeded(&output);
+    assert!(pp.join("y.jsonl").is_file());
+    std::fs::remove_file(pp.join("y.jsonl")).unwrap();
+    let error = failure(
+        &[
+            "preprocess",
+            config,
+            "mask_history=true",
+            "train_on_prompt=true",
+        ],
+        dir.path(),
+    );
+    assert!(
+        error.contains("cannot be combined with `train_on_prompt`"),
+        "{error}"
+    );
+
+    let error = failure(&["preprocess", config, "--output", "pp"], dir.path());
+    assert_eq!(
+        error,
+        "error: --output pp is a directory; give the path of the file to write"
+    );
+    let error = failure(
+        &["preprocess", config, "--output", "missing/x.jsonl"],
+        dir.path(),
+    );
+    assert_eq!(
+        error,
+        "error: --output missing/x.jsonl cannot be written: missing is not an existing directory"
+    );
+    let mut names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["pp", "train.yaml"], "nothing written beside them");
+}
+
+#[test]
+fn a_model_file_that_is_not_gguf_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fixture_config(dir.path(), "");
+    std::fs::write(dir.path().join("garb.gguf"), [0x5a_u8; 1000]).unwrap();
+    let error = failure(
+        &[
+            "train",
+            config.to_str().unwrap(),
+            "model_name_or_path=garb.gguf",
+        ],
+        dir.path(),
+    );
+    assert!(
+        error.starts_with(
+            "error: garb.gguf: is not a GGUF file (it does not start with the bytes `GGUF`)"
+        ),
+        "{error}"
+    );
+}
+
+#[test]
 fn ctrl_c_checkpoints_and_exits_non_zero() {
     let dir = tempfile::tempdir().unwrap();
     let config = fixture_config(dir.path(), "");
@@ -445,6 +539,36 @@ fn resuming_what_would_train_something_else_or_nothing_is_refused() {
         dir.path(),
     ));
     let results = std::fs::read_to_string(out.join("train_results.json")).unwrap();
+    // transformers' TrainerState.load_from_json refuses any key its dataclass lacks.
+    let hf_fields = [
+        "epoch",
+        "global_step",
+        "max_steps",
+        "logging_steps",
+        "eval_steps",
+        "save_steps",
+        "train_batch_size",
+        "num_train_epochs",
+        "num_input_tokens_seen",
+        "total_flos",
+        "log_history",
+        "best_metric",
+        "best_global_step",
+        "best_model_checkpoint",
+        "is_local_process_zero",
+        "is_world_process_zero",
+        "is_hyper_param_search",
+        "trial_name",
+        "trial_params",
+        "stateful_callbacks",
+    ];
+    for file in ["trainer_state.json", "checkpoint-1/trainer_state.json"] {
+        let state: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(file)).unwrap()).unwrap();
+        for key in state.as_object().unwrap().keys() {
+            assert!(hf_fields.contains(&key.as_str()), "{file}: {key}");
+        }
+    }
 
     // Run again: the newest checkpoint is the last step, so there is nothing to resume.
     let stderr = failure(&["train", &config, "max_steps=2"], dir.path());

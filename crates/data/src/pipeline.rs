@@ -237,6 +237,7 @@ pub fn encode_datasets(
     template: &Template,
     tokenizer: &Tokenizer,
 ) -> Result<Vec<Example>> {
+    check_args(args)?;
     let rows = load_rows(names, args, &mut GlobalRng::new(args.seed))?;
     non_empty(encode_rows(&rows, args, template, tokenizer)?, || {
         format!("dataset {}", names.join(","))

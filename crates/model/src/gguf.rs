@@ -45,18 +45,6 @@ pub struct GgufModel {
     arch: String,
 }
 
-/// Whether `path` is a file that starts with GGUF's magic bytes, so that `model_name_or_path`
-/// can name either a model directory or a GGUF file whatever its extension.
-pub fn is_gguf_file(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    path.is_file()
-        && File::open(path)
-            .and_then(|mut f| f.read_exact(&mut magic))
-            .is_ok()
-        && &magic == b"GGUF"
-}
-
 impl GgufModel {
     /// Opens `path`, reads its metadata and checks that every tensor lies inside the file, so a
     /// truncated download fails here rather than halfway through loading.

@@ -251,15 +251,25 @@ fn give_usual_permissions(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes a text file atomically (see [`save_atomic`]).
+/// Writes a file atomically (see [`save_atomic`]).
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
-    std::fs::write(&tmp, contents).map_err(|e| ModelError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, contents))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        // The error worth reporting is the write's; the temporary file is ours to remove.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(|e| ModelError::io(path, e))
 }
 
+/// A hidden name beside `path` that carries the process id, so that it is never a file of the
+/// user's (writes create it new) nor another process's.
 fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value as Meta};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, D};
-use ff_model::gguf::{is_gguf_file, GgufModel};
+use ff_model::gguf::GgufModel;
 use ff_model::load::{from_tensors, load_model_dir, TensorSource};
 use ff_model::safetensors_io::SafetensorsFiles;
 use ff_model::{CausalLm, ForwardCtx, ModelConfig};
@@ -262,8 +262,6 @@ fn assert_same_encodings(ours: &Path, reference: &Path) -> usize {
 fn tiny_gguf_gives_the_safetensors_logits() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_tiny_gguf(dir.path(), "smollm", GgmlDType::F32);
-    assert!(is_gguf_file(&path));
-    assert!(!is_gguf_file(&tiny_dir().join("model.safetensors")));
     let gguf = GgufModel::open(&path).unwrap();
     assert_eq!(gguf.architecture(), "llama");
 
