@@ -164,13 +164,7 @@ fn refusals_name_the_reason() {
         std::fs::read_to_string(dir.path().join("merged/keep.txt")).unwrap(),
         "mine"
     );
-    // Nothing half-written is left beside export_dir.
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
-        .collect();
-    assert!(leftovers.is_empty());
+    assert_nothing_half_written(dir.path());
 }
 
 #[test]
@@ -186,12 +180,17 @@ fn an_export_dir_that_is_a_file_is_refused_and_kept() {
         std::fs::read_to_string(dir.path().join("merged")).unwrap(),
         "mine"
     );
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+    assert_nothing_half_written(dir.path());
+}
+
+/// No partial export is left beside export_dir.
+fn assert_nothing_half_written(dir: &Path) {
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().contains("partial"))
         .collect();
-    assert!(leftovers.is_empty());
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 #[test]
