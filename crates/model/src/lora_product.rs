@@ -262,7 +262,7 @@ impl CustomOp3 for LoraProduct {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{grads_of, max_abs_diff};
+    use crate::test_util::{grads_of, max_abs_diff, sine};
     use candle_core::{Device, Var};
 
     #[test]
@@ -271,13 +271,13 @@ mod tests {
         // Fixed inputs: random ones of magnitude past 3 occasionally summed to a float32
         // rounding difference over the bound (1 CI run in a few).
         let var =
-            |shape: (usize, usize), phase: f32| Var::from_tensor(&fixed(shape, phase)).unwrap();
+            |shape: (usize, usize), phase: f32| Var::from_tensor(&sine(shape, phase)).unwrap();
         let (x, a, b) = (var((m, k), 0.2), var((r, k), 1.1), var((n, r), 2.3));
         // W stored transposed, as a view: the op must read it through its strides.
-        let w_stored = fixed((k, n), 0.5);
+        let w_stored = sine((k, n), 0.5);
         let w = w_stored.t().unwrap();
         let scale = 2.5;
-        let upstream = fixed((m, n), 1.7);
+        let upstream = sine((m, n), 1.7);
 
         let ours = lora_product(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), scale)
             .unwrap()
@@ -304,14 +304,6 @@ mod tests {
         }
     }
 
-    /// Fixed values in [−1, 1] (candle's CPU randn cannot be seeded: a failure must repeat).
-    fn fixed(shape: (usize, usize), phase: f32) -> Tensor {
-        let values: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|i| (i as f32 * 0.37 + phase).sin())
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-    }
-
     /// Every element of `got` within one bfloat16 rounding of `want` (2⁻⁸ relative), with room
     /// for float32 summation order.
     fn within_bf16_rounding(got: &Tensor, want: &Tensor) -> bool {
@@ -334,11 +326,11 @@ mod tests {
         // n odd: the float32 path after converting; 260 rows and n even: the bf16 product where
         // the CPU has it.
         for (m, k, n, r) in [(5, 6, 7, 2), (260, 6, 8, 2)] {
-            let x = Var::from_tensor(&fixed((m, k), 0.1)).unwrap();
-            let w = fixed((n, k), 1.3);
-            let a = Var::from_tensor(&fixed((r, k), 2.1)).unwrap();
-            let b = Var::from_tensor(&fixed((n, r), 0.7)).unwrap();
-            let upstream = fixed((m, n), 2.9);
+            let x = Var::from_tensor(&sine((m, k), 0.1)).unwrap();
+            let w = sine((n, k), 1.3);
+            let a = Var::from_tensor(&sine((r, k), 2.1)).unwrap();
+            let b = Var::from_tensor(&sine((n, r), 0.7)).unwrap();
+            let upstream = sine((m, n), 2.9);
             let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
             let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
             let x_half = Var::from_tensor(&bf16(x.as_tensor())).unwrap();

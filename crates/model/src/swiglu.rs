@@ -102,18 +102,12 @@ impl CustomOp2 for SwiGlu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use crate::test_util::sine;
+    use candle_core::Var;
 
     #[test]
     fn equals_silu_times_up_forward_and_backward() {
-        let dev = Device::Cpu;
-        // Fixed inputs (candle's CPU randn cannot be seeded): a failure must repeat.
-        let values = |scale: f32, phase: f32| -> Tensor {
-            let v: Vec<f32> = (0..7 * 33)
-                .map(|i| scale * (i as f32 * 0.37 + phase).sin())
-                .collect();
-            Tensor::from_vec(v, (7, 33), &dev).unwrap()
-        };
+        let values = |scale: f64, phase: f32| (sine((7, 33), phase) * scale).unwrap();
         let gate = Var::from_tensor(&values(4.0, 0.1)).unwrap();
         let up = Var::from_tensor(&values(2.0, 1.3)).unwrap();
         let upstream = values(1.0, 2.9);

@@ -21,6 +21,16 @@ pub fn normal<S: Into<Shape>>(shape: S, mean: f32, std: f32, seed: u64) -> Tenso
     Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
 }
 
+/// Values in [−1, 1] that are the same in every run: `sin(0.37 i + phase)`. Where a test's
+/// bound must hold for inputs of bounded magnitude (the tails of [`normal`] can sum past it).
+pub fn sine<S: Into<Shape>>(shape: S, phase: f32) -> Tensor {
+    let shape = shape.into();
+    let values: Vec<f32> = (0..shape.elem_count())
+        .map(|i| (i as f32 * 0.37 + phase).sin())
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
 /// Largest absolute difference between two tensors of one shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
