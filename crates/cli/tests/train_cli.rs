@@ -159,12 +159,11 @@ fn preprocess_output_replaces_no_other_file_and_bad_paths_fail_first() {
         std::fs::read_to_string(pp.join("x.tmp")).unwrap(),
         "precious"
     );
-    let mut names: Vec<_> = std::fs::read_dir(&pp)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    assert_eq!(names, ["x.jsonl", "x.tmp"], "no temporary file is left");
+    assert_eq!(
+        file_names(&pp),
+        ["x.jsonl", "x.tmp"],
+        "no temporary file is left"
+    );
 
     // --output after the overrides, as the usage line writes it.
     let output = ferrofactory(
@@ -207,12 +206,21 @@ fn preprocess_output_replaces_no_other_file_and_bad_paths_fail_first() {
         error,
         "error: --output missing/x.jsonl cannot be written: missing is not an existing directory"
     );
-    let mut names: Vec<_> = std::fs::read_dir(dir.path())
+    assert_eq!(
+        file_names(dir.path()),
+        ["pp", "train.yaml"],
+        "nothing written beside them"
+    );
+}
+
+/// The names in `dir`, sorted.
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     names.sort();
-    assert_eq!(names, ["pp", "train.yaml"], "nothing written beside them");
+    names
 }
 
 #[test]
