@@ -37,12 +37,9 @@ impl Batch {
         self.input_ids.first().map_or(0, Vec::len)
     }
 
-    /// Number of positions that contribute to the loss (labels shifted by one).
+    /// Number of positions that contribute to the loss.
     pub fn num_label_tokens(&self) -> usize {
-        self.labels
-            .iter()
-            .map(|row| row.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count())
-            .sum()
+        self.labels.iter().map(|row| label_tokens(row)).sum()
     }
 
     pub fn input_ids_tensor(&self, device: &Device) -> Result<Tensor> {
@@ -88,6 +85,16 @@ pub fn collate(examples: &[&Example], pad_token_id: u32) -> Batch {
         batch.labels.push(labels);
     }
     batch
+}
+
+/// Positions of one example's `labels` that contribute to the loss: labels are shifted by one,
+/// so the first never does.
+pub fn label_tokens(labels: &[i64]) -> usize {
+    labels
+        .iter()
+        .skip(1)
+        .filter(|&&l| l != IGNORE_INDEX)
+        .count()
 }
 
 #[cfg(test)]

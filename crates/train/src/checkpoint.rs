@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use ff_model::finetune::LoraSpec;
 use ff_model::peft::{
     load_adapter, read_adapter_config, save_adapter, save_adapter_weights, ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
 };
 use ff_model::safetensors_io::{save_atomic, write_atomic, SafetensorsFiles};
 use ff_model::CausalLm;
@@ -150,7 +151,7 @@ pub fn check_complete(weights: &SavedWeights, dir: &Path) -> TrainResult<()> {
     let weight_files: Vec<String> = match (sharded_world_size(dir)?, weights) {
         (Some(world), _) => (0..world).map(|r| shard_file(r, world)).collect(),
         (None, SavedWeights::Lora(_)) => {
-            vec![ADAPTER_CONFIG.into(), "adapter_model.safetensors".into()]
+            vec![ADAPTER_CONFIG.into(), ADAPTER_WEIGHTS.into()]
         }
         (None, SavedWeights::Full) => vec![MODEL_FILE.into()],
     };

@@ -14,7 +14,7 @@ use ff_model::peft::write_adapter_config;
 use ff_model::CausalLm;
 use serde_json::{json, Map, Value};
 
-use crate::batch::{collate, Example, IGNORE_INDEX};
+use crate::batch::{collate, label_tokens, Example};
 use crate::checkpoint::{
     check_complete, check_same_finetuning, list_checkpoints, load_optimizer, load_shard,
     load_weights, read_run_hash, read_trainer_state, rotate_checkpoints, save_optimizer,
@@ -272,12 +272,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
     if run.train.is_empty() {
         return Err(TrainError::Config("the training set is empty".into()));
     }
-    // Labels are shifted by one: the first position never counts.
-    if run
-        .train
-        .iter()
-        .all(|e| e.labels.iter().skip(1).all(|&l| l == IGNORE_INDEX))
-    {
+    if run.train.iter().all(|e| label_tokens(&e.labels) == 0) {
         return Err(TrainError::Config(format!(
             "no training example keeps a token to learn after cutting to cutoff_len {}, so the loss would be empty; raise cutoff_len",
             args.cutoff_len
