@@ -70,6 +70,10 @@ pub struct StepArgs {
     /// Keep the whole graph instead of recomputing each layer in backward.
     #[arg(long)]
     no_gradient_checkpointing: bool,
+    /// Keep gradients and AdamW moments in this folder instead of memory, as the training
+    /// key `offload_optimizer_dir` does.
+    #[arg(long)]
+    offload_optimizer_dir: Option<PathBuf>,
 }
 
 /// What the multi-process benchmarks share: a model of real shape, a total batch split evenly
@@ -173,6 +177,17 @@ impl Workload {
         })
     }
 
+    /// Moves gradients and optimizer state into unnamed files in `dir`.
+    fn offload(&mut self, dir: &Path) -> Result<()> {
+        let Engine::Replicated(trainables) = &mut self.engine else {
+            bail!("only a replicated workload offloads");
+        };
+        trainables.offload_grads(dir)?;
+        let lens: Vec<usize> = trainables.vars.iter().map(|v| v.elem_count()).collect();
+        self.optimizer = AdamW::offloaded(AdamWConfig::default(), &trainables.names, &lens, dir)?;
+        Ok(())
+    }
+
     /// `1 + steps` optimizer steps on `batch` (the first is an untimed warm-up). Every rank of
     /// `group` calls it with its share of the batch.
     fn timed_steps(
@@ -267,6 +282,9 @@ fn step(args: StepArgs) -> Result<()> {
         Precision::Fp16 => DType::F16,
     };
     let mut workload = Workload::new(&args.model_config, dtype, args.finetuning, args.lora_rank)?;
+    if let Some(dir) = &args.offload_optimizer_dir {
+        workload.offload(dir)?;
+    }
     let batch = batch_of(&random_rows(args.batch, args.seq, workload.vocab));
     let options = StepOptions {
         max_grad_norm: Some(1.0),
@@ -303,6 +321,12 @@ fn step(args: StepArgs) -> Result<()> {
             "off"
         }
     );
+    if let Some(dir) = &args.offload_optimizer_dir {
+        println!(
+            "offload         gradients and AdamW moments in {}",
+            dir.display()
+        );
+    }
     println!("threads         {}", candle_core::utils::get_num_threads());
     println!("median step     {median:.3} s over {measured} steps");
     println!("tokens/s        {:.1}", tokens / median);

@@ -12,6 +12,10 @@ pub enum FsdpError {
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 
+    /// The engine could not keep gradients where it stores them (an offload file).
+    #[error("{0}")]
+    GradStorage(Box<dyn std::error::Error + Send + Sync>),
+
     #[error("reading a peer's frozen shard from shared memory failed: {0}")]
     PeerShard(#[from] std::io::Error),
 }

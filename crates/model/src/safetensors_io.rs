@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
-use safetensors::tensor::{Metadata, TensorView};
+use safetensors::tensor::{Metadata, TensorView, View};
 use safetensors::SafeTensorError;
 use serde_json::Value;
 
@@ -224,15 +224,27 @@ pub fn save_atomic(
         let tensor = tensor.to_device(&Device::Cpu)?.contiguous()?;
         owned.push((name.clone(), tensor));
     }
+    save_views_atomic(owned.iter().map(|(n, t)| (n.as_str(), t)), metadata, path)
+}
+
+/// [`save_atomic`] for any safetensors views; their bytes are asked for one tensor at a time,
+/// as the file is written, so a view may produce them on demand.
+pub fn save_views_atomic<S, V>(
+    views: impl IntoIterator<Item = (S, V)>,
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> Result<()>
+where
+    S: AsRef<str> + Ord + std::fmt::Display,
+    V: View,
+{
     let tmp = tmp_path(path);
-    safetensors::serialize_to_file(owned.iter().map(|(n, t)| (n.as_str(), t)), metadata, &tmp)
+    safetensors::serialize_to_file(views, metadata, &tmp)
         .map_err(|e| ModelError::file(&tmp, format!("could not be written ({e})")))?;
     give_usual_permissions(&tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
 }
 
-/// safetensors writes through a private temporary file (mode 0600); a weight file gets the
-/// mode any other new file of this process gets (0666 less the umask), as PyTorch's do.
 fn give_usual_permissions(path: &Path) -> Result<()> {
     #[cfg(unix)]
     {

@@ -1,6 +1,8 @@
 //! What a run writes so it can resume exactly: trained weights, optimizer moments, and
 //! `trainer_state.json` (Hugging Face's file, which also tells where in the data the run was).
 
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -10,13 +12,15 @@ use ff_model::peft::{
     load_adapter, read_adapter_config, save_adapter, save_adapter_weights, ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
 };
-use ff_model::safetensors_io::{save_atomic, write_atomic, SafetensorsFiles};
+use ff_model::safetensors_io::{save_atomic, save_views_atomic, write_atomic, SafetensorsFiles};
 use ff_model::CausalLm;
+use safetensors::tensor::View;
+use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{TrainError, TrainResult};
-use crate::optim::{AdamWState, Moments};
+use crate::optim::{AdamWState, Moment, MomentSource, Moments};
 
 pub const TRAINER_STATE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -366,25 +370,76 @@ pub fn load_shard(path: &Path, labels: &[String]) -> TrainResult<(Vec<Vec<f32>>,
     Ok((values, AdamWState { step, moments }))
 }
 
-pub fn save_optimizer(state: &AdamWState, names: &[String], path: &Path) -> TrainResult<()> {
-    let mut tensors = Vec::new();
-    for (name, m) in names.iter().zip(&state.moments) {
-        if m.exp_avg.is_empty() {
+/// Writes the moments of `optimizer` (whole tensors, in `names` order) to `path`. Each moment
+/// is fetched as the file reaches it, so moments kept on disk are never all in memory at once.
+pub fn save_optimizer(
+    optimizer: &dyn MomentSource,
+    names: &[String],
+    path: &Path,
+) -> TrainResult<()> {
+    let failure = RefCell::new(None);
+    let mut views = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let Some(len) = optimizer.moment_len(i) else {
             continue;
+        };
+        for (prefix, which) in [
+            ("exp_avg", Moment::ExpAvg),
+            ("exp_avg_sq", Moment::ExpAvgSq),
+        ] {
+            views.push((
+                format!("{prefix}.{name}"),
+                MomentView {
+                    optimizer,
+                    param: i,
+                    which,
+                    shape: [len],
+                    failure: &failure,
+                },
+            ));
         }
-        let n = m.exp_avg.len();
-        tensors.push((
-            format!("exp_avg.{name}"),
-            Tensor::from_slice(&m.exp_avg, n, &Device::Cpu)?,
-        ));
-        tensors.push((
-            format!("exp_avg_sq.{name}"),
-            Tensor::from_slice(&m.exp_avg_sq, n, &Device::Cpu)?,
-        ));
     }
-    let metadata = HashMap::from([("step".to_string(), state.step.to_string())]);
-    save_atomic(&tensors, Some(metadata), path)?;
+    let metadata = HashMap::from([("step".to_string(), optimizer.step().to_string())]);
+    save_views_atomic(views, Some(metadata), path)?;
+    if let Some(e) = failure.into_inner() {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
     Ok(())
+}
+
+/// One moment as a safetensors view, read when the writer asks for its bytes. A read that fails
+/// gives zeros and leaves its error in `failure`, for the caller to remove the file.
+struct MomentView<'a> {
+    optimizer: &'a dyn MomentSource,
+    param: usize,
+    which: Moment,
+    shape: [usize; 1],
+    failure: &'a RefCell<Option<TrainError>>,
+}
+
+impl View for MomentView<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        match self.optimizer.moment_bytes(self.param, self.which) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                self.failure.borrow_mut().get_or_insert(e);
+                Cow::Owned(vec![0; self.data_len()])
+            }
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        self.shape[0] * 4
+    }
 }
 
 pub fn load_optimizer(names: &[String], path: &Path) -> TrainResult<AdamWState> {

@@ -3,13 +3,13 @@
 //! The step and the trainer talk to this enum; neither knows how a strategy works inside.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::Var;
 use ff_dist::ProcessGroup;
-use ff_fsdp::{BackwardExtent, FsdpResult, Part, Pass, Residency, Sharded, Walk};
+use ff_fsdp::{BackwardExtent, FsdpError, FsdpResult, Part, Pass, Residency, Sharded, Walk};
 use ff_model::CausalLm;
 
 use crate::error::TrainResult;
-use crate::optim::grad_sq_norm;
+use crate::optim::{grad_sq_norm, AdamW, Grads};
 use crate::step::Trainables;
 
 pub enum Engine {
@@ -40,10 +40,18 @@ impl Engine {
         }
     }
 
-    pub fn grads_mut(&mut self) -> &mut Vec<Option<Tensor>> {
+    /// The AdamW update of what this rank owns, from the step's gradients.
+    pub fn optimizer_step(
+        &mut self,
+        optimizer: &mut AdamW,
+        lr: f64,
+        grad_scale: Option<f64>,
+    ) -> TrainResult<()> {
         match self {
-            Engine::Replicated(t) => &mut t.grads,
-            Engine::Sharded(s) => &mut s.grads,
+            Engine::Replicated(t) => optimizer.step(&t.vars, t.grads(), lr, grad_scale),
+            Engine::Sharded(s) => {
+                optimizer.step(&s.vars, Grads::InMemory(&s.grads), lr, grad_scale)
+            }
         }
     }
 
@@ -66,6 +74,10 @@ impl Engine {
     /// The global L2 norm of the gradient, across shards.
     pub fn grad_norm(&mut self) -> TrainResult<f64> {
         Ok(match self {
+            Engine::Replicated(Trainables {
+                offloaded: Some(disk),
+                ..
+            }) => disk.sq_norm().sqrt(),
             Engine::Replicated(t) => grad_sq_norm(&t.grads)?.sqrt(),
             Engine::Sharded(s) => {
                 let mut total = [grad_sq_norm(&s.grads)?];
@@ -91,7 +103,8 @@ impl Residency for Trainables {
     }
 
     fn add_grads(&mut self, _part: Part, grads: &GradStore) -> FsdpResult<()> {
-        Ok(self.accumulate(grads)?)
+        self.accumulate(grads)
+            .map_err(|e| FsdpError::GradStorage(Box::new(e)))
     }
 
     fn leave(&mut self, _model: &mut CausalLm, _part: Part, _pass: Pass) -> FsdpResult<()> {

@@ -1,9 +1,14 @@
 //! AdamW as `torch.optim.AdamW`, and gradient clipping by global L2 norm.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
+use std::path::Path;
 
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor, Var};
 use serde::{Deserialize, Serialize};
+
+use crate::error::{TrainError, TrainResult};
+use crate::offload::{chunk_ranges, Chunk, DirectFile, OffloadedGrads};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdamWConfig {
@@ -43,11 +48,42 @@ pub struct AdamW {
     pub state: AdamWState,
     /// Per parameter: whether weight decay applies (not to biases and norm weights).
     decays: Vec<bool>,
+    /// The moments, when they live on disk; `state.moments` then stays empty.
+    offloaded: Option<OffloadedMoments>,
 }
 
 /// Hugging Face Trainer exempts biases and normalisation weights from weight decay.
 pub fn decays_weight(name: &str) -> bool {
     !(name.ends_with(".bias") || name.contains("norm"))
+}
+
+/// Where a step's gradients are.
+pub enum Grads<'a> {
+    /// One per parameter (None: no gradient, the parameter is left alone as torch does).
+    InMemory(&'a [Option<Tensor>]),
+    OnDisk(&'a OffloadedGrads),
+}
+
+/// AdamW moments in a direct-I/O file: `exp_avg` of parameter `i` is array `2i`, `exp_avg_sq`
+/// array `2i + 1`.
+struct OffloadedMoments {
+    file: DirectFile,
+    lens: Vec<usize>,
+    /// Whether a parameter has been updated yet (its moments are zeros until then).
+    started: Vec<bool>,
+    chunks: [Chunk; 3],
+}
+
+/// The scalars of one step's update, the same for every parameter but the decay.
+#[derive(Clone, Copy)]
+struct StepFactors {
+    decay: f32,
+    step_size: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    bias_correction2_sqrt: f32,
+    grad_scale: Option<f32>,
 }
 
 impl AdamW {
@@ -59,67 +95,220 @@ impl AdamW {
                 moments: vec![Moments::default(); names.len()],
             },
             decays: names.iter().map(|n| decays_weight(n)).collect(),
+            offloaded: None,
         }
     }
 
-    /// One update with learning rate `lr`; `grads[i]` belongs to `vars[i]` (None: no gradient,
-    /// the parameter is left alone as torch does). Every gradient is first multiplied by
-    /// `grad_scale` when one is given: the clipping coefficient of [`clip_coefficient`], applied
-    /// here, element by element as `clip_grad_norm_` would, instead of by a scaled copy of each
-    /// gradient. The parameter and its moments are updated in place.
-    pub fn step(
-        &mut self,
-        vars: &[Var],
-        grads: &[Option<Tensor>],
-        lr: f64,
-        grad_scale: Option<f64>,
-    ) -> Result<()> {
-        self.state.step += 1;
-        let t = self.state.step as i32;
+    /// AdamW whose moments live in an unnamed direct-I/O file in `dir`; `lens` are the
+    /// parameters' element counts.
+    pub fn offloaded(
+        config: AdamWConfig,
+        names: &[String],
+        lens: &[usize],
+        dir: &Path,
+    ) -> TrainResult<Self> {
+        let arrays: Vec<usize> = lens.iter().flat_map(|&n| [n, n]).collect();
+        let mut adamw = Self::new(config, names);
+        adamw.offloaded = Some(OffloadedMoments {
+            file: DirectFile::create(dir, &arrays)?,
+            lens: lens.to_vec(),
+            started: vec![false; lens.len()],
+            chunks: Default::default(),
+        });
+        Ok(adamw)
+    }
+
+    pub fn is_offloaded(&self) -> bool {
+        self.offloaded.is_some()
+    }
+
+    fn factors(&self, i: usize, lr: f64, grad_scale: Option<f64>) -> StepFactors {
         let c = &self.config;
-        let bias_correction1 = 1.0 - c.beta1.powi(t);
-        let bias_correction2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        for (i, (var, grad)) in vars.iter().zip(grads).enumerate() {
-            let Some(grad) = grad else { continue };
-            let moments = &mut self.state.moments[i];
-            if moments.exp_avg.is_empty() {
-                moments.exp_avg = vec![0.0; grad.elem_count()];
-                moments.exp_avg_sq = vec![0.0; grad.elem_count()];
-            }
-            let decay = if self.decays[i] {
+        let t = self.state.step as i32;
+        StepFactors {
+            decay: if self.decays[i] {
                 (1.0 - lr * c.weight_decay) as f32
             } else {
                 1.0
-            };
-            with_float32_values(grad, |grad| {
-                var.inplace_op1(&Update {
-                    grad,
-                    grad_scale: grad_scale.map(|s| s as f32),
-                    moments: RefCell::new(moments),
-                    decay,
-                    step_size: (lr / bias_correction1) as f32,
-                    beta1: c.beta1 as f32,
-                    beta2: c.beta2 as f32,
-                    eps: c.eps as f32,
-                    bias_correction2_sqrt: bias_correction2_sqrt as f32,
-                })
-            })??;
+            },
+            step_size: (lr / (1.0 - c.beta1.powi(t))) as f32,
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            eps: c.eps as f32,
+            bias_correction2_sqrt: (1.0 - c.beta2.powi(t)).sqrt() as f32,
+            grad_scale: grad_scale.map(|s| s as f32),
         }
+    }
+
+    /// One update with learning rate `lr`; gradient `i` belongs to `vars[i]`. Every gradient is
+    /// first multiplied by `grad_scale` when one is given: the clipping coefficient of
+    /// [`clip_coefficient`], applied here, element by element as `clip_grad_norm_` would,
+    /// instead of by a scaled copy of each gradient. The parameter and its moments are updated
+    /// in place; moments on disk are read and written back a chunk at a time.
+    pub fn step(
+        &mut self,
+        vars: &[Var],
+        grads: Grads<'_>,
+        lr: f64,
+        grad_scale: Option<f64>,
+    ) -> TrainResult<()> {
+        self.state.step += 1;
+        for (i, var) in vars.iter().enumerate() {
+            let factors = self.factors(i, lr, grad_scale);
+            match (&grads, &mut self.offloaded) {
+                (Grads::InMemory(grads), None) => {
+                    let Some(grad) = &grads[i] else { continue };
+                    let moments = &mut self.state.moments[i];
+                    if moments.exp_avg.is_empty() {
+                        moments.exp_avg = vec![0.0; grad.elem_count()];
+                        moments.exp_avg_sq = vec![0.0; grad.elem_count()];
+                    }
+                    with_float32_values(grad, |grad| {
+                        var.inplace_op1(&Update {
+                            start: 0,
+                            grad,
+                            moments: RefCell::new((
+                                &mut moments.exp_avg[..],
+                                &mut moments.exp_avg_sq[..],
+                            )),
+                            factors,
+                        })
+                    })??;
+                }
+                (Grads::OnDisk(grads), Some(disk)) => {
+                    if !grads.has(i) {
+                        continue;
+                    }
+                    let [grad, exp_avg, exp_avg_sq] = &mut disk.chunks;
+                    for range in chunk_ranges(var.elem_count()) {
+                        let (start, len) = (range.start, range.len());
+                        grads.read(i, start, len, grad)?;
+                        if disk.started[i] {
+                            disk.file.read(2 * i, start, len, exp_avg)?;
+                            disk.file.read(2 * i + 1, start, len, exp_avg_sq)?;
+                        } else {
+                            exp_avg.zeroed(len);
+                            exp_avg_sq.zeroed(len);
+                        }
+                        var.inplace_op1(&Update {
+                            start,
+                            grad: grad.values(),
+                            moments: RefCell::new((exp_avg.values_mut(), exp_avg_sq.values_mut())),
+                            factors,
+                        })?;
+                        disk.file.write(2 * i, start, exp_avg)?;
+                        disk.file.write(2 * i + 1, start, exp_avg_sq)?;
+                    }
+                    disk.started[i] = true;
+                }
+                _ => {
+                    return Err(TrainError::Config(
+                        "gradients and optimizer state are offloaded together or not at all".into(),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes `state` as the optimizer's (resume), writing its moments to disk when they live
+    /// there.
+    pub fn restore(&mut self, state: AdamWState) -> TrainResult<()> {
+        let Some(disk) = &mut self.offloaded else {
+            self.state = state;
+            return Ok(());
+        };
+        let chunk = &mut disk.chunks[0];
+        for (i, m) in state.moments.iter().enumerate() {
+            disk.started[i] = !m.exp_avg.is_empty();
+            for (array, values) in [(2 * i, &m.exp_avg), (2 * i + 1, &m.exp_avg_sq)] {
+                for range in chunk_ranges(values.len()) {
+                    chunk.copy_from(&values[range.clone()]);
+                    disk.file.write(array, range.start, chunk)?;
+                }
+            }
+        }
+        self.state.step = state.step;
         Ok(())
     }
 }
 
-/// One parameter's AdamW update, run on the parameter's own storage.
+/// One of a parameter's two AdamW moments.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Moment {
+    ExpAvg,
+    ExpAvgSq,
+}
+
+/// Optimizer state to save, wherever it lives.
+pub trait MomentSource {
+    /// Updates taken so far.
+    fn step(&self) -> u64;
+    /// The element count of parameter `i`'s moments; `None` before its first update.
+    fn moment_len(&self, i: usize) -> Option<usize>;
+    /// The float32 bytes (little-endian, as safetensors stores them) of one moment of
+    /// parameter `i`, which has moments.
+    fn moment_bytes(&self, i: usize, which: Moment) -> TrainResult<Cow<'_, [u8]>>;
+}
+
+impl MomentSource for AdamWState {
+    fn step(&self) -> u64 {
+        self.step
+    }
+
+    fn moment_len(&self, i: usize) -> Option<usize> {
+        let len = self.moments[i].exp_avg.len();
+        (len > 0).then_some(len)
+    }
+
+    fn moment_bytes(&self, i: usize, which: Moment) -> TrainResult<Cow<'_, [u8]>> {
+        let m = &self.moments[i];
+        Ok(Cow::Borrowed(bytemuck::cast_slice(match which {
+            Moment::ExpAvg => &m.exp_avg,
+            Moment::ExpAvgSq => &m.exp_avg_sq,
+        })))
+    }
+}
+
+/// Moments on disk are read whole, one at a time, as they are saved.
+impl MomentSource for AdamW {
+    fn step(&self) -> u64 {
+        self.state.step
+    }
+
+    fn moment_len(&self, i: usize) -> Option<usize> {
+        match &self.offloaded {
+            Some(disk) => disk.started[i].then_some(disk.lens[i]),
+            None => self.state.moment_len(i),
+        }
+    }
+
+    fn moment_bytes(&self, i: usize, which: Moment) -> TrainResult<Cow<'_, [u8]>> {
+        let Some(disk) = &self.offloaded else {
+            return self.state.moment_bytes(i, which);
+        };
+        let array = match which {
+            Moment::ExpAvg => 2 * i,
+            Moment::ExpAvgSq => 2 * i + 1,
+        };
+        let mut chunk = Chunk::default();
+        let mut bytes = Vec::with_capacity(disk.lens[i] * 4);
+        for range in chunk_ranges(disk.lens[i]) {
+            disk.file
+                .read(array, range.start, range.len(), &mut chunk)?;
+            bytes.extend_from_slice(bytemuck::cast_slice(chunk.values()));
+        }
+        Ok(Cow::Owned(bytes))
+    }
+}
+
+/// One parameter's AdamW update over elements `start..start + grad.len()`, run on the
+/// parameter's own storage.
 struct Update<'a> {
+    start: usize,
     grad: &'a [f32],
-    grad_scale: Option<f32>,
-    moments: RefCell<&'a mut Moments>,
-    decay: f32,
-    step_size: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    bias_correction2_sqrt: f32,
+    moments: RefCell<(&'a mut [f32], &'a mut [f32])>,
+    factors: StepFactors,
 }
 
 impl InplaceOp1 for Update<'_> {
@@ -131,16 +320,14 @@ impl InplaceOp1 for Update<'_> {
         let CpuStorage::F32(values) = storage else {
             candle_core::bail!("AdamW updates float32 parameters");
         };
-        if !layout.is_contiguous() || layout.shape().elem_count() != self.grad.len() {
-            candle_core::bail!("AdamW needs a contiguous parameter the size of its gradient");
+        if !layout.is_contiguous() || layout.shape().elem_count() < self.start + self.grad.len() {
+            candle_core::bail!("AdamW needs a contiguous parameter that holds its gradient");
         }
-        let params = &mut values[layout.start_offset()..][..self.grad.len()];
+        let params = &mut values[layout.start_offset() + self.start..][..self.grad.len()];
         let mut moments = self.moments.borrow_mut();
-        let Moments {
-            exp_avg,
-            exp_avg_sq,
-        } = &mut **moments;
-        let (b1, b2) = (self.beta1, self.beta2);
+        let (exp_avg, exp_avg_sq) = &mut *moments;
+        let f = self.factors;
+        let (b1, b2) = (f.beta1, f.beta2);
         for (((p, &g), m1), m2) in params
             .iter_mut()
             .zip(self.grad)
@@ -149,15 +336,15 @@ impl InplaceOp1 for Update<'_> {
         {
             // `+ 0.0` as candle's affine computes a clipped gradient, so that a zero keeps its
             // sign exactly as with a scaled copy.
-            let g = match self.grad_scale {
+            let g = match f.grad_scale {
                 Some(scale) => g * scale + 0.0,
                 None => g,
             };
-            *p *= self.decay;
+            *p *= f.decay;
             *m1 = b1 * *m1 + (1.0 - b1) * g;
             *m2 = b2 * *m2 + (1.0 - b2) * g * g;
-            let denom = m2.sqrt() / self.bias_correction2_sqrt + self.eps;
-            *p -= self.step_size * *m1 / denom;
+            let denom = m2.sqrt() / f.bias_correction2_sqrt + f.eps;
+            *p -= f.step_size * *m1 / denom;
         }
         Ok(())
     }
@@ -179,7 +366,7 @@ pub fn grad_sq_norm(grads: &[Option<Tensor>]) -> Result<f64> {
 
 /// Calls `f` with the float32 values of `t` in order, converted or made contiguous only when
 /// they are not already.
-fn with_float32_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(crate) fn with_float32_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.to_dtype(DType::F32)?.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(CpuStorage::F32(values)) = &*storage else {

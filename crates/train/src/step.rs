@@ -8,9 +8,10 @@
 //! walk: a unit is gathered before its forward or recomputation and its gradients reduced after.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use candle_core::{backprop::GradStore, Result, Tensor, TensorId, Var};
+use candle_core::{backprop::GradStore, Tensor, TensorId, Var};
 use ff_dist::ProcessGroup;
 use ff_fsdp::{BackwardExtent, Part, Pass, Residency, Walk};
 use ff_model::{CausalLm, ForwardCtx};
@@ -20,12 +21,16 @@ use crate::batch::Batch;
 use crate::engine::Engine;
 use crate::error::TrainResult;
 use crate::loss::{head_forward_backward, LabelPositions};
+use crate::offload::OffloadedGrads;
+use crate::optim::{with_float32_values, Grads};
 
 /// The trained tensors of a model, in a fixed order, with gradient accumulators.
 pub struct Trainables {
     pub names: Vec<String>,
     pub vars: Vec<Var>,
     pub grads: Vec<Option<Tensor>>,
+    /// Where the gradients go instead of `grads` when they are offloaded to disk.
+    pub offloaded: Option<Box<OffloadedGrads>>,
     index: HashMap<TensorId, usize>,
     /// How far down backward must go.
     pub(crate) extent: BackwardExtent,
@@ -55,6 +60,7 @@ impl Trainables {
         let (names, vars): (Vec<_>, Vec<_>) = params.into_iter().unzip();
         Self {
             grads: vec![None; vars.len()],
+            offloaded: None,
             names,
             vars,
             index,
@@ -77,11 +83,30 @@ impl Trainables {
         self.vars.iter().map(|v| v.elem_count()).sum()
     }
 
+    /// Keeps the gradients in an unnamed direct-I/O file in `dir` from now on.
+    pub fn offload_grads(&mut self, dir: &Path) -> TrainResult<()> {
+        let lens: Vec<usize> = self.vars.iter().map(|v| v.elem_count()).collect();
+        self.offloaded = Some(Box::new(OffloadedGrads::create(dir, &lens)?));
+        Ok(())
+    }
+
+    /// Where the step's gradients are.
+    pub fn grads(&self) -> Grads<'_> {
+        match &self.offloaded {
+            Some(disk) => Grads::OnDisk(disk),
+            None => Grads::InMemory(&self.grads),
+        }
+    }
+
     /// Adds every trained tensor's gradient found in `store` to its accumulator.
-    pub fn accumulate(&mut self, store: &GradStore) -> Result<()> {
+    pub fn accumulate(&mut self, store: &GradStore) -> TrainResult<()> {
         for id in store.get_ids() {
             if let Some(&i) = self.index.get(id) {
                 let g = store.get_id(*id).expect("id listed by the store").detach();
+                if let Some(disk) = &mut self.offloaded {
+                    with_float32_values(&g, |values| disk.add(i, values))??;
+                    continue;
+                }
                 self.grads[i] = Some(match self.grads[i].take() {
                     Some(acc) => (acc + g)?,
                     None => g,
@@ -139,6 +164,9 @@ impl Trainables {
 
     pub fn zero_grads(&mut self) {
         self.grads.iter_mut().for_each(|g| *g = None);
+        if let Some(disk) = &mut self.offloaded {
+            disk.clear();
+        }
     }
 }
 
@@ -399,9 +427,7 @@ pub fn train_step(
     let clip = options
         .max_grad_norm
         .and_then(|max_norm| crate::optim::clip_coefficient(grad_norm, max_norm));
-    let grads = std::mem::take(engine.grads_mut());
-    optimizer.step(engine.vars(), &grads, lr, clip)?;
-    *engine.grads_mut() = grads;
+    engine.optimizer_step(optimizer, lr, clip)?;
     phases.optimizer += lap(&mut clock);
     Ok(StepStats {
         loss: nll_sum / denominator,

@@ -23,7 +23,7 @@ use crate::checkpoint::{
 };
 use crate::engine::Engine;
 use crate::error::{TrainError, TrainResult};
-use crate::optim::{AdamW, AdamWConfig, AdamWState, Moments};
+use crate::optim::{AdamW, AdamWConfig, AdamWState, MomentSource, Moments};
 use crate::sampler::{epoch_order, rank_slice, EpochPlan};
 use crate::schedule::{warmup_steps, Schedule, ScheduleKind};
 use crate::step::{eval_nll, train_step, StepOptions, Trainables};
@@ -378,17 +378,28 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         )?)),
         None => Engine::Replicated(Trainables::of(model)),
     };
-    let mut optimizer = AdamW::new(
-        AdamWConfig {
-            beta1: args.adam_beta1,
-            beta2: args.adam_beta2,
-            eps: args.adam_epsilon,
-            weight_decay: args.weight_decay,
-        },
-        engine.names(),
-    );
+    let adamw = AdamWConfig {
+        beta1: args.adam_beta1,
+        beta2: args.adam_beta2,
+        eps: args.adam_epsilon,
+        weight_decay: args.weight_decay,
+    };
+    let mut optimizer = match (&args.offload_optimizer_dir, &mut engine) {
+        (None, _) => AdamW::new(adamw, engine.names()),
+        (Some(dir), Engine::Replicated(t)) if world == 1 => {
+            let dir = Path::new(dir);
+            t.offload_grads(dir)?;
+            let lens: Vec<usize> = t.vars.iter().map(|v| v.elem_count()).collect();
+            AdamW::offloaded(adamw, &t.names, &lens, dir)?
+        }
+        (Some(_), _) => {
+            return Err(TrainError::Config(
+                "offload_optimizer_dir works in a single process only; remove it, or train without data parallelism or FSDP".into(),
+            ))
+        }
+    };
     if let (Some(dir), Some((saved, resumed_shards))) = (&resume_from, resumed) {
-        optimizer.state = match (&engine, resumed_shards) {
+        let resumed_state = match (&engine, resumed_shards) {
             (Engine::Sharded(s), Some(world)) => {
                 if world != run.group.world_size() {
                     return Err(TrainError::Checkpoint(format!(
@@ -424,6 +435,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
                 }
             }
         };
+        optimizer.restore(resumed_state)?;
         state.global_step = saved.global_step;
         state.epoch = saved.epoch;
         state.log_history = saved.log_history;
@@ -655,15 +667,12 @@ fn scatter_optimizer(
 }
 
 /// The optimizer state of whole tensors, in `names` order, gathered from the pieces of a
-/// sharded run (collective) or taken as it is.
+/// sharded run (collective).
 fn full_optimizer_state(
-    engine: &Engine,
+    s: &Sharded,
     optimizer: &AdamW,
     names: &[String],
 ) -> TrainResult<AdamWState> {
-    let Engine::Sharded(s) = engine else {
-        return Ok(optimizer.state.clone());
-    };
     // Moments never updated are zeros, as AdamW starts them; every rank must send its share.
     let gather = |moment: fn(&Moments) -> &Vec<f32>| -> TrainResult<HashMap<String, Vec<f32>>> {
         let per_piece: Vec<Vec<f32>> = optimizer
@@ -835,10 +844,17 @@ fn save_checkpoint(
         }
     } else {
         gather_for_saving(model, engine, &run.weights)?;
-        let optimizer_state = full_optimizer_state(engine, optimizer, full_names)?;
+        let gathered = match &*engine {
+            Engine::Sharded(s) => Some(full_optimizer_state(s, optimizer, full_names)?),
+            Engine::Replicated(_) => None,
+        };
         if main {
             save_weights(model, &run.weights, &run.base_model, &tmp)?;
-            save_optimizer(&optimizer_state, full_names, &tmp.join(OPTIMIZER_FILE))?;
+            let moments: &dyn MomentSource = match &gathered {
+                Some(state) => state,
+                None => optimizer,
+            };
+            save_optimizer(moments, full_names, &tmp.join(OPTIMIZER_FILE))?;
         }
         release_after_saving(model, engine)?;
     }

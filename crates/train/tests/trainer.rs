@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device};
 use ff_config::TrainArgs;
+use ff_model::finetune::make_all_trainable;
 use ff_model::load::load_model_dir;
 use ff_model::peft::load_adapter;
 use ff_model::CausalLm;
@@ -79,12 +80,31 @@ impl Observer for Recorder<'_> {
     fn on_finish(&mut self) {}
 }
 
+/// The tiny model with every tensor trained and the LM head tied to the embedding, so that
+/// the embedding's gradient comes from two places.
+fn tied_full_model() -> (CausalLm, SavedWeights) {
+    let mut model =
+        load_model_dir(&testdata().join("tiny-llama"), DType::F32, &Device::Cpu).unwrap();
+    model.config.tie_word_embeddings = true;
+    model.lm_head = None;
+    make_all_trainable(&mut model).unwrap();
+    (model, SavedWeights::Full)
+}
+
 fn run(
     output_dir: &Path,
     extra: &[&str],
     stop_after: Option<u64>,
 ) -> Result<ff_train::trainer::Summary, TrainError> {
-    let (mut model, weights) = lora_model();
+    run_model(lora_model(), output_dir, extra, stop_after)
+}
+
+fn run_model(
+    (mut model, weights): (CausalLm, SavedWeights),
+    output_dir: &Path,
+    extra: &[&str],
+    stop_after: Option<u64>,
+) -> Result<ff_train::trainer::Summary, TrainError> {
     let args = args(output_dir, extra);
     let stop = AtomicBool::new(false);
     let mut recorder = Recorder {
@@ -243,4 +263,117 @@ fn a_used_output_dir_without_checkpoints_is_refused() {
         "mine"
     );
     run(dir.path(), &["overwrite_output_dir=true"], None).unwrap();
+}
+
+/// A folder for offload files on the disk that holds the build (tmpfs is refused for them).
+fn offload_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn offloaded_gradients_and_moments_train_bit_for_bit_like_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let offload = offload_dir();
+    let offload_key = format!("offload_optimizer_dir={}", offload.path().display());
+    // Accumulation adds to gradients already on disk; clipping and decay use every setting
+    // the update has.
+    let settings = [
+        "gradient_accumulation_steps=2",
+        "per_device_train_batch_size=1",
+        "max_grad_norm=0.05",
+        "weight_decay=0.01",
+        "save_steps=2",
+    ];
+    let with_offload: Vec<&str> = settings
+        .iter()
+        .copied()
+        .chain([offload_key.as_str()])
+        .collect();
+    let in_memory = dir.path().join("memory");
+    let offloaded = dir.path().join("offloaded");
+    let resumed = dir.path().join("resumed");
+    run_model(tied_full_model(), &in_memory, &settings, None).unwrap();
+    run_model(tied_full_model(), &offloaded, &with_offload, None).unwrap();
+    match run_model(tied_full_model(), &resumed, &with_offload, Some(3)) {
+        Err(TrainError::Interrupted { step: 3, .. }) => {}
+        other => panic!("expected an interrupt after step 3, got {other:?}"),
+    }
+    run_model(tied_full_model(), &resumed, &with_offload, None).unwrap();
+
+    let state = |out: &Path| -> Value {
+        serde_json::from_slice(&read(&out.join("trainer_state.json"))).unwrap()
+    };
+    // The step records; the closing one carries run times.
+    let history = |out: &Path| -> Vec<Value> {
+        let state = state(out);
+        let records = state["log_history"].as_array().unwrap();
+        records
+            .iter()
+            .filter(|r| r.get("loss").is_some())
+            .cloned()
+            .collect()
+    };
+    let last = state(&in_memory)["global_step"].as_u64().unwrap();
+    assert!(last >= 4, "{last} steps are too few to cover a resume");
+    for out in [&offloaded, &resumed] {
+        assert_eq!(history(out), history(&in_memory), "{}", out.display());
+        assert_eq!(
+            read(&out.join("model.safetensors")),
+            read(&in_memory.join("model.safetensors"))
+        );
+        for step in [2, last] {
+            let file = format!("checkpoint-{step}/optimizer.safetensors");
+            assert_eq!(
+                read(&out.join(&file)),
+                read(&in_memory.join(&file)),
+                "{file}"
+            );
+        }
+    }
+    let grad_norms: Vec<f64> = history(&offloaded)
+        .iter()
+        .filter_map(|r| r["grad_norm"].as_f64())
+        .collect();
+    assert!(
+        grad_norms.iter().all(|&n| n > 0.05),
+        "clipping must be active: {grad_norms:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(offload.path()).unwrap().count(),
+        0,
+        "offload files have no names and leave nothing behind"
+    );
+}
+
+#[test]
+fn an_offload_dir_that_cannot_hold_the_state_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-folder");
+    let refusal = |offload: &Path| {
+        let key = format!("offload_optimizer_dir={}", offload.display());
+        let out = dir.path().join("out");
+        run_model(tied_full_model(), &out, &[key.as_str()], None)
+            .unwrap_err()
+            .to_string()
+    };
+    let message = refusal(&missing);
+    assert_eq!(
+        message,
+        format!(
+            "offload_optimizer_dir {} is not an existing folder",
+            missing.display()
+        )
+    );
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        let message = refusal(shm);
+        assert!(
+            message.contains("is on tmpfs, whose files are memory"),
+            "{message}"
+        );
+    }
 }
