@@ -330,6 +330,42 @@ fn truncated_adapter_names_file_and_tensor() {
 }
 
 #[test]
+fn the_direct_embedding_gradient_has_autograds_bits() {
+    let mut model = tiny();
+    ff_model::finetune::make_all_trainable(&mut model).unwrap();
+    let pad = model.config.pad_token_id.unwrap();
+    // Repeated tokens, the padding token and the last row of the table.
+    let last = model.config.vocab_size as u32 - 1;
+    let ids = Tensor::new(&[[1u32, pad, 7, 1, last], [7, 7, pad, 3, 1]], &Device::Cpu).unwrap();
+    let hidden = model.config.hidden_size;
+    let values: Vec<f32> = (0..10 * hidden).map(|i| (i as f32 * 0.37).sin()).collect();
+    let grad = Tensor::from_vec(values, (2, 5, hidden), &Device::Cpu).unwrap();
+    let direct = model.embedding_table_grad(&ids, &grad).unwrap().unwrap();
+    let embedded = model.embed(&ids).unwrap();
+    let autograd = (embedded * &grad)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let table = model.embed_tokens.var().unwrap();
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    assert_eq!(bits(&direct), bits(autograd.get(table).unwrap()));
+    assert!(bits(&direct).iter().any(|&b| b != 0));
+
+    let frozen = tiny();
+    assert!(frozen.embedding_table_grad(&ids, &grad).unwrap().is_none());
+}
+
+#[test]
 fn lookups_of_the_padding_token_do_not_train_its_row() {
     let grad_rows = |pad_token_id: Option<u32>| -> Vec<f32> {
         let mut model = tiny();

@@ -16,7 +16,7 @@ use ff_dist::ProcessGroup;
 use ff_fsdp::{BackwardExtent, Part, Pass, Residency, Walk};
 use ff_model::{CausalLm, ForwardCtx};
 
-use crate::backward::backward_from;
+use crate::backward::{backward_from, store_of};
 use crate::batch::Batch;
 use crate::engine::Engine;
 use crate::error::TrainResult;
@@ -268,7 +268,13 @@ fn forward_backward_timed(
             // Recomputed like the layers: a sharded engine has put a fresh embedding table in
             // the model since the forward pass.
             params.enter(model, Part::Embed, Pass::Backward)?;
-            let store = backward_from(&model.embed(&input_ids)?, &grad)?;
+            let store = match (
+                model.embedding_table_grad(&input_ids, &grad)?,
+                model.embed_tokens.var(),
+            ) {
+                (Some(table_grad), Some(table)) => store_of(table.as_tensor(), table_grad)?,
+                _ => backward_from(&model.embed(&input_ids)?, &grad)?,
+            };
             params.add_grads(Part::Embed, &store)?;
             params.leave(model, Part::Embed, Pass::Backward)?;
             phases.embedding += lap(&mut clock);
