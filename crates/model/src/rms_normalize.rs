@@ -26,6 +26,9 @@ pub fn rms_normalize(x: &Tensor, weight: &Tensor, eps: f64, weight_trains: bool)
         .apply_op2_arc(&weight.contiguous()?, Arc::new(Box::new(op)))
 }
 
+/// Rows whose weight gradients one task sums before the tasks' sums are added.
+const ROWS_PER_PARTIAL_SUM: usize = 64;
+
 /// `1 / sqrt(mean(row²) + eps)`.
 fn inv_rms(row: &[f32], eps: f64) -> f32 {
     let mean = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
@@ -88,9 +91,6 @@ impl CustomOp2 for RmsNormalize {
         let dy = contiguous(cpu_values(&dy_storage)?, dy_layout)?;
         let width = w.len();
         let mut dx = vec![0f32; x_values.len()];
-        let rows = dx
-            .par_chunks_mut(width)
-            .zip(x_values.par_chunks(width).zip(dy.par_chunks(width)));
         let row_grad = |dx: &mut [f32], x: &[f32], dy: &[f32]| -> f32 {
             let r = inv_rms(x, self.eps);
             let mean_dot = r * x
@@ -106,29 +106,39 @@ impl CustomOp2 for RmsNormalize {
             r
         };
         let grad_weight = if self.weight_trains {
-            let sum = rows
-                .fold(
-                    || vec![0f32; width],
-                    |mut sum, (dx, (x, dy))| {
+            // Fixed blocks of rows, each summed in order and then added in block order: the
+            // gradient has the same bits however rayon schedules the blocks, which an
+            // adaptive fold and reduce does not give (a resumed run would drift from an
+            // uninterrupted one).
+            let block = ROWS_PER_PARTIAL_SUM * width;
+            let partials: Vec<Vec<f32>> = dx
+                .par_chunks_mut(block)
+                .zip(x_values.par_chunks(block).zip(dy.par_chunks(block)))
+                .map(|(dx, (x, dy))| {
+                    let mut sum = vec![0f32; width];
+                    for (dx, (x, dy)) in dx
+                        .chunks_mut(width)
+                        .zip(x.chunks(width).zip(dy.chunks(width)))
+                    {
                         let r = row_grad(dx, x, dy);
                         for ((s, &x), &g) in sum.iter_mut().zip(x).zip(dy) {
                             *s += g * (x * r);
                         }
-                        sum
-                    },
-                )
-                .reduce(
-                    || vec![0f32; width],
-                    |mut a, b| {
-                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                        a
-                    },
-                );
+                    }
+                    sum
+                })
+                .collect();
+            let mut sum = vec![0f32; width];
+            for partial in &partials {
+                sum.iter_mut().zip(partial).for_each(|(s, p)| *s += p);
+            }
             Some(Tensor::from_vec(sum, width, weight.device())?)
         } else {
-            rows.for_each(|(dx, (x, dy))| {
-                row_grad(dx, x, dy);
-            });
+            dx.par_chunks_mut(width)
+                .zip(x_values.par_chunks(width).zip(dy.par_chunks(width)))
+                .for_each(|(dx, (x, dy))| {
+                    row_grad(dx, x, dy);
+                });
             None
         };
         Ok((
@@ -188,5 +198,30 @@ mod tests {
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(&x).is_some());
         assert!(grads.get(&weight).is_none());
+    }
+
+    #[test]
+    fn the_weight_gradient_has_the_same_bits_on_any_number_of_threads() {
+        let x = Var::from_tensor(&normal((1000, 32), 0.0, 1.0, 5)).unwrap();
+        let weight = Var::from_tensor(&normal(32, 1.0, 0.1, 6)).unwrap();
+        let upstream = normal((1000, 32), 0.0, 1.0, 7);
+        let weight_grad_bits = |threads: usize| -> Vec<u32> {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let y = rms_normalize(x.as_tensor(), weight.as_tensor(), 1e-5, true).unwrap();
+                let grads = crate::test_util::grads_of(y, &upstream);
+                let g = grads.get(&weight).unwrap().to_vec1::<f32>().unwrap();
+                g.iter().map(|v| v.to_bits()).collect()
+            })
+        };
+        let one = weight_grad_bits(1);
+        for threads in [2, 3, 7] {
+            for _ in 0..5 {
+                assert_eq!(weight_grad_bits(threads), one, "{threads} threads");
+            }
+        }
     }
 }
