@@ -9,7 +9,9 @@
 #       --extra-index-url https://download.pytorch.org/whl/cpu   # optional: smaller CPU-only wheel
 # and point PYTHON at it (default /tmp/ref/bin/python, else /tmp/torchvenv/bin/python).
 #
-# Usage: bench/pytorch_compare.sh [float32|bf16] [lora|full] [steps]
+# Usage: bench/pytorch_compare.sh [float32|bf16] [lora|full] [steps] [ferrofactory options...]
+# Options after the step count go to `ferrofactory bench step` alone, e.g.
+# `--offload-optimizer-dir DIR` (a folder on a disk) to keep gradients and AdamW moments there.
 # Build first: cargo build --release -p ferrofactory. Both sides use every core; run it on an
 # otherwise idle machine, and compare only figures of one run.
 set -euo pipefail
@@ -17,6 +19,7 @@ set -euo pipefail
 precision=${1:-float32}
 finetuning=${2:-lora}
 steps=${3:-5}
+ours_only=("${@:4}")
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-}
@@ -43,7 +46,7 @@ trap 'rm -f "$torch_out" "$ours_out"' EXIT
 echo "== PyTorch + transformers + PEFT ($precision, $finetuning)"
 "$python" bench/pytorch_step.py "${common[@]}" 2>&1 | grep -v "gemm_4bit_forward" | tee "$torch_out"
 echo "== ferrofactory bench step ($precision, $finetuning)"
-"$binary" bench step "${common[@]}" 2>&1 | tee "$ours_out"
+"$binary" bench step "${common[@]}" "${ours_only[@]}" 2>&1 | tee "$ours_out"
 
 field() { # the number after a label, e.g. `field "tokens/s" file`
     awk -v label="$1" 'index($0, label) == 1 { print $(NF - ($NF == "GB")) }' "$2" | tail -1

@@ -165,6 +165,10 @@ pub(crate) fn launch_workers(
     let mut worker_args: Vec<OsString> = vec!["train".into(), config.as_os_str().to_owned()];
     worker_args.extend(overrides.iter().map(OsString::from));
     let mut spec = ff_dist::LaunchSpec::from_env(env, 0, program, worker_args)?;
+    ff_train::trainer::check_offload_world(
+        &TrainArgs::load(config, overrides)?,
+        spec.nnodes * spec.nproc_per_node,
+    )?;
     // Nodes must train the same thing: the file's bytes and the overrides are compared.
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     std::fs::read(config)

@@ -249,11 +249,23 @@ fn duration(seconds: f64) -> String {
 }
 
 /// Trains `model` and writes everything LLaMA-Factory leaves in `output_dir`.
+/// Refuses `offload_optimizer_dir` for a job of `world_size` processes: gradients are summed
+/// across ranks in memory, so only a single process offloads.
+pub fn check_offload_world(args: &TrainArgs, world_size: usize) -> TrainResult<()> {
+    if args.offload_optimizer_dir.is_some() && world_size > 1 {
+        return Err(TrainError::Config(format!(
+            "offload_optimizer_dir works in a single process, and this job has {world_size}; remove it, or train in one process"
+        )));
+    }
+    Ok(())
+}
+
 pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
     let args = run.args;
     let out = &run.output_dir;
     let (rank, world) = (run.group.rank(), run.group.world_size());
     let main = rank == 0;
+    check_offload_world(args, world)?;
     // Rank 0 alone inspects and prepares the folder; the others follow its decision.
     let resume_from = if main {
         let resume = prepare_output_dir(args, out)?;
@@ -386,7 +398,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
     };
     let mut optimizer = match (&args.offload_optimizer_dir, &mut engine) {
         (None, _) => AdamW::new(adamw, engine.names()),
-        (Some(dir), Engine::Replicated(t)) if world == 1 => {
+        (Some(dir), Engine::Replicated(t)) => {
             let dir = Path::new(dir);
             t.offload_grads(dir)?;
             let lens: Vec<usize> = t.vars.iter().map(|v| v.elem_count()).collect();
@@ -394,7 +406,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         }
         (Some(_), _) => {
             return Err(TrainError::Config(
-                "offload_optimizer_dir works in a single process only; remove it, or train without data parallelism or FSDP".into(),
+                "offload_optimizer_dir keeps whole gradients, which a sharded FSDP strategy does not have; remove it or the FSDP config".into(),
             ))
         }
     };
