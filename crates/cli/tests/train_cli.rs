@@ -369,6 +369,34 @@ fn user_mistakes_are_one_sentence_and_touch_nothing() {
     assert!(stderr.contains("is a file, not a folder"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
 
+    // Offloading in a job of several processes is refused before any worker starts.
+    let before = file_names(&out);
+    let offload = format!("offload_optimizer_dir={}", dir.path().display());
+    let output = Command::new(env!("CARGO_BIN_EXE_ferrofactory"))
+        .args(["train", config, &offload])
+        .current_dir(dir.path())
+        .env("FORCE_TORCHRUN", "1")
+        .env("NPROC_PER_NODE", "2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert_eq!(
+        stderr.trim(),
+        "error: offload_optimizer_dir works in a single process, and this job has 2; remove it, or train in one process"
+    );
+    let missing = dir.path().join("no-such-folder");
+    let stderr = failure(
+        &[
+            "train",
+            config,
+            &format!("offload_optimizer_dir={}", missing.display()),
+        ],
+        dir.path(),
+    );
+    assert!(stderr.ends_with("is not an existing folder"), "{stderr}");
+    assert_eq!(file_names(&out), before, "nothing written");
+
     let bad = dir.path().join("bad.yaml");
     std::fs::write(
         &bad,

@@ -249,12 +249,21 @@ fn duration(seconds: f64) -> String {
 }
 
 /// Trains `model` and writes everything LLaMA-Factory leaves in `output_dir`.
-/// Refuses `offload_optimizer_dir` for a job of `world_size` processes: gradients are summed
-/// across ranks in memory, so only a single process offloads.
-pub fn check_offload_world(args: &TrainArgs, world_size: usize) -> TrainResult<()> {
-    if args.offload_optimizer_dir.is_some() && world_size > 1 {
+/// Refuses an `offload_optimizer_dir` that is not an existing folder, or that a job of
+/// `world_size` processes would use: gradients are summed across ranks in memory, so only a
+/// single process offloads.
+pub fn check_offload(args: &TrainArgs, world_size: usize) -> TrainResult<()> {
+    let Some(dir) = &args.offload_optimizer_dir else {
+        return Ok(());
+    };
+    if world_size > 1 {
         return Err(TrainError::Config(format!(
             "offload_optimizer_dir works in a single process, and this job has {world_size}; remove it, or train in one process"
+        )));
+    }
+    if !Path::new(dir).is_dir() {
+        return Err(TrainError::Config(format!(
+            "offload_optimizer_dir {dir} is not an existing folder"
         )));
     }
     Ok(())
@@ -265,7 +274,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
     let out = &run.output_dir;
     let (rank, world) = (run.group.rank(), run.group.world_size());
     let main = rank == 0;
-    check_offload_world(args, world)?;
+    check_offload(args, world)?;
     // Rank 0 alone inspects and prepares the folder; the others follow its decision.
     let resume_from = if main {
         let resume = prepare_output_dir(args, out)?;
