@@ -106,6 +106,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<std::process::ExitCode
             stop: &stop,
             group: group.as_ref(),
             fsdp,
+            tokenizer_files: tokenizer_files(source.files_dir()),
             observer: &mut progress,
         },
     );
@@ -117,7 +118,6 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<std::process::ExitCode
     match outcome {
         Ok(_) if !main => Ok(std::process::ExitCode::SUCCESS),
         Ok(summary) => {
-            copy_tokenizer_files(source.files_dir(), &output_dir)?;
             eprintln!(
                 "finished {} steps, train_loss {:.4}; outputs in {}",
                 summary.global_step,
@@ -240,14 +240,20 @@ fn install_interrupt_handler(stop: Arc<AtomicBool>) -> Result<()> {
     .context("installing the Ctrl-C handler")
 }
 
+/// The tokenizer and template files that `model_dir` has.
+fn tokenizer_files(model_dir: &Path) -> Vec<PathBuf> {
+    TOKENIZER_FILES
+        .iter()
+        .map(|name| model_dir.join(name))
+        .filter(|path| path.is_file())
+        .collect()
+}
+
 pub(crate) fn copy_tokenizer_files(model_dir: &Path, output_dir: &Path) -> Result<()> {
-    for name in TOKENIZER_FILES {
-        let from = model_dir.join(name);
-        if from.is_file() {
-            std::fs::copy(&from, output_dir.join(name)).with_context(|| {
-                format!("copying {} to {}", from.display(), output_dir.display())
-            })?;
-        }
+    for from in tokenizer_files(model_dir) {
+        let to = output_dir.join(from.file_name().expect("a file under model_dir"));
+        std::fs::copy(&from, &to)
+            .with_context(|| format!("copying {} to {}", from.display(), output_dir.display()))?;
     }
     Ok(())
 }

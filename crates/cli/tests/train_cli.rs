@@ -53,6 +53,9 @@ fn tiny_fixture_through_the_cli_logs_the_reference_losses() {
         "tokenizer.json",
         "all_results.json",
         "checkpoint-5/trainer_state.json",
+        // Hugging Face's Trainer saves the tokenizer into every checkpoint too.
+        "checkpoint-5/tokenizer.json",
+        "checkpoint-5/tokenizer_config.json",
     ] {
         assert!(out.join(file).exists(), "{file} missing");
     }

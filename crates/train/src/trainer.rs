@@ -56,6 +56,9 @@ pub struct Run<'a> {
     pub group: &'a dyn ProcessGroup,
     /// FSDP settings from `launch`; `None` (or NO_SHARD) trains replicated.
     pub fsdp: Option<FsdpRun>,
+    /// Files copied beside the weights into the output folder and every checkpoint: the
+    /// tokenizer and template files, as Hugging Face's Trainer saves its processing class.
+    pub tokenizer_files: Vec<PathBuf>,
     pub observer: &'a mut dyn Observer,
 }
 
@@ -746,6 +749,17 @@ fn release_after_saving(model: &mut CausalLm, engine: &mut Engine) -> TrainResul
     Ok(())
 }
 
+/// Copies each of `files` into `dir` under its own name.
+fn copy_files(files: &[PathBuf], dir: &Path) -> TrainResult<()> {
+    for from in files {
+        let name = from
+            .file_name()
+            .ok_or_else(|| TrainError::Config(format!("{} names no file", from.display())))?;
+        std::fs::copy(from, dir.join(name)).map_err(|e| TrainError::io(from, e))?;
+    }
+    Ok(())
+}
+
 fn append_log_line(out: &Path, line: &Value) -> TrainResult<()> {
     use std::io::Write;
     let path = out.join(TRAINER_LOG);
@@ -880,6 +894,7 @@ fn save_checkpoint(
         release_after_saving(model, engine)?;
     }
     if main {
+        copy_files(&run.tokenizer_files, &tmp)?;
         write_json(&tmp.join(TRAINER_STATE), state)?;
         write_run_hash(&tmp, &state.run_hash)?;
         if dir.exists() {
@@ -928,6 +943,7 @@ fn write_final_outputs(
     gather_for_saving(model, engine, &run.weights)?;
     if main {
         save_weights(model, &run.weights, &run.base_model, out)?;
+        copy_files(&run.tokenizer_files, out)?;
     }
     release_after_saving(model, engine)?;
     // Hugging Face saves a last checkpoint at the end whatever the interval.

@@ -125,6 +125,7 @@ fn run_model(
             stop: &stop,
             group: &ff_dist::SingleProcessGroup,
             fsdp: None,
+            tokenizer_files: Vec::new(),
             observer: &mut recorder,
         },
     )
