@@ -564,14 +564,13 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
                 "epoch" => epoch_end,
                 _ => false,
             };
-        let eval_loss = if eval_now {
+        let evaluation = if eval_now {
             evaluate_where_needed(model, &mut engine, &run)?
         } else {
             None
         };
-        if let (Some(eval_loss), true) = (eval_loss, main) {
-            let mut record = Map::new();
-            record.insert("eval_loss".into(), json!(eval_loss));
+        if let (Some(evaluation), true) = (evaluation, main) {
+            let mut record = evaluation.metrics(&run);
             record.insert("epoch".into(), json!(round(state.epoch, 4)));
             run.observer.on_log(&record);
             append_log_line(
@@ -579,7 +578,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
                 &json!({
                     "current_steps": step,
                     "total_steps": total_steps,
-                    "eval_loss": eval_loss,
+                    "eval_loss": evaluation.loss,
                     "epoch": record["epoch"],
                     "percentage": round(step as f64 / total_steps as f64 * 100.0, 2),
                     "elapsed_time": duration(elapsed),
@@ -774,15 +773,45 @@ fn append_log_line(out: &Path, line: &Value) -> TrainResult<()> {
 /// The evaluation loss on the ranks that compute it: replicated evaluation involves no
 /// collective, so rank 0 alone runs it and the others wait at their next collective; sharded
 /// evaluation gathers units, so every rank runs it. `None` on ranks that do not evaluate.
+/// An evaluation's mean loss and how long it took.
+#[derive(Clone, Copy)]
+struct Evaluation {
+    loss: f64,
+    runtime: f64,
+}
+
+impl Evaluation {
+    /// Hugging Face's evaluation metrics: the loss and its speed figures, with the steps counted
+    /// as its evaluation loop counts them (batches of `per_device_eval_batch_size` on every rank).
+    fn metrics(&self, run: &Run<'_>) -> Map<String, Value> {
+        let samples = run.eval.len() as f64;
+        let batch = (run.args.per_device_eval_batch_size as usize * run.group.world_size()).max(1);
+        let steps = run.eval.len().div_ceil(batch) as f64;
+        let mut metrics = Map::new();
+        metrics.insert("eval_loss".into(), json!(self.loss));
+        metrics.insert("eval_runtime".into(), json!(round(self.runtime, 4)));
+        metrics.insert(
+            "eval_samples_per_second".into(),
+            json!(round(samples / self.runtime, 3)),
+        );
+        metrics.insert(
+            "eval_steps_per_second".into(),
+            json!(round(steps / self.runtime, 3)),
+        );
+        metrics
+    }
+}
+
 fn evaluate_where_needed(
     model: &mut CausalLm,
     engine: &mut Engine,
     run: &Run<'_>,
-) -> TrainResult<Option<f64>> {
+) -> TrainResult<Option<Evaluation>> {
     let sharded = matches!(engine, Engine::Sharded(_));
     if run.group.rank() != 0 && !sharded {
         return Ok(None);
     }
+    let start = Instant::now();
     let loss = evaluate(
         model,
         engine.residency(),
@@ -790,10 +819,12 @@ fn evaluate_where_needed(
         run.args,
         run.pad_token_id,
     )?;
-    Ok(Some(loss))
+    Ok(Some(Evaluation {
+        loss,
+        runtime: start.elapsed().as_secs_f64(),
+    }))
 }
 
-/// Hugging Face's evaluation loss: each batch's mean token NLL, averaged over examples.
 fn evaluate(
     model: &mut CausalLm,
     params: &mut dyn Residency,
@@ -984,11 +1015,12 @@ fn write_final_outputs(
     write_json(&out.join(TRAINER_STATE), state)?;
     write_json(&out.join("train_results.json"), &train_metrics)?;
     let mut all = train_metrics.as_object().cloned().unwrap_or_default();
-    if let Some(loss) = final_eval {
-        let eval_metrics = json!({"epoch": round(state.epoch, 4), "eval_loss": loss});
+    if let Some(evaluation) = final_eval {
+        let mut eval_metrics = evaluation.metrics(run);
+        eval_metrics.insert("epoch".into(), json!(round(state.epoch, 4)));
         write_json(&out.join("eval_results.json"), &eval_metrics)?;
-        all.insert("eval_loss".into(), json!(loss));
-        eval_loss = Some(loss);
+        all.extend(eval_metrics);
+        eval_loss = Some(evaluation.loss);
     }
     write_json(&out.join("all_results.json"), &Value::Object(all))?;
     if args.plot_loss {

@@ -217,8 +217,47 @@ fn a_run_leaves_llama_factory_outputs() {
         "train_samples_per_second",
         "train_steps_per_second",
         "eval_loss",
+        "eval_runtime",
+        "eval_samples_per_second",
+        "eval_steps_per_second",
     ] {
         assert!(results.get(key).is_some(), "all_results lacks {key}");
+    }
+    // Hugging Face's evaluation metrics, in eval_results.json and in every evaluation record.
+    let eval_results: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval_results.json")).unwrap())
+            .unwrap();
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
+            .unwrap();
+    let eval_records: Vec<&Value> = state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r.get("eval_loss").is_some())
+        .collect();
+    assert_eq!(eval_records.len(), 2, "evaluations at steps 3 and 6");
+    for record in eval_records.into_iter().chain([&eval_results]) {
+        let mut keys: Vec<&str> = record
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        keys.retain(|k| *k != "step");
+        assert_eq!(
+            keys,
+            [
+                "epoch",
+                "eval_loss",
+                "eval_runtime",
+                "eval_samples_per_second",
+                "eval_steps_per_second"
+            ],
+            "{record}"
+        );
+        assert!(record["eval_samples_per_second"].as_f64().unwrap() > 0.0);
     }
     let losses = logged_losses(&out);
     assert_eq!(losses.len(), 6);
