@@ -537,7 +537,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
             );
             record.insert("grad_norm".into(), json!(stats.grad_norm));
             record.insert("learning_rate".into(), json!(schedule.lr(step)));
-            record.insert("epoch".into(), json!(round(state.epoch, 4)));
+            record.insert("epoch".into(), json!(state.epoch));
             run.observer.on_log(&record);
             let line = json!({
                 "current_steps": step,
@@ -571,7 +571,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         };
         if let (Some(evaluation), true) = (evaluation, main) {
             let mut record = evaluation.metrics(&run);
-            record.insert("epoch".into(), json!(round(state.epoch, 4)));
+            record.insert("epoch".into(), json!(state.epoch));
             run.observer.on_log(&record);
             append_log_line(
                 out,
@@ -991,7 +991,7 @@ fn write_final_outputs(
     }
     let mut eval_loss = None;
     let train_metrics = json!({
-        "epoch": round(state.epoch, 4),
+        "epoch": state.epoch,
         "train_loss": train_loss,
         "train_runtime": round(runtime, 4),
         "train_samples_per_second": round(samples / runtime, 3),
@@ -1006,7 +1006,7 @@ fn write_final_outputs(
         &json!({
             "current_steps": state.global_step,
             "total_steps": total_steps,
-            "epoch": round(state.epoch, 4),
+            "epoch": state.epoch,
             "percentage": round(state.global_step as f64 / total_steps as f64 * 100.0, 2),
             "elapsed_time": duration(runtime),
             "remaining_time": duration(0.0),
@@ -1017,7 +1017,7 @@ fn write_final_outputs(
     let mut all = train_metrics.as_object().cloned().unwrap_or_default();
     if let Some(evaluation) = final_eval {
         let mut eval_metrics = evaluation.metrics(run);
-        eval_metrics.insert("epoch".into(), json!(round(state.epoch, 4)));
+        eval_metrics.insert("epoch".into(), json!(state.epoch));
         write_json(&out.join("eval_results.json"), &eval_metrics)?;
         all.extend(eval_metrics);
         eval_loss = Some(evaluation.loss);

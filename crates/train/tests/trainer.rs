@@ -236,6 +236,8 @@ fn a_run_leaves_llama_factory_outputs() {
         .iter()
         .filter(|r| r.get("eval_loss").is_some())
         .collect();
+    // The epoch as Hugging Face logs it, unrounded: three steps make an epoch.
+    assert_eq!(state["log_history"][0]["epoch"].as_f64(), Some(1.0 / 3.0));
     assert_eq!(eval_records.len(), 2, "evaluations at steps 3 and 6");
     for record in eval_records.into_iter().chain([&eval_results]) {
         let mut keys: Vec<&str> = record
