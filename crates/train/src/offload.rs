@@ -17,8 +17,8 @@ use crate::error::{TrainError, TrainResult};
 /// Direct I/O moves whole blocks, at block-aligned offsets, from block-aligned memory.
 const BLOCK_BYTES: usize = 4096;
 const BLOCK_FLOATS: usize = BLOCK_BYTES / 4;
-/// Floats moved by one read or write (4 MiB); a multiple of the block.
-pub const CHUNK_FLOATS: usize = 1 << 20;
+/// Floats moved by one read or write (1 MiB); a multiple of the block.
+pub const CHUNK_FLOATS: usize = 1 << 18;
 /// `statfs` magic of tmpfs, whose files are memory.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 

@@ -2,7 +2,9 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::ops::Range;
 use std::path::Path;
+use std::sync::mpsc::sync_channel;
 
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -71,8 +73,19 @@ struct OffloadedMoments {
     lens: Vec<usize>,
     /// Whether a parameter has been updated yet (its moments are zeros until then).
     started: Vec<bool>,
-    chunks: [Chunk; 3],
 }
+
+/// Chunks of a gradient and its two moments on their way through the update.
+#[derive(Default)]
+struct ChunkSet {
+    grad: Chunk,
+    exp_avg: Chunk,
+    exp_avg_sq: Chunk,
+}
+
+/// Chunk sets being read, updated or written at once: enough for each of the three stages to
+/// have one while a fourth waits.
+const CHUNK_SETS_IN_FLIGHT: usize = 4;
 
 /// The scalars of one step's update, the same for every parameter but the decay.
 #[derive(Clone, Copy)]
@@ -113,7 +126,6 @@ impl AdamW {
             file: DirectFile::create(dir, &arrays)?,
             lens: lens.to_vec(),
             started: vec![false; lens.len()],
-            chunks: Default::default(),
         });
         Ok(adamw)
     }
@@ -153,60 +165,123 @@ impl AdamW {
         grad_scale: Option<f64>,
     ) -> TrainResult<()> {
         self.state.step += 1;
-        for (i, var) in vars.iter().enumerate() {
+        let grads = match grads {
+            Grads::OnDisk(grads) => return self.step_on_disk(vars, grads, lr, grad_scale),
+            Grads::InMemory(_) if self.offloaded.is_some() => return Err(mixed_offload()),
+            Grads::InMemory(grads) => grads,
+        };
+        for (i, (var, grad)) in vars.iter().zip(grads).enumerate() {
+            let Some(grad) = grad else { continue };
             let factors = self.factors(i, lr, grad_scale);
-            match (&grads, &mut self.offloaded) {
-                (Grads::InMemory(grads), None) => {
-                    let Some(grad) = &grads[i] else { continue };
-                    let moments = &mut self.state.moments[i];
-                    if moments.exp_avg.is_empty() {
-                        moments.exp_avg = vec![0.0; grad.elem_count()];
-                        moments.exp_avg_sq = vec![0.0; grad.elem_count()];
+            let moments = &mut self.state.moments[i];
+            if moments.exp_avg.is_empty() {
+                moments.exp_avg = vec![0.0; grad.elem_count()];
+                moments.exp_avg_sq = vec![0.0; grad.elem_count()];
+            }
+            with_float32_values(grad, |grad| {
+                var.inplace_op1(&Update {
+                    start: 0,
+                    grad,
+                    moments: RefCell::new((&mut moments.exp_avg[..], &mut moments.exp_avg_sq[..])),
+                    factors,
+                })
+            })??;
+        }
+        Ok(())
+    }
+
+    /// The update with gradients and moments on disk, chunk by chunk through three threads:
+    /// one reads the next chunks' gradient and moments while this one updates the parameter,
+    /// and a third writes the moments back, so that the disk works while the CPU does.
+    fn step_on_disk(
+        &mut self,
+        vars: &[Var],
+        grads: &OffloadedGrads,
+        lr: f64,
+        grad_scale: Option<f64>,
+    ) -> TrainResult<()> {
+        let factors: Vec<StepFactors> = (0..vars.len())
+            .map(|i| self.factors(i, lr, grad_scale))
+            .collect();
+        let Some(disk) = &mut self.offloaded else {
+            return Err(mixed_offload());
+        };
+        let jobs: Vec<(usize, Range<usize>)> = (0..vars.len())
+            .filter(|&i| grads.has(i))
+            .flat_map(|i| chunk_ranges(vars[i].elem_count()).map(move |range| (i, range)))
+            .collect();
+        let (file, started) = (&disk.file, &disk.started);
+        let jobs = &jobs;
+        let (free_tx, free_rx) = sync_channel::<ChunkSet>(CHUNK_SETS_IN_FLIGHT);
+        let (full_tx, full_rx) = sync_channel::<(usize, ChunkSet)>(CHUNK_SETS_IN_FLIGHT);
+        let (done_tx, done_rx) = sync_channel::<(usize, ChunkSet)>(CHUNK_SETS_IN_FLIGHT);
+        for _ in 0..CHUNK_SETS_IN_FLIGHT {
+            free_tx
+                .send(ChunkSet::default())
+                .expect("the receiver is here");
+        }
+        let (read, update, written) = std::thread::scope(|scope| {
+            let reader = scope.spawn(move || -> TrainResult<()> {
+                for (job, (i, range)) in jobs.iter().enumerate() {
+                    let Ok(mut set) = free_rx.recv() else {
+                        return Ok(());
+                    };
+                    let (start, len) = (range.start, range.len());
+                    grads.read(*i, start, len, &mut set.grad)?;
+                    if started[*i] {
+                        file.read(2 * i, start, len, &mut set.exp_avg)?;
+                        file.read(2 * i + 1, start, len, &mut set.exp_avg_sq)?;
+                    } else {
+                        set.exp_avg.zeroed(len);
+                        set.exp_avg_sq.zeroed(len);
                     }
-                    with_float32_values(grad, |grad| {
-                        var.inplace_op1(&Update {
-                            start: 0,
-                            grad,
-                            moments: RefCell::new((
-                                &mut moments.exp_avg[..],
-                                &mut moments.exp_avg_sq[..],
-                            )),
-                            factors,
-                        })
-                    })??;
+                    if full_tx.send((job, set)).is_err() {
+                        return Ok(());
+                    }
                 }
-                (Grads::OnDisk(grads), Some(disk)) => {
-                    if !grads.has(i) {
-                        continue;
-                    }
-                    let [grad, exp_avg, exp_avg_sq] = &mut disk.chunks;
-                    for range in chunk_ranges(var.elem_count()) {
-                        let (start, len) = (range.start, range.len());
-                        grads.read(i, start, len, grad)?;
-                        if disk.started[i] {
-                            disk.file.read(2 * i, start, len, exp_avg)?;
-                            disk.file.read(2 * i + 1, start, len, exp_avg_sq)?;
-                        } else {
-                            exp_avg.zeroed(len);
-                            exp_avg_sq.zeroed(len);
-                        }
-                        var.inplace_op1(&Update {
-                            start,
-                            grad: grad.values(),
-                            moments: RefCell::new((exp_avg.values_mut(), exp_avg_sq.values_mut())),
-                            factors,
-                        })?;
-                        disk.file.write(2 * i, start, exp_avg)?;
-                        disk.file.write(2 * i + 1, start, exp_avg_sq)?;
-                    }
-                    disk.started[i] = true;
+                Ok(())
+            });
+            let writer = scope.spawn(move || -> TrainResult<()> {
+                for (job, set) in done_rx {
+                    let (i, range) = &jobs[job];
+                    file.write(2 * i, range.start, &set.exp_avg)?;
+                    file.write(2 * i + 1, range.start, &set.exp_avg_sq)?;
+                    // The reader may be done; then the set is simply dropped.
+                    let _ = free_tx.send(set);
                 }
-                _ => {
-                    return Err(TrainError::Config(
-                        "gradients and optimizer state are offloaded together or not at all".into(),
-                    ))
+                Ok(())
+            });
+            let mut update = Ok(());
+            for (job, mut set) in full_rx {
+                let (i, range) = &jobs[job];
+                let ChunkSet {
+                    grad,
+                    exp_avg,
+                    exp_avg_sq,
+                } = &mut set;
+                update = vars[*i].inplace_op1(&Update {
+                    start: range.start,
+                    grad: grad.values(),
+                    moments: RefCell::new((exp_avg.values_mut(), exp_avg_sq.values_mut())),
+                    factors: factors[*i],
+                });
+                if update.is_err() || done_tx.send((job, set)).is_err() {
+                    break;
                 }
             }
+            drop(done_tx);
+            let join = |handle: std::thread::ScopedJoinHandle<'_, TrainResult<()>>| {
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            };
+            (join(reader), update, join(writer))
+        });
+        read?;
+        update?;
+        written?;
+        for (i, _) in jobs {
+            disk.started[*i] = true;
         }
         Ok(())
     }
@@ -218,19 +293,25 @@ impl AdamW {
             self.state = state;
             return Ok(());
         };
-        let chunk = &mut disk.chunks[0];
+        let mut chunk = Chunk::default();
         for (i, m) in state.moments.iter().enumerate() {
             disk.started[i] = !m.exp_avg.is_empty();
             for (array, values) in [(2 * i, &m.exp_avg), (2 * i + 1, &m.exp_avg_sq)] {
                 for range in chunk_ranges(values.len()) {
                     chunk.copy_from(&values[range.clone()]);
-                    disk.file.write(array, range.start, chunk)?;
+                    disk.file.write(array, range.start, &chunk)?;
                 }
             }
         }
         self.state.step = state.step;
         Ok(())
     }
+}
+
+/// Engines and optimizers offload together; a mix is a wiring mistake, reported rather than
+/// trained wrong.
+fn mixed_offload() -> TrainError {
+    TrainError::Config("gradients and optimizer state are offloaded together or not at all".into())
 }
 
 /// One of a parameter's two AdamW moments.
