@@ -226,6 +226,8 @@ impl Workload {
                 );
             }
         }
+        // An offloaded update may still be running; the run's figures are not complete before it.
+        self.optimizer.finish()?;
         Ok(Timings {
             seconds: times,
             phases,

@@ -2,6 +2,8 @@
 //! parallelism, which is FSDP's NO_SHARD) or sharded across ranks (FSDP's other strategies).
 //! The step and the trainer talk to this enum; neither knows how a strategy works inside.
 
+use std::time::Instant;
+
 use candle_core::backprop::GradStore;
 use candle_core::Var;
 use ff_dist::ProcessGroup;
@@ -9,8 +11,8 @@ use ff_fsdp::{BackwardExtent, FsdpError, FsdpResult, Part, Pass, Residency, Shar
 use ff_model::CausalLm;
 
 use crate::error::TrainResult;
-use crate::optim::{grad_sq_norm, AdamW, Grads};
-use crate::step::Trainables;
+use crate::optim::{grad_sq_norm, AdamW};
+use crate::step::{StepPhases, Trainables};
 
 pub enum Engine {
     Replicated(Trainables),
@@ -48,10 +50,16 @@ impl Engine {
         grad_scale: Option<f64>,
     ) -> TrainResult<()> {
         match self {
-            Engine::Replicated(t) => optimizer.step(&t.vars, t.grads(), lr, grad_scale),
-            Engine::Sharded(s) => {
-                optimizer.step(&s.vars, Grads::InMemory(&s.grads), lr, grad_scale)
-            }
+            Engine::Replicated(t) => match &mut t.offloaded {
+                Some(offload) => {
+                    let progress =
+                        optimizer.step_offloaded(&t.vars, &offload.grads, lr, grad_scale)?;
+                    offload.pending_update = Some(progress);
+                    Ok(())
+                }
+                None => optimizer.step(&t.vars, &t.grads, lr, grad_scale),
+            },
+            Engine::Sharded(s) => optimizer.step(&s.vars, &s.grads, lr, grad_scale),
         }
     }
 
@@ -59,6 +67,19 @@ impl Engine {
         match self {
             Engine::Replicated(t) => t.zero_grads(),
             Engine::Sharded(s) => s.zero_grads(),
+        }
+    }
+
+    /// Time the step's forward spent waiting for the last step's offloaded update, by phase
+    /// (zero when nothing is offloaded); the count starts again.
+    pub fn take_update_waits(&mut self) -> StepPhases {
+        match self {
+            Engine::Replicated(t) => t
+                .offloaded
+                .as_mut()
+                .map(|offload| std::mem::take(&mut offload.update_waits))
+                .unwrap_or_default(),
+            Engine::Sharded(_) => StepPhases::default(),
         }
     }
 
@@ -75,9 +96,9 @@ impl Engine {
     pub fn grad_norm(&mut self) -> TrainResult<f64> {
         Ok(match self {
             Engine::Replicated(Trainables {
-                offloaded: Some(disk),
+                offloaded: Some(offload),
                 ..
-            }) => disk.sq_norm().sqrt(),
+            }) => offload.grads.sq_norm().sqrt(),
             Engine::Replicated(t) => grad_sq_norm(&t.grads)?.sqrt(),
             Engine::Sharded(s) => {
                 let mut total = [grad_sq_norm(&s.grads)?];
@@ -98,7 +119,28 @@ impl Residency for Trainables {
         Ok(())
     }
 
-    fn enter(&mut self, _model: &mut CausalLm, _part: Part, _pass: Pass) -> FsdpResult<()> {
+    /// Waits, when the last step's update is still running, for the part's parameters.
+    fn enter(&mut self, _model: &mut CausalLm, part: Part, _pass: Pass) -> FsdpResult<()> {
+        let pending = |t: &Self| t.offloaded.as_ref()?.pending_update.clone();
+        let Some(progress) = pending(self) else {
+            return Ok(());
+        };
+        let needed = self.params_needed_by(part);
+        let start = Instant::now();
+        progress
+            .wait_for(needed)
+            .map_err(|e| FsdpError::GradStorage(Box::new(e)))?;
+        let waited = start.elapsed();
+        let offload = self.offloaded.as_mut().expect("it has a pending update");
+        let waits = &mut offload.update_waits;
+        *match part {
+            Part::Embed => &mut waits.embedding,
+            Part::Layer(_) => &mut waits.layers_forward,
+            Part::Head => &mut waits.head,
+        } += waited;
+        if part == Part::Head {
+            offload.pending_update = None;
+        }
         Ok(())
     }
 

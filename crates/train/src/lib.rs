@@ -20,7 +20,7 @@ pub use backward::backward_from;
 pub use batch::{collate, Batch, Example, IGNORE_INDEX};
 pub use engine::Engine;
 pub use error::{TrainError, TrainResult};
-pub use optim::{AdamW, AdamWConfig, Grads};
+pub use optim::{AdamW, AdamWConfig};
 pub use schedule::{Schedule, ScheduleKind};
 pub use step::{forward_backward, Trainables};
 pub use step::{train_step, StepOptions, StepPhases, StepStats};

@@ -11,6 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::error::{TrainError, TrainResult};
 
@@ -183,7 +184,7 @@ fn filesystem_magic(dir: &Path) -> Option<i64> {
 
 /// The gradients of a step, on disk: each micro-batch's share is added to what is there.
 pub struct OffloadedGrads {
-    file: DirectFile,
+    file: Arc<DirectFile>,
     /// Whether an array holds this step's gradient yet.
     written: Vec<bool>,
     /// Squared L2 norm of each array's latest sum, in float64.
@@ -194,7 +195,7 @@ pub struct OffloadedGrads {
 impl OffloadedGrads {
     pub fn create(dir: &Path, lens: &[usize]) -> TrainResult<Self> {
         Ok(Self {
-            file: DirectFile::create(dir, lens)?,
+            file: Arc::new(DirectFile::create(dir, lens)?),
             written: vec![false; lens.len()],
             sq_norms: vec![0.0; lens.len()],
             chunk: Chunk::default(),
@@ -248,5 +249,62 @@ impl OffloadedGrads {
 
     pub fn read(&self, i: usize, start: usize, len: usize, chunk: &mut Chunk) -> TrainResult<()> {
         self.file.read(i, start, len, chunk)
+    }
+
+    /// The file, for an update that reads the gradients on another thread.
+    pub(crate) fn file(&self) -> Arc<DirectFile> {
+        Arc::clone(&self.file)
+    }
+}
+
+/// How far an AdamW update running on another thread has come: parameters `0..done` (in the
+/// optimizer's order) are updated. The next step's forward waits here for each part's
+/// parameters, so that the update's disk traffic overlaps the forward's computation.
+#[derive(Default)]
+pub struct UpdateProgress {
+    state: Mutex<Progress>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Progress {
+    done: usize,
+    failure: Option<String>,
+}
+
+impl UpdateProgress {
+    fn state(&self) -> MutexGuard<'_, Progress> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Parameters `0..done` are updated.
+    pub(crate) fn advance(&self, done: usize) {
+        self.state().done = done;
+        self.changed.notify_all();
+    }
+
+    /// The update stopped with `failure`; waiters get it instead of waiting forever.
+    pub(crate) fn fail(&self, failure: String) {
+        self.state().failure = Some(failure);
+        self.changed.notify_all();
+    }
+
+    /// Blocks until parameters `0..n` are updated.
+    pub fn wait_for(&self, n: usize) -> TrainResult<()> {
+        let mut state = self.state();
+        while state.done < n {
+            if let Some(failure) = &state.failure {
+                return Err(TrainError::Config(format!(
+                    "the offloaded AdamW update failed: {failure}"
+                )));
+            }
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        Ok(())
     }
 }

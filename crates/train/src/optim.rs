@@ -5,12 +5,14 @@ use std::cell::RefCell;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{TrainError, TrainResult};
-use crate::offload::{chunk_ranges, Chunk, DirectFile, OffloadedGrads};
+use crate::offload::{chunk_ranges, Chunk, DirectFile, OffloadedGrads, UpdateProgress};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdamWConfig {
@@ -59,20 +61,113 @@ pub fn decays_weight(name: &str) -> bool {
     !(name.ends_with(".bias") || name.contains("norm"))
 }
 
-/// Where a step's gradients are.
-pub enum Grads<'a> {
-    /// One per parameter (None: no gradient, the parameter is left alone as torch does).
-    InMemory(&'a [Option<Tensor>]),
-    OnDisk(&'a OffloadedGrads),
-}
-
 /// AdamW moments in a direct-I/O file: `exp_avg` of parameter `i` is array `2i`, `exp_avg_sq`
 /// array `2i + 1`.
 struct OffloadedMoments {
-    file: DirectFile,
+    file: Arc<DirectFile>,
     lens: Vec<usize>,
     /// Whether a parameter has been updated yet (its moments are zeros until then).
     started: Vec<bool>,
+    /// The update still running on its own thread.
+    pending: Option<JoinHandle<TrainResult<()>>>,
+}
+
+/// One step's update of offloaded parameters, owned by the thread that runs it.
+struct DiskUpdate {
+    vars: Vec<Var>,
+    grads: Arc<DirectFile>,
+    moments: Arc<DirectFile>,
+    /// Which parameters had moments before this step.
+    started: Vec<bool>,
+    factors: Vec<StepFactors>,
+    /// Chunks to update, parameter by parameter in order.
+    jobs: Vec<(usize, Range<usize>)>,
+}
+
+impl DiskUpdate {
+    /// Reads, updates and writes every chunk in `jobs` on three threads, telling `progress`
+    /// as each parameter's values are done (its moments may still be on their way to disk).
+    fn run(&self, progress: &UpdateProgress) -> TrainResult<()> {
+        let Self {
+            vars,
+            grads,
+            moments,
+            started,
+            factors,
+            jobs,
+        } = self;
+        let (free_tx, free_rx) = sync_channel::<ChunkSet>(CHUNK_SETS_IN_FLIGHT);
+        let (full_tx, full_rx) = sync_channel::<(usize, ChunkSet)>(CHUNK_SETS_IN_FLIGHT);
+        let (done_tx, done_rx) = sync_channel::<(usize, ChunkSet)>(CHUNK_SETS_IN_FLIGHT);
+        for _ in 0..CHUNK_SETS_IN_FLIGHT {
+            free_tx
+                .send(ChunkSet::default())
+                .expect("the receiver is here");
+        }
+        let (read, update, written) = std::thread::scope(|scope| {
+            let reader = scope.spawn(move || -> TrainResult<()> {
+                for (job, (i, range)) in jobs.iter().enumerate() {
+                    let Ok(mut set) = free_rx.recv() else {
+                        return Ok(());
+                    };
+                    let (start, len) = (range.start, range.len());
+                    grads.read(*i, start, len, &mut set.grad)?;
+                    if started[*i] {
+                        moments.read(2 * i, start, len, &mut set.exp_avg)?;
+                        moments.read(2 * i + 1, start, len, &mut set.exp_avg_sq)?;
+                    } else {
+                        set.exp_avg.zeroed(len);
+                        set.exp_avg_sq.zeroed(len);
+                    }
+                    if full_tx.send((job, set)).is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(())
+            });
+            let writer = scope.spawn(move || -> TrainResult<()> {
+                for (job, set) in done_rx {
+                    let (i, range) = &jobs[job];
+                    moments.write(2 * i, range.start, &set.exp_avg)?;
+                    moments.write(2 * i + 1, range.start, &set.exp_avg_sq)?;
+                    // The reader may be done; then the set is simply dropped.
+                    let _ = free_tx.send(set);
+                }
+                Ok(())
+            });
+            let mut update = Ok(());
+            for (job, mut set) in full_rx {
+                let (i, range) = &jobs[job];
+                let ChunkSet {
+                    grad,
+                    exp_avg,
+                    exp_avg_sq,
+                } = &mut set;
+                update = vars[*i].inplace_op1(&Update {
+                    start: range.start,
+                    grad: grad.values(),
+                    moments: RefCell::new((exp_avg.values_mut(), exp_avg_sq.values_mut())),
+                    factors: factors[*i],
+                });
+                if update.is_err() || done_tx.send((job, set)).is_err() {
+                    break;
+                }
+                if jobs.get(job + 1).is_none_or(|(next, _)| next != i) {
+                    progress.advance(i + 1);
+                }
+            }
+            drop(done_tx);
+            let join = |handle: std::thread::ScopedJoinHandle<'_, TrainResult<()>>| {
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            };
+            (join(reader), update, join(writer))
+        });
+        read?;
+        update?;
+        written
+    }
 }
 
 /// Chunks of a gradient and its two moments on their way through the update.
@@ -123,15 +218,12 @@ impl AdamW {
         let arrays: Vec<usize> = lens.iter().flat_map(|&n| [n, n]).collect();
         let mut adamw = Self::new(config, names);
         adamw.offloaded = Some(OffloadedMoments {
-            file: DirectFile::create(dir, &arrays)?,
+            file: Arc::new(DirectFile::create(dir, &arrays)?),
             lens: lens.to_vec(),
             started: vec![false; lens.len()],
+            pending: None,
         });
         Ok(adamw)
-    }
-
-    pub fn is_offloaded(&self) -> bool {
-        self.offloaded.is_some()
     }
 
     fn factors(&self, i: usize, lr: f64, grad_scale: Option<f64>) -> StepFactors {
@@ -152,24 +244,22 @@ impl AdamW {
         }
     }
 
-    /// One update with learning rate `lr`; gradient `i` belongs to `vars[i]`. Every gradient is
-    /// first multiplied by `grad_scale` when one is given: the clipping coefficient of
-    /// [`clip_coefficient`], applied here, element by element as `clip_grad_norm_` would,
-    /// instead of by a scaled copy of each gradient. The parameter and its moments are updated
-    /// in place; moments on disk are read and written back a chunk at a time.
+    /// One update with learning rate `lr`; `grads[i]` belongs to `vars[i]` (None: no gradient,
+    /// the parameter is left alone as torch does). Every gradient is first multiplied by
+    /// `grad_scale` when one is given: the clipping coefficient of [`clip_coefficient`], applied
+    /// here, element by element as `clip_grad_norm_` would, instead of by a scaled copy of each
+    /// gradient. The parameter and its moments are updated in place.
     pub fn step(
         &mut self,
         vars: &[Var],
-        grads: Grads<'_>,
+        grads: &[Option<Tensor>],
         lr: f64,
         grad_scale: Option<f64>,
     ) -> TrainResult<()> {
         self.state.step += 1;
-        let grads = match grads {
-            Grads::OnDisk(grads) => return self.step_on_disk(vars, grads, lr, grad_scale),
-            Grads::InMemory(_) if self.offloaded.is_some() => return Err(mixed_offload()),
-            Grads::InMemory(grads) => grads,
-        };
+        if self.offloaded.is_some() {
+            return Err(mixed_offload());
+        }
         for (i, (var, grad)) in vars.iter().zip(grads).enumerate() {
             let Some(grad) = grad else { continue };
             let factors = self.factors(i, lr, grad_scale);
@@ -190,105 +280,76 @@ impl AdamW {
         Ok(())
     }
 
-    /// The update with gradients and moments on disk, chunk by chunk through three threads:
-    /// one reads the next chunks' gradient and moments while this one updates the parameter,
-    /// and a third writes the moments back, so that the disk works while the CPU does.
-    fn step_on_disk(
+    /// The update with gradients and moments on disk, started on a thread of its own, which
+    /// reads each chunk's gradient and moments ahead, updates the parameter and writes the
+    /// moments back on three threads, so that the disk works while the CPU does. The returned
+    /// progress says which parameters are done; the next forward waits on it part by part, and
+    /// [`AdamW::finish`] waits for the whole update.
+    pub fn step_offloaded(
         &mut self,
         vars: &[Var],
         grads: &OffloadedGrads,
         lr: f64,
         grad_scale: Option<f64>,
-    ) -> TrainResult<()> {
+    ) -> TrainResult<Arc<UpdateProgress>> {
+        self.finish()?;
+        self.state.step += 1;
         let factors: Vec<StepFactors> = (0..vars.len())
             .map(|i| self.factors(i, lr, grad_scale))
             .collect();
         let Some(disk) = &mut self.offloaded else {
             return Err(mixed_offload());
         };
-        let jobs: Vec<(usize, Range<usize>)> = (0..vars.len())
-            .filter(|&i| grads.has(i))
-            .flat_map(|i| chunk_ranges(vars[i].elem_count()).map(move |range| (i, range)))
-            .collect();
-        let (file, started) = (&disk.file, &disk.started);
-        let jobs = &jobs;
-        let (free_tx, free_rx) = sync_channel::<ChunkSet>(CHUNK_SETS_IN_FLIGHT);
-        let (full_tx, full_rx) = sync_channel::<(usize, ChunkSet)>(CHUNK_SETS_IN_FLIGHT);
-        let (done_tx, done_rx) = sync_channel::<(usize, ChunkSet)>(CHUNK_SETS_IN_FLIGHT);
-        for _ in 0..CHUNK_SETS_IN_FLIGHT {
-            free_tx
-                .send(ChunkSet::default())
-                .expect("the receiver is here");
-        }
-        let (read, update, written) = std::thread::scope(|scope| {
-            let reader = scope.spawn(move || -> TrainResult<()> {
-                for (job, (i, range)) in jobs.iter().enumerate() {
-                    let Ok(mut set) = free_rx.recv() else {
-                        return Ok(());
-                    };
-                    let (start, len) = (range.start, range.len());
-                    grads.read(*i, start, len, &mut set.grad)?;
-                    if started[*i] {
-                        file.read(2 * i, start, len, &mut set.exp_avg)?;
-                        file.read(2 * i + 1, start, len, &mut set.exp_avg_sq)?;
-                    } else {
-                        set.exp_avg.zeroed(len);
-                        set.exp_avg_sq.zeroed(len);
-                    }
-                    if full_tx.send((job, set)).is_err() {
-                        return Ok(());
-                    }
-                }
-                Ok(())
-            });
-            let writer = scope.spawn(move || -> TrainResult<()> {
-                for (job, set) in done_rx {
-                    let (i, range) = &jobs[job];
-                    file.write(2 * i, range.start, &set.exp_avg)?;
-                    file.write(2 * i + 1, range.start, &set.exp_avg_sq)?;
-                    // The reader may be done; then the set is simply dropped.
-                    let _ = free_tx.send(set);
-                }
-                Ok(())
-            });
-            let mut update = Ok(());
-            for (job, mut set) in full_rx {
-                let (i, range) = &jobs[job];
-                let ChunkSet {
-                    grad,
-                    exp_avg,
-                    exp_avg_sq,
-                } = &mut set;
-                update = vars[*i].inplace_op1(&Update {
-                    start: range.start,
-                    grad: grad.values(),
-                    moments: RefCell::new((exp_avg.values_mut(), exp_avg_sq.values_mut())),
-                    factors: factors[*i],
-                });
-                if update.is_err() || done_tx.send((job, set)).is_err() {
-                    break;
-                }
-            }
-            drop(done_tx);
-            let join = |handle: std::thread::ScopedJoinHandle<'_, TrainResult<()>>| {
-                handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            };
-            (join(reader), update, join(writer))
-        });
-        read?;
-        update?;
-        written?;
-        for (i, _) in jobs {
+        let update = DiskUpdate {
+            vars: vars.to_vec(),
+            grads: grads.file(),
+            moments: Arc::clone(&disk.file),
+            started: disk.started.clone(),
+            factors,
+            jobs: (0..vars.len())
+                .filter(|&i| grads.has(i))
+                .flat_map(|i| chunk_ranges(vars[i].elem_count()).map(move |range| (i, range)))
+                .collect(),
+        };
+        for (i, _) in &update.jobs {
             disk.started[*i] = true;
         }
-        Ok(())
+        let progress = Arc::new(UpdateProgress::default());
+        let reported = Arc::clone(&progress);
+        let thread = std::thread::Builder::new()
+            .name("adamw-offload".into())
+            .spawn(move || {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    update.run(&reported)
+                }));
+                let outcome = outcome.unwrap_or_else(|_| {
+                    Err(TrainError::Config("an offload thread panicked".into()))
+                });
+                match &outcome {
+                    Ok(()) => reported.advance(usize::MAX),
+                    Err(e) => reported.fail(e.to_string()),
+                }
+                outcome
+            })
+            .map_err(|e| TrainError::Config(format!("cannot start the offload thread: {e}")))?;
+        disk.pending = Some(thread);
+        Ok(progress)
+    }
+
+    /// Waits for an update still running on its own thread; its error, if it failed.
+    pub fn finish(&mut self) -> TrainResult<()> {
+        let Some(thread) = self.offloaded.as_mut().and_then(|d| d.pending.take()) else {
+            return Ok(());
+        };
+        thread
+            .join()
+            .unwrap_or_else(|_| Err(TrainError::Config("an offload thread panicked".into())))
     }
 
     /// Takes `state` as the optimizer's (resume), writing its moments to disk when they live
     /// there.
     pub fn restore(&mut self, state: AdamWState) -> TrainResult<()> {
+        self.finish()?;
         let Some(disk) = &mut self.offloaded else {
             self.state = state;
             return Ok(());
@@ -368,6 +429,11 @@ impl MomentSource for AdamW {
         let Some(disk) = &self.offloaded else {
             return self.state.moment_bytes(i, which);
         };
+        if disk.pending.is_some() {
+            return Err(TrainError::Config(
+                "the optimizer state was read while an update was still writing it".into(),
+            ));
+        }
         let array = match which {
             Moment::ExpAvg => 2 * i,
             Moment::ExpAvgSq => 2 * i + 1,

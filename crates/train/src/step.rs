@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{backprop::GradStore, Tensor, TensorId, Var};
@@ -21,8 +22,8 @@ use crate::batch::Batch;
 use crate::engine::Engine;
 use crate::error::TrainResult;
 use crate::loss::{head_forward_backward, LabelPositions};
-use crate::offload::OffloadedGrads;
-use crate::optim::{with_float32_values, Grads};
+use crate::offload::{OffloadedGrads, UpdateProgress};
+use crate::optim::with_float32_values;
 
 /// The trained tensors of a model, in a fixed order, with gradient accumulators.
 pub struct Trainables {
@@ -30,7 +31,7 @@ pub struct Trainables {
     pub vars: Vec<Var>,
     pub grads: Vec<Option<Tensor>>,
     /// Where the gradients go instead of `grads` when they are offloaded to disk.
-    pub offloaded: Option<Box<OffloadedGrads>>,
+    pub offloaded: Option<Box<GradOffload>>,
     index: HashMap<TensorId, usize>,
     /// How far down backward must go.
     pub(crate) extent: BackwardExtent,
@@ -86,16 +87,31 @@ impl Trainables {
     /// Keeps the gradients in an unnamed direct-I/O file in `dir` from now on.
     pub fn offload_grads(&mut self, dir: &Path) -> TrainResult<()> {
         let lens: Vec<usize> = self.vars.iter().map(|v| v.elem_count()).collect();
-        self.offloaded = Some(Box::new(OffloadedGrads::create(dir, &lens)?));
+        self.offloaded = Some(Box::new(GradOffload {
+            grads: OffloadedGrads::create(dir, &lens)?,
+            pending_update: None,
+            update_waits: StepPhases::default(),
+        }));
         Ok(())
     }
 
-    /// Where the step's gradients are.
-    pub fn grads(&self) -> Grads<'_> {
-        match &self.offloaded {
-            Some(disk) => Grads::OnDisk(disk),
-            None => Grads::InMemory(&self.grads),
-        }
+    /// How many parameters, in order, `part` needs updated before it runs: the update goes
+    /// through them in the order the forward uses them (embedding, layers, final norm and head;
+    /// a tied head is the embedding, which is first anyway).
+    pub(crate) fn params_needed_by(&self, part: Part) -> usize {
+        let layer_prefix = match part {
+            Part::Layer(i) => format!("model.layers.{i}."),
+            Part::Embed | Part::Head => String::new(),
+        };
+        let needs = |name: &str| match part {
+            Part::Embed => name == "model.embed_tokens.weight",
+            Part::Layer(_) => name.starts_with(&layer_prefix),
+            Part::Head => true,
+        };
+        self.names
+            .iter()
+            .rposition(|n| needs(n))
+            .map_or(0, |i| i + 1)
     }
 
     /// Adds every trained tensor's gradient found in `store` to its accumulator.
@@ -103,8 +119,8 @@ impl Trainables {
         for id in store.get_ids() {
             if let Some(&i) = self.index.get(id) {
                 let g = store.get_id(*id).expect("id listed by the store").detach();
-                if let Some(disk) = &mut self.offloaded {
-                    with_float32_values(&g, |values| disk.add(i, values))??;
+                if let Some(offload) = &mut self.offloaded {
+                    with_float32_values(&g, |values| offload.grads.add(i, values))??;
                     continue;
                 }
                 self.grads[i] = Some(match self.grads[i].take() {
@@ -164,10 +180,20 @@ impl Trainables {
 
     pub fn zero_grads(&mut self) {
         self.grads.iter_mut().for_each(|g| *g = None);
-        if let Some(disk) = &mut self.offloaded {
-            disk.clear();
+        if let Some(offload) = &mut self.offloaded {
+            offload.grads.clear();
         }
     }
+}
+
+/// Gradients kept on disk, and the last step's update of the parameters from them.
+pub struct GradOffload {
+    pub grads: OffloadedGrads,
+    /// That update, still running on its own thread: a part waits for its parameters before
+    /// it is used.
+    pub(crate) pending_update: Option<Arc<UpdateProgress>>,
+    /// Time parts spent waiting for it, by the step phase they waited in.
+    pub(crate) update_waits: StepPhases,
 }
 
 /// Forward and backward of `batch`, adding the gradient of `nll_sum / loss_denominator` to the
@@ -285,7 +311,9 @@ fn forward_backward_timed(
         // backward: only the replicated engine runs this way.
         let mut x = embedded;
         for i in 0..num_layers {
+            params.enter(model, Part::Layer(i), Pass::Forward)?;
             x = model.layers[i].forward(&x, &ctx)?;
+            params.leave(model, Part::Layer(i), Pass::Forward)?;
         }
         phases.layers_forward += lap(&mut clock);
         let head = head_backward(model, params, &x.detach(), &positions, loss_denominator)?;
@@ -423,6 +451,12 @@ pub fn train_step(
             &mut phases,
         )?;
     }
+    // Waiting for the last step's offloaded update is that update's time, not the forward's.
+    let waits = engine.take_update_waits();
+    phases.embedding = phases.embedding.saturating_sub(waits.embedding);
+    phases.layers_forward = phases.layers_forward.saturating_sub(waits.layers_forward);
+    phases.head = phases.head.saturating_sub(waits.head);
+    phases.optimizer += waits.total();
     clock = Instant::now();
     engine.reduce_grads(group)?;
     let mut nll = [nll_sum];

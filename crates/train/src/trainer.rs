@@ -598,6 +598,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
             _ => false,
         };
         if (save_now || interrupted) && step < total_steps {
+            optimizer.finish()?;
             let dir = save_checkpoint(model, &run, &mut engine, &optimizer, &state, &full_names)?;
             if interrupted {
                 run.observer.on_finish();
@@ -608,6 +609,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
             }
         }
     }
+    optimizer.finish()?;
     run.observer.on_finish();
 
     let runtime = start.elapsed().as_secs_f64();

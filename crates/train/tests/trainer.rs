@@ -329,6 +329,10 @@ fn offloaded_gradients_and_moments_train_bit_for_bit_like_memory() {
         "max_grad_norm=0.05",
         "weight_decay=0.01",
         "save_steps=2",
+        // Evaluating right after each step reads weights that an offloaded update, running on
+        // its own thread, is still writing: the evaluation must wait for them.
+        "eval_strategy=steps",
+        "eval_steps=1",
     ];
     let with_offload: Vec<&str> = settings
         .iter()
@@ -359,10 +363,24 @@ fn offloaded_gradients_and_moments_train_bit_for_bit_like_memory() {
             .cloned()
             .collect()
     };
+    let eval_losses = |out: &Path| -> Vec<Value> {
+        let state = state(out);
+        let records = state["log_history"].as_array().unwrap();
+        records
+            .iter()
+            .filter_map(|r| r.get("eval_loss").cloned())
+            .collect()
+    };
     let last = state(&in_memory)["global_step"].as_u64().unwrap();
     assert!(last >= 4, "{last} steps are too few to cover a resume");
     for out in [&offloaded, &resumed] {
         assert_eq!(history(out), history(&in_memory), "{}", out.display());
+        assert_eq!(
+            eval_losses(out),
+            eval_losses(&in_memory),
+            "{}",
+            out.display()
+        );
         assert_eq!(
             read(&out.join("model.safetensors")),
             read(&in_memory.join("model.safetensors"))
