@@ -353,23 +353,21 @@ fn offloaded_gradients_and_moments_train_bit_for_bit_like_memory() {
     let state = |out: &Path| -> Value {
         serde_json::from_slice(&read(&out.join("trainer_state.json"))).unwrap()
     };
-    // The step records; the closing one carries run times.
-    let history = |out: &Path| -> Vec<Value> {
+    // The step records whole, and the evaluations' losses: the closing record and the
+    // evaluations' speed figures carry run times.
+    let records_with = |out: &Path, key: &str| -> Vec<Value> {
         let state = state(out);
         let records = state["log_history"].as_array().unwrap();
         records
             .iter()
-            .filter(|r| r.get("loss").is_some())
+            .filter(|r| r.get(key).is_some())
             .cloned()
             .collect()
     };
+    let history = |out: &Path| records_with(out, "loss");
     let eval_losses = |out: &Path| -> Vec<Value> {
-        let state = state(out);
-        let records = state["log_history"].as_array().unwrap();
-        records
-            .iter()
-            .filter_map(|r| r.get("eval_loss").cloned())
-            .collect()
+        let records = records_with(out, "eval_loss");
+        records.iter().map(|r| r["eval_loss"].clone()).collect()
     };
     let last = state(&in_memory)["global_step"].as_u64().unwrap();
     assert!(last >= 4, "{last} steps are too few to cover a resume");
