@@ -102,17 +102,10 @@ impl DirectFile {
             offsets.push(total);
             total += (len.next_multiple_of(BLOCK_FLOATS) * 4) as u64;
         }
+        check_offload_dir(dir)?;
         let refuse = |why: String| {
             TrainError::Config(format!("offload_optimizer_dir {} {why}", dir.display()))
         };
-        if !dir.is_dir() {
-            return Err(refuse("is not an existing folder".into()));
-        }
-        if filesystem_magic(dir).is_some_and(|magic| magic == TMPFS_MAGIC) {
-            return Err(refuse(
-                "is on tmpfs, whose files are memory, so offloading there would save none; choose a folder on a disk".into(),
-            ));
-        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -170,6 +163,23 @@ impl DirectFile {
             .write_all_at(chunk.blocks(), position)
             .map_err(|e| TrainError::io(&self.dir, e))
     }
+}
+
+/// Refuses an offload folder that does not exist, or that is on tmpfs, whose files are memory.
+pub fn check_offload_dir(dir: &Path) -> TrainResult<()> {
+    let refuse = |why: &str| {
+        Err(TrainError::Config(format!(
+            "offload_optimizer_dir {} {why}",
+            dir.display()
+        )))
+    };
+    if !dir.is_dir() {
+        return refuse("is not an existing folder");
+    }
+    if filesystem_magic(dir).is_some_and(|magic| magic == TMPFS_MAGIC) {
+        return refuse("is on tmpfs, whose files are memory, so offloading there would save none; choose a folder on a disk");
+    }
+    Ok(())
 }
 
 fn filesystem_magic(dir: &Path) -> Option<i64> {

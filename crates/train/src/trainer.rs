@@ -23,6 +23,7 @@ use crate::checkpoint::{
 };
 use crate::engine::Engine;
 use crate::error::{TrainError, TrainResult};
+use crate::offload::check_offload_dir;
 use crate::optim::{AdamW, AdamWConfig, AdamWState, MomentSource, Moments};
 use crate::sampler::{epoch_order, rank_slice, EpochPlan};
 use crate::schedule::{warmup_steps, Schedule, ScheduleKind};
@@ -251,8 +252,7 @@ fn duration(seconds: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
-/// Trains `model` and writes everything LLaMA-Factory leaves in `output_dir`.
-/// Refuses an `offload_optimizer_dir` that is not an existing folder, or that a job of
+/// Refuses an `offload_optimizer_dir` that cannot hold the offload files, or that a job of
 /// `world_size` processes would use: gradients are summed across ranks in memory, so only a
 /// single process offloads.
 pub fn check_offload(args: &TrainArgs, world_size: usize) -> TrainResult<()> {
@@ -264,14 +264,10 @@ pub fn check_offload(args: &TrainArgs, world_size: usize) -> TrainResult<()> {
             "offload_optimizer_dir works in a single process, and this job has {world_size}; remove it, or train in one process"
         )));
     }
-    if !Path::new(dir).is_dir() {
-        return Err(TrainError::Config(format!(
-            "offload_optimizer_dir {dir} is not an existing folder"
-        )));
-    }
-    Ok(())
+    check_offload_dir(Path::new(dir))
 }
 
+/// Trains `model` and writes everything LLaMA-Factory leaves in `output_dir`.
 pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
     let args = run.args;
     let out = &run.output_dir;
