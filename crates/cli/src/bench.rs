@@ -182,9 +182,7 @@ impl Workload {
         let Engine::Replicated(trainables) = &mut self.engine else {
             bail!("only a replicated workload offloads");
         };
-        trainables.offload_grads(dir)?;
-        let lens: Vec<usize> = trainables.vars.iter().map(|v| v.elem_count()).collect();
-        self.optimizer = AdamW::offloaded(AdamWConfig::default(), &trainables.names, &lens, dir)?;
+        self.optimizer = trainables.offload_to(dir, AdamWConfig::default())?;
         Ok(())
     }
 

@@ -23,7 +23,7 @@ use crate::engine::Engine;
 use crate::error::TrainResult;
 use crate::loss::{head_forward_backward, LabelPositions};
 use crate::offload::{OffloadedGrads, UpdateProgress};
-use crate::optim::with_float32_values;
+use crate::optim::{with_float32_values, AdamW, AdamWConfig};
 
 /// The trained tensors of a model, in a fixed order, with gradient accumulators.
 pub struct Trainables {
@@ -84,15 +84,16 @@ impl Trainables {
         self.vars.iter().map(|v| v.elem_count()).sum()
     }
 
-    /// Keeps the gradients in an unnamed direct-I/O file in `dir` from now on.
-    pub fn offload_grads(&mut self, dir: &Path) -> TrainResult<()> {
+    /// Keeps the gradients in an unnamed direct-I/O file in `dir` from now on, and returns the
+    /// AdamW whose moments live there too.
+    pub fn offload_to(&mut self, dir: &Path, config: AdamWConfig) -> TrainResult<AdamW> {
         let lens: Vec<usize> = self.vars.iter().map(|v| v.elem_count()).collect();
         self.offloaded = Some(Box::new(GradOffload {
             grads: OffloadedGrads::create(dir, &lens)?,
             pending_update: None,
             update_waits: StepPhases::default(),
         }));
-        Ok(())
+        AdamW::offloaded(config, &self.names, &lens, dir)
     }
 
     /// How many parameters, in order, `part` needs updated before it runs: the update goes

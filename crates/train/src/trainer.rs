@@ -406,12 +406,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
     };
     let mut optimizer = match (&args.offload_optimizer_dir, &mut engine) {
         (None, _) => AdamW::new(adamw, engine.names()),
-        (Some(dir), Engine::Replicated(t)) => {
-            let dir = Path::new(dir);
-            t.offload_grads(dir)?;
-            let lens: Vec<usize> = t.vars.iter().map(|v| v.elem_count()).collect();
-            AdamW::offloaded(adamw, &t.names, &lens, dir)?
-        }
+        (Some(dir), Engine::Replicated(t)) => t.offload_to(Path::new(dir), adamw)?,
         (Some(_), _) => {
             return Err(TrainError::Config(
                 "offload_optimizer_dir keeps whole gradients, which a sharded FSDP strategy does not have; remove it or the FSDP config".into(),
