@@ -133,7 +133,8 @@ train_args! {
     max_grad_norm: f64 = 1.0,
     optim: String = "adamw_torch".into(),
     /// A folder on a local disk where gradients and AdamW moments live during training instead
-    /// of memory, as DeepSpeed's NVMe offload keeps them (one process only; a ferrofactory key).
+    /// of memory, as DeepSpeed's NVMe offload keeps them (not with sharded FSDP; a ferrofactory
+    /// key).
     offload_optimizer_dir: Option<String> = None,
     bf16: bool = false,
     fp16: bool = false,

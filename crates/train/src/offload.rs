@@ -13,6 +13,8 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use ff_dist::ProcessGroup;
+
 use crate::error::{TrainError, TrainResult};
 
 /// Direct I/O moves whole blocks, at block-aligned offsets, from block-aligned memory.
@@ -195,6 +197,8 @@ fn filesystem_magic(dir: &Path) -> Option<i64> {
 /// The gradients of a step, on disk: each micro-batch's share is added to what is there.
 pub struct OffloadedGrads {
     file: Arc<DirectFile>,
+    /// Each array's length in floats.
+    lens: Vec<usize>,
     /// Whether an array holds this step's gradient yet.
     written: Vec<bool>,
     /// Squared L2 norm of each array's latest sum, in float64.
@@ -206,6 +210,7 @@ impl OffloadedGrads {
     pub fn create(dir: &Path, lens: &[usize]) -> TrainResult<Self> {
         Ok(Self {
             file: Arc::new(DirectFile::create(dir, lens)?),
+            lens: lens.to_vec(),
             written: vec![false; lens.len()],
             sq_norms: vec![0.0; lens.len()],
             chunk: Chunk::default(),
@@ -226,15 +231,34 @@ impl OffloadedGrads {
             } else {
                 self.chunk.copy_from(part);
             }
-            sq_norm = self
-                .chunk
-                .values()
-                .iter()
-                .fold(sq_norm, |acc, &v| acc + (v as f64) * (v as f64));
+            sq_norm = sum_squares(sq_norm, self.chunk.values());
             self.file.write(i, range.start, &self.chunk)?;
         }
         self.written[i] = true;
         self.sq_norms[i] = sq_norm;
+        Ok(())
+    }
+
+    /// Sums every gradient over `group`, a chunk per collective (a rank that has no gradient
+    /// for a tensor sends zeros, as data parallelism in memory does), and records the sums'
+    /// norms. Every rank must call it.
+    pub fn all_reduce(&mut self, group: &dyn ProcessGroup) -> TrainResult<()> {
+        for (i, &len) in self.lens.iter().enumerate() {
+            let mut sq_norm = 0f64;
+            for range in chunk_ranges(len) {
+                if self.written[i] {
+                    self.file
+                        .read(i, range.start, range.len(), &mut self.chunk)?;
+                } else {
+                    self.chunk.zeroed(range.len());
+                }
+                group.all_reduce_sum(self.chunk.values_mut())?;
+                sq_norm = sum_squares(sq_norm, self.chunk.values());
+                self.file.write(i, range.start, &self.chunk)?;
+            }
+            self.written[i] = true;
+            self.sq_norms[i] = sq_norm;
+        }
         Ok(())
     }
 
@@ -265,6 +289,13 @@ impl OffloadedGrads {
     pub(crate) fn file(&self) -> Arc<DirectFile> {
         Arc::clone(&self.file)
     }
+}
+
+/// `acc` plus the squares of `values` in float64, added in order.
+fn sum_squares(acc: f64, values: &[f32]) -> f64 {
+    values
+        .iter()
+        .fold(acc, |acc, &v| acc + (v as f64) * (v as f64))
 }
 
 /// How far an AdamW update running on another thread has come: parameters `0..done` (in the

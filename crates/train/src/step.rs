@@ -133,8 +133,12 @@ impl Trainables {
         Ok(())
     }
 
-    /// Sums every gradient over `group` in one collective (missing gradients count as zero).
+    /// Sums every gradient over `group` in one collective (missing gradients count as zero);
+    /// offloaded ones a chunk at a time.
     pub fn all_reduce_grads(&mut self, group: &dyn ProcessGroup) -> TrainResult<()> {
+        if let Some(offload) = &mut self.offloaded {
+            return offload.grads.all_reduce(group);
+        }
         let mut flat: Vec<f32> = Vec::with_capacity(self.num_elements());
         for (var, grad) in self.vars.iter().zip(&self.grads) {
             match grad {

@@ -252,19 +252,12 @@ fn duration(seconds: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
-/// Refuses an `offload_optimizer_dir` that cannot hold the offload files, or that a job of
-/// `world_size` processes would use: gradients are summed across ranks in memory, so only a
-/// single process offloads.
-pub fn check_offload(args: &TrainArgs, world_size: usize) -> TrainResult<()> {
-    let Some(dir) = &args.offload_optimizer_dir else {
-        return Ok(());
-    };
-    if world_size > 1 {
-        return Err(TrainError::Config(format!(
-            "offload_optimizer_dir works in a single process, and this job has {world_size}; remove it, or train in one process"
-        )));
+/// Refuses an `offload_optimizer_dir` that cannot hold the offload files, before any work.
+pub fn check_offload(args: &TrainArgs) -> TrainResult<()> {
+    match &args.offload_optimizer_dir {
+        Some(dir) => check_offload_dir(Path::new(dir)),
+        None => Ok(()),
     }
-    check_offload_dir(Path::new(dir))
 }
 
 /// Trains `model` and writes everything LLaMA-Factory leaves in `output_dir`.
@@ -273,7 +266,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
     let out = &run.output_dir;
     let (rank, world) = (run.group.rank(), run.group.world_size());
     let main = rank == 0;
-    check_offload(args, world)?;
+    check_offload(args)?;
     // Rank 0 alone inspects and prepares the folder; the others follow its decision.
     let resume_from = if main {
         let resume = prepare_output_dir(args, out)?;
