@@ -1,7 +1,8 @@
 //! Gradients and AdamW moments kept on disk instead of in memory (`offload_optimizer_dir`), as
 //! DeepSpeed's NVMe offload keeps them. A full fine-tuning step then holds the weights, one
 //! layer's work and a few chunks in memory, instead of weights, gradients and two moments per
-//! parameter: about a third of the memory, for some seconds of disk traffic per step.
+//! parameter: about a third of the memory, for reading and writing them once a step, which
+//! the update overlaps with the next step's forward.
 //!
 //! The data lives in unnamed files (`O_TMPFILE`), so nothing is left behind whatever way the
 //! process ends, and it moves by direct I/O, so that the kernel's page cache does not keep a
@@ -63,11 +64,9 @@ impl Chunk {
     }
 
     /// Makes the chunk `len` floats long, all zero.
-    pub fn zeroed(&mut self, len: usize) -> &mut [f32] {
+    pub fn zeroed(&mut self, len: usize) {
         self.len = len;
-        let values = self.values_mut();
-        values.fill(0.0);
-        values
+        self.values_mut().fill(0.0);
     }
 
     /// Makes the chunk a copy of `values`.
