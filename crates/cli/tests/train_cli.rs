@@ -399,6 +399,26 @@ fn user_mistakes_are_one_sentence_and_touch_nothing() {
     );
 }
 
+/// Trains the fixture config in `dir` as two processes of one example per batch each, with
+/// `overrides`, and expects success.
+fn two_processes_train(dir: &Path, overrides: &[&str]) {
+    let config = fixture_config(dir, "");
+    let output = Command::new(env!("CARGO_BIN_EXE_ferrofactory"))
+        .args([
+            "train",
+            config.to_str().unwrap(),
+            "per_device_train_batch_size=1",
+        ])
+        .args(overrides)
+        .current_dir(dir)
+        .env("FORCE_TORCHRUN", "1")
+        .env("NPROC_PER_NODE", "2")
+        .env_remove("MASTER_PORT")
+        .output()
+        .unwrap();
+    assert_succeeded(&output);
+}
+
 #[test]
 fn two_processes_with_half_the_batch_train_like_one() {
     let single = tempfile::tempdir().unwrap();
@@ -407,20 +427,7 @@ fn two_processes_with_half_the_batch_train_like_one() {
     assert_succeeded(&output);
 
     let double = tempfile::tempdir().unwrap();
-    let config = fixture_config(double.path(), "");
-    let output = Command::new(env!("CARGO_BIN_EXE_ferrofactory"))
-        .args([
-            "train",
-            config.to_str().unwrap(),
-            "per_device_train_batch_size=1",
-        ])
-        .current_dir(double.path())
-        .env("FORCE_TORCHRUN", "1")
-        .env("NPROC_PER_NODE", "2")
-        .env_remove("MASTER_PORT")
-        .output()
-        .unwrap();
-    assert_succeeded(&output);
+    two_processes_train(double.path(), &[]);
 
     let one = logged_losses(&single.path().join("out"));
     let two = logged_losses(&double.path().join("out"));
@@ -439,21 +446,13 @@ fn two_processes_with_half_the_batch_train_like_one() {
     // The same two processes with gradients and moments on disk, summed a chunk at a time.
     let offloaded = tempfile::tempdir().unwrap();
     let offload_dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let config = fixture_config(offloaded.path(), "");
-    let output = Command::new(env!("CARGO_BIN_EXE_ferrofactory"))
-        .args([
-            "train",
-            config.to_str().unwrap(),
-            "per_device_train_batch_size=1",
-            &format!("offload_optimizer_dir={}", offload_dir.path().display()),
-        ])
-        .current_dir(offloaded.path())
-        .env("FORCE_TORCHRUN", "1")
-        .env("NPROC_PER_NODE", "2")
-        .env_remove("MASTER_PORT")
-        .output()
-        .unwrap();
-    assert_succeeded(&output);
+    two_processes_train(
+        offloaded.path(),
+        &[&format!(
+            "offload_optimizer_dir={}",
+            offload_dir.path().display()
+        )],
+    );
     assert_eq!(logged_losses(&offloaded.path().join("out")), two);
     let adapter = |dir: &Path| std::fs::read(dir.join("out/adapter_model.safetensors")).unwrap();
     assert!(
