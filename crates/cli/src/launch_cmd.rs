@@ -151,6 +151,7 @@ pub fn run(args: LaunchArgs) -> Result<ExitCode> {
     let launch = read_launch_config(&args)?;
     let train_args = TrainArgs::load(&args.config, &args.overrides)?;
     train_args.require_for_training()?;
+    ff_train::trainer::check_offload(&train_args)?;
     let mut overrides = args.overrides.clone();
     overrides.extend(precision_override(launch.mixed_precision, &train_args)?);
 

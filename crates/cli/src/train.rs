@@ -40,6 +40,7 @@ const TOKENIZER_FILES: &[&str] = &[
 pub fn run(config: &Path, overrides: &[String]) -> Result<std::process::ExitCode> {
     let args = TrainArgs::load(config, overrides)?;
     args.require_for_training()?;
+    ff_train::trainer::check_offload(&args)?;
     qlora::refuse_prequantized(
         &args,
         Path::new(args.model_name_or_path.as_deref().unwrap_or_default()),
@@ -49,7 +50,6 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<std::process::ExitCode
         return launch_workers(config, overrides, &env, Vec::new());
     }
     let group = ff_dist::init_from_env(Duration::from_secs(args.ddp_timeout))?;
-    ff_train::trainer::check_offload(&args)?;
     let main = group.rank() == 0;
     let local_rank: usize = env
         .get("LOCAL_RANK")
@@ -166,7 +166,6 @@ pub(crate) fn launch_workers(
     let mut worker_args: Vec<OsString> = vec!["train".into(), config.as_os_str().to_owned()];
     worker_args.extend(overrides.iter().map(OsString::from));
     let mut spec = ff_dist::LaunchSpec::from_env(env, 0, program, worker_args)?;
-    ff_train::trainer::check_offload(&TrainArgs::load(config, overrides)?)?;
     // Nodes must train the same thing: the file's bytes and the overrides are compared.
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     std::fs::read(config)
