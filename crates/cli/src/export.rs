@@ -14,6 +14,7 @@ use ff_model::hf_export::{
 };
 use ff_model::peft::load_adapter;
 use ff_model::ModelConfig;
+use ff_train::checkpoint::copy_files;
 
 use crate::model_source::ModelSource;
 
@@ -54,7 +55,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
     let tmp = temporary_sibling(&export_dir)?;
     let written = (|| -> Result<()> {
         save_model_dir(&mut model, &tmp, dtype, args.export_size * BYTES_PER_GB)?;
-        crate::train::copy_tokenizer_files(&files_dir, &tmp)?;
+        copy_files(&crate::train::tokenizer_files(&files_dir), &tmp)?;
         if !tmp.join("generation_config.json").exists() {
             write_json(
                 &tmp.join("generation_config.json"),

@@ -237,19 +237,10 @@ fn install_interrupt_handler(stop: Arc<AtomicBool>) -> Result<()> {
 }
 
 /// The tokenizer and template files that `model_dir` has.
-fn tokenizer_files(model_dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn tokenizer_files(model_dir: &Path) -> Vec<PathBuf> {
     TOKENIZER_FILES
         .iter()
         .map(|name| model_dir.join(name))
         .filter(|path| path.is_file())
         .collect()
-}
-
-pub(crate) fn copy_tokenizer_files(model_dir: &Path, output_dir: &Path) -> Result<()> {
-    for from in tokenizer_files(model_dir) {
-        let to = output_dir.join(from.file_name().expect("a file under model_dir"));
-        std::fs::copy(&from, &to)
-            .with_context(|| format!("copying {} to {}", from.display(), output_dir.display()))?;
-    }
-    Ok(())
 }

@@ -482,6 +482,17 @@ fn read_step_metadata(path: &Path) -> TrainResult<u64> {
         .ok_or_else(corrupt)
 }
 
+/// Copies each of `files` into `dir` under its own name.
+pub fn copy_files(files: &[PathBuf], dir: &Path) -> TrainResult<()> {
+    for from in files {
+        let name = from
+            .file_name()
+            .ok_or_else(|| TrainError::Config(format!("{} names no file", from.display())))?;
+        std::fs::copy(from, dir.join(name)).map_err(|e| TrainError::io(from, e))?;
+    }
+    Ok(())
+}
+
 pub fn write_json(path: &Path, value: &impl Serialize) -> TrainResult<()> {
     let text = serde_json::to_string_pretty(value).expect("plain data serialises");
     write_atomic(path, text.as_bytes())?;

@@ -16,10 +16,11 @@ use serde_json::{json, Map, Value};
 
 use crate::batch::{collate, label_tokens, Example};
 use crate::checkpoint::{
-    check_complete, check_same_finetuning, list_checkpoints, load_optimizer, load_shard,
-    load_weights, read_run_hash, read_trainer_state, rotate_checkpoints, save_optimizer,
-    save_shard, save_weights, shard_file, sharded_world_size, write_json, write_run_hash,
-    SavedWeights, TrainerState, OPTIMIZER_FILE, RUN_FILE, SHARDED_MARKER, TRAINER_STATE,
+    check_complete, check_same_finetuning, copy_files, list_checkpoints, load_optimizer,
+    load_shard, load_weights, read_run_hash, read_trainer_state, rotate_checkpoints,
+    save_optimizer, save_shard, save_weights, shard_file, sharded_world_size, write_json,
+    write_run_hash, SavedWeights, TrainerState, OPTIMIZER_FILE, RUN_FILE, SHARDED_MARKER,
+    TRAINER_STATE,
 };
 use crate::engine::Engine;
 use crate::error::{TrainError, TrainResult};
@@ -730,17 +731,6 @@ fn gather_for_saving(
 fn release_after_saving(model: &mut CausalLm, engine: &mut Engine) -> TrainResult<()> {
     if let Engine::Sharded(s) = engine {
         s.end(model)?;
-    }
-    Ok(())
-}
-
-/// Copies each of `files` into `dir` under its own name.
-fn copy_files(files: &[PathBuf], dir: &Path) -> TrainResult<()> {
-    for from in files {
-        let name = from
-            .file_name()
-            .ok_or_else(|| TrainError::Config(format!("{} names no file", from.display())))?;
-        std::fs::copy(from, dir.join(name)).map_err(|e| TrainError::io(from, e))?;
     }
     Ok(())
 }
