@@ -45,6 +45,10 @@ pub struct TrainerState {
     pub logging_steps: f64,
     pub save_steps: f64,
     pub train_batch_size: u64,
+    /// Hugging Face's estimate of the run's floating-point operations so far; see
+    /// `trainer::flos_per_token`.
+    #[serde(default)]
+    pub total_flos: f64,
     pub log_history: Vec<Value>,
     #[serde(default)]
     pub best_metric: Option<f64>,

@@ -253,6 +253,38 @@ fn duration(seconds: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
+/// Floating-point operations per token as Hugging Face's Trainer estimates them for
+/// `total_flos`: six per parameter, adapters included, the embedding table (and a head tied to
+/// it) left out. Counted on the whole model whatever a rank holds.
+fn flos_per_token(model: &mut CausalLm) -> f64 {
+    let (params, _) = model.num_params();
+    6.0 * (params - model.embed_tokens.elem_count()) as f64
+}
+
+/// The token slots of one step's micro-batches on every rank, as `total_flos` counts them:
+/// each rank's share padded to its longest example rounded up to 8, as LLaMA-Factory's
+/// collator pads for training (ours pads less; the loss is the same).
+fn padded_tokens(
+    micro_batches: &[std::ops::Range<usize>],
+    order: &[usize],
+    examples: &[Example],
+    world: usize,
+) -> usize {
+    let mut tokens = 0;
+    for range in micro_batches {
+        for rank in 0..world {
+            let share = &order[rank_slice(range.clone(), rank, world)];
+            let longest = share
+                .iter()
+                .map(|&i| examples[i].input_ids.len())
+                .max()
+                .unwrap_or(0);
+            tokens += share.len() * longest.next_multiple_of(8);
+        }
+    }
+    tokens
+}
+
 /// Refuses an `offload_optimizer_dir` that cannot hold the offload files, before any work.
 pub fn check_offload(args: &TrainArgs) -> TrainResult<()> {
     match &args.offload_optimizer_dir {
@@ -315,6 +347,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
     let save_every = interval(args.save_steps, total_steps);
     let eval_every = interval(args.eval_steps.unwrap_or(args.logging_steps), total_steps);
     let hash = run_hash(args, run.train.len(), total_steps);
+    let flos_per_token = flos_per_token(model);
 
     let mut state = TrainerState {
         max_steps: total_steps,
@@ -447,6 +480,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         optimizer.restore(resumed_state)?;
         state.global_step = saved.global_step;
         state.epoch = saved.epoch;
+        state.total_flos = saved.total_flos;
         state.log_history = saved.log_history;
         run.observer.on_message(&format!(
             "resuming from {} at step {}",
@@ -482,8 +516,9 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
             ));
         }
         let indices = &order.as_ref().expect("set above").1;
-        let micro_batches: Vec<_> = plan
-            .step_micro_batches(step_in_epoch, run.train.len())
+        let ranges = plan.step_micro_batches(step_in_epoch, run.train.len());
+        let step_flos = flos_per_token * padded_tokens(&ranges, indices, run.train, world) as f64;
+        let micro_batches: Vec<_> = ranges
             .into_iter()
             .map(|range| {
                 let mine = rank_slice(range, rank, world);
@@ -504,6 +539,7 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
             run.group,
         )?;
         state.global_step += 1;
+        state.total_flos += step_flos;
         let step = state.global_step;
         state.epoch = epoch as f64 + (step_in_epoch + 1) as f64 / steps_per_epoch as f64;
         loss_since_log += stats.loss;
@@ -972,6 +1008,7 @@ fn write_final_outputs(
         "train_runtime": round(runtime, 4),
         "train_samples_per_second": round(samples / runtime, 3),
         "train_steps_per_second": round(steps_run / runtime, 3),
+        "total_flos": state.total_flos,
     });
     let mut final_record = train_metrics.as_object().cloned().unwrap_or_default();
     final_record.insert("step".into(), json!(state.global_step));

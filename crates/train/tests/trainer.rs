@@ -267,6 +267,39 @@ fn a_run_leaves_llama_factory_outputs() {
 }
 
 #[test]
+fn total_flos_is_hugging_faces_estimate() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // One micro-batch of all six examples (5 to 10 tokens, so 16 slots each) per step.
+    run(
+        &out,
+        &["per_device_train_batch_size=6", "save_steps=1"],
+        None,
+    )
+    .unwrap();
+    // transformers 5.24's Trainer.floating_point_ops for this PEFT model and a 6 × 16 batch.
+    let per_step = 1_870_589_952.0;
+    let read = |file: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join(file)).unwrap()).unwrap()
+    };
+    assert_eq!(
+        read("checkpoint-1/trainer_state.json")["total_flos"].as_f64(),
+        Some(per_step)
+    );
+    for file in [
+        "trainer_state.json",
+        "train_results.json",
+        "all_results.json",
+    ] {
+        assert_eq!(
+            read(file)["total_flos"].as_f64(),
+            Some(2.0 * per_step),
+            "{file}"
+        );
+    }
+}
+
+#[test]
 fn interrupted_and_resumed_run_logs_the_same_losses() {
     let dir = tempfile::tempdir().unwrap();
     let straight = dir.path().join("straight");
@@ -289,6 +322,13 @@ fn interrupted_and_resumed_run_logs_the_same_losses() {
     // Rerunning into the same folder resumes from its newest checkpoint, as LLaMA-Factory does.
     run(&resumed, &[], None).unwrap();
     assert_eq!(logged_losses(&resumed), logged_losses(&straight));
+    let total_flos = |out: &Path| {
+        let state: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
+                .unwrap();
+        state["total_flos"].as_f64().unwrap()
+    };
+    assert_eq!(total_flos(&resumed), total_flos(&straight));
 }
 
 #[test]
