@@ -44,23 +44,24 @@ impl Linear {
     /// `x` is `[..., in]`; `dropout_seed` must be the same on a recomputation as on the first pass.
     pub fn forward(&self, x: &Tensor, dropout_seed: u64) -> Result<Tensor> {
         let dtype = x.dtype();
+        // The fused op reads `[batch, seq, in]` as rows in place and answers `[batch, seq, out]`.
+        if let Some(y) = self.fused_with_adapter(x)? {
+            return match &self.bias {
+                Some(bias) => y.broadcast_add(&bias.in_dtype(dtype)?),
+                None => Ok(y),
+            };
+        }
         let dims = x.dims().to_vec();
         let rows = x.elem_count() / self.in_features();
         let x2 = x.reshape((rows, self.in_features()))?;
-        let mut y = match self.fused_with_adapter(&x2)? {
-            Some(y) => y,
-            None => {
-                let mut y = match &self.weight {
-                    Param::Quantized(q) => q.matmul_t(&x2)?,
-                    Param::Frozen(w) => matmul_frozen_t(&x2, w)?,
-                    Param::Trainable(w) => x2.matmul(&w.as_tensor().to_dtype(dtype)?.t()?)?,
-                };
-                if let Some(lora) = &self.lora {
-                    y = (y + lora.forward(&x2, dtype, dropout_seed)?)?;
-                }
-                y
-            }
+        let mut y = match &self.weight {
+            Param::Quantized(q) => q.matmul_t(&x2)?,
+            Param::Frozen(w) => matmul_frozen_t(&x2, w)?,
+            Param::Trainable(w) => x2.matmul(&w.as_tensor().to_dtype(dtype)?.t()?)?,
         };
+        if let Some(lora) = &self.lora {
+            y = (y + lora.forward(&x2, dtype, dropout_seed)?)?;
+        }
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(&bias.in_dtype(dtype)?)?;
         }
@@ -73,10 +74,10 @@ impl Linear {
 
     /// The frozen product and its adapter as one op, where there is a kernel for them (a dense
     /// frozen weight in float32 or half precision, an adapter without dropout).
-    fn fused_with_adapter(&self, x2: &Tensor) -> Result<Option<Tensor>> {
+    fn fused_with_adapter(&self, x: &Tensor) -> Result<Option<Tensor>> {
         match (&self.weight, &self.lora) {
-            (Param::Frozen(w), Some(lora)) if lora.dropout == 0.0 => {
-                lora_product(x2, w, lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)
+            (Param::Frozen(w), Some(lora)) if lora.dropout == 0.0 && x.rank() >= 2 => {
+                lora_product(x, w, lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)
             }
             _ => Ok(None),
         }

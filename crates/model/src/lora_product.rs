@@ -10,14 +10,20 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Storage, Tensor, D,
+};
 
 use crate::bf16_product::{self, LowRank};
 use crate::narrow::{narrow, to_bf16, widen};
-use crate::strided_product::{contiguous, cpu_values, float32_values, product, Operand, Threads};
+use crate::strided_product::{
+    contiguous, cpu_values, float32_values, overwritten, product, Operand, Threads,
+};
 
-/// `x` is `[m, k]`, `w` the frozen `[n, k]`, `a` the adapter's float32 `[r, k]` and `b` its
-/// `[n, r]`; returns `x wᵀ + scale · (x aᵀ) bᵀ` as `[m, n]` in `x`'s dtype. The products run in
+/// `x` is `[..., k]`, `w` the frozen `[n, k]`, `a` the adapter's float32 `[r, k]` and `b` its
+/// `[n, r]`; returns `x wᵀ + scale · (x aᵀ) bᵀ` as `[..., n]` in `x`'s dtype. The leading
+/// dimensions are rows read in place: a `[batch, seq, k]` input needs no reshape, a node whose
+/// backward would cost a zeroed buffer and an add over the whole gradient. The products run in
 /// float32: half-precision `x` is converted (its gradient converted back by autograd) and a
 /// half-precision `w` is converted for each product into a buffer freed right after, so the
 /// frozen weights stay in their dtype. `None` when the op has no kernel for these tensors (not on
@@ -38,7 +44,13 @@ pub fn lora_product(
     {
         return Ok(None);
     }
-    let (_, k) = x.dims2()?;
+    if x.rank() < 2 {
+        return Err(Error::Msg(format!(
+            "LoRA product of an input of shape {:?}: it needs rows",
+            x.shape()
+        )));
+    }
+    let k = x.dim(D::Minus1)?;
     let (n, w_k) = w.dims2()?;
     let (r, a_k) = a.dims2()?;
     if w_k != k || a_k != k || b.dims2()? != (n, r) {
@@ -53,9 +65,14 @@ pub fn lora_product(
     let op = LoraProduct {
         w: w.detach(),
         scale: scale as f32,
-        on_bf16_product: bf16_product::suits(x.dim(0)?, w),
+        on_bf16_product: bf16_product::suits(x.elem_count() / k, w),
     };
-    let x_in = widen(x)?;
+    // A strided input of more than two dimensions is copied once here: the op reads its rows in
+    // place only when they are evenly spaced.
+    let x_in = match x.rank() {
+        2 => widen(x)?,
+        _ => widen(x)?.contiguous()?,
+    };
     let y = x_in.apply_op3_arc(a, b, Arc::new(Box::new(op)))?;
     Ok(Some(narrow(&y, x.dtype())?))
 }
@@ -80,21 +97,27 @@ fn weight_values(storage: &Storage) -> Result<Cow<'_, [f32]>> {
 /// `x aᵀ`, `[m, r]`: the adapter's narrow middle, recomputed in backward (it costs `r / n` of
 /// the frozen product).
 fn down_projection(x: Operand, a: Operand, m: usize, r: usize, k: usize) -> Vec<f32> {
-    let mut xa = vec![0f32; m * r];
-    // SAFETY: x is m × k and a is r × k as their views say; xa is m × r.
+    // SAFETY: x is m × k and a is r × k as their views say; the product writes all m × r.
     unsafe {
-        product(
-            (m, r, k),
-            xa.as_mut_ptr(),
-            r,
-            false,
-            x,
-            a.t(),
-            1.0,
-            Threads::Pool,
-        )
-    };
-    xa
+        overwritten(m * r, |xa| {
+            product((m, r, k), xa, r, false, x, a.t(), 1.0, Threads::Pool)
+        })
+    }
+}
+
+/// `(rows, width)` of a tensor read as rows of its last dimension.
+fn rows_and_width(shape: &Shape) -> (usize, usize) {
+    let width = shape.dims().last().copied().unwrap_or(1);
+    (shape.elem_count() / width.max(1), width)
+}
+
+/// `shape` with its last dimension replaced by `width`.
+fn with_width(shape: &Shape, width: usize) -> Shape {
+    let mut dims = shape.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = width;
+    }
+    Shape::from(dims)
 }
 
 impl LoraProduct {
@@ -129,31 +152,25 @@ impl LoraProduct {
         let (w_storage, w_layout) = self.w.storage_and_layout();
         let w_values = weight_values(&w_storage)?;
         let w = Operand::matrix(&w_values, w_layout)?;
-        let mut out = vec![0f32; m * cols];
-        // SAFETY: lhs, w and right are read through their layouts, left is m × r; out is
-        // m × cols.
-        unsafe {
-            product(
-                (m, cols, inner),
-                out.as_mut_ptr(),
-                cols,
-                false,
-                Operand::matrix(lhs_values, lhs_layout)?,
-                if transposed { w.t() } else { w },
-                1.0,
-                Threads::Pool,
-            );
-            product(
-                (m, cols, r),
-                out.as_mut_ptr(),
-                cols,
-                true,
-                Operand::rows(left, r),
-                right,
-                self.scale,
-                Threads::Pool,
-            );
-        }
+        let lhs = Operand::matrix(lhs_values, lhs_layout)?;
+        let w = if transposed { w.t() } else { w };
+        // SAFETY: lhs, w and right are read through their layouts, left is m × r; the first
+        // product writes all m × cols of out, the second adds to it.
+        let out = unsafe {
+            overwritten(m * cols, |out| {
+                product((m, cols, inner), out, cols, false, lhs, w, 1.0, Threads::Pool);
+                product(
+                    (m, cols, r),
+                    out,
+                    cols,
+                    true,
+                    Operand::rows(left, r),
+                    right,
+                    self.scale,
+                    Threads::Pool,
+                );
+            })
+        };
         Ok(out)
     }
 }
@@ -172,7 +189,7 @@ impl CustomOp3 for LoraProduct {
         b: &CpuStorage,
         b_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = x_layout.shape().dims2()?;
+        let (m, k) = rows_and_width(x_layout.shape());
         let (r, n) = (a_layout.dims()[0], b_layout.dims()[0]);
         // x is float32: lora_product widens it before the op.
         let x_values = x.as_slice::<f32>()?;
@@ -182,7 +199,7 @@ impl CustomOp3 for LoraProduct {
         let xa = down_projection(x_op, a, m, r, k);
         // y = x Wᵀ + s · (x Aᵀ) Bᵀ
         let y = self.frozen_plus_adapter((x_values, x_layout), true, (m, n, k, r), &xa, b.t())?;
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        Ok((CpuStorage::F32(y), with_width(x_layout.shape(), n)))
     }
 
     fn bwd(
@@ -193,7 +210,7 @@ impl CustomOp3 for LoraProduct {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (m, k) = x.dims2()?;
+        let (m, k) = rows_and_width(x.shape());
         let (r, n) = (a.dim(0)?, b.dim(0)?);
         let grad_y = grad_y.to_dtype(DType::F32)?.contiguous()?;
         let (x_storage, x_layout) = x.storage_and_layout();
@@ -206,53 +223,32 @@ impl CustomOp3 for LoraProduct {
         let dy_values = cpu_values(&dy_storage)?;
         let dy = Operand::matrix(dy_values, dy_layout)?;
         let s = self.scale;
-        let mut dy_b = vec![0f32; m * r];
-        let mut da = vec![0f32; r * k];
-        let mut db = vec![0f32; n * r];
         let xa = down_projection(x_op, a_op, m, r, k);
-        // SAFETY: every operand is read through its own layout; each result is written row-major
-        // in the shape its vector was allocated for.
-        unsafe {
+        // SAFETY: every operand is read through its own layout; each product writes all of the
+        // row-major result it fills.
+        let (dy_b, da, db) = unsafe {
             // dy B, [m, r]
-            product(
-                (m, r, n),
-                dy_b.as_mut_ptr(),
-                r,
-                false,
-                dy,
-                b_op,
-                1.0,
-                Threads::Pool,
-            );
+            let dy_b = overwritten(m * r, |out| {
+                product((m, r, n), out, r, false, dy, b_op, 1.0, Threads::Pool)
+            });
             // dA = s · (dy B)ᵀ x
-            product(
-                (r, k, m),
-                da.as_mut_ptr(),
-                k,
-                false,
-                Operand::rows(&dy_b, r).t(),
-                x_op,
-                s,
-                Threads::Pool,
-            );
+            let da = overwritten(r * k, |out| {
+                let dy_b = Operand::rows(&dy_b, r).t();
+                product((r, k, m), out, k, false, dy_b, x_op, s, Threads::Pool)
+            });
             // dB = s · dyᵀ (x Aᵀ)
-            product(
-                (n, r, m),
-                db.as_mut_ptr(),
-                r,
-                false,
-                dy.t(),
-                Operand::rows(&xa, r),
-                s,
-                Threads::Pool,
-            );
-        }
+            let db = overwritten(n * r, |out| {
+                let xa = Operand::rows(&xa, r);
+                product((n, r, m), out, r, false, dy.t(), xa, s, Threads::Pool)
+            });
+            (dy_b, da, db)
+        };
         // dx = dy W + s · (dy B) A
         let dx =
             self.frozen_plus_adapter((dy_values, dy_layout), false, (m, k, n, r), &dy_b, a_op)?;
         let device = x.device();
         Ok((
-            Some(Tensor::from_vec(dx, (m, k), device)?),
+            Some(Tensor::from_vec(dx, x.shape(), device)?),
             Some(Tensor::from_vec(da, (r, k), device)?),
             Some(Tensor::from_vec(db, (n, r), device)?),
         ))

@@ -28,19 +28,28 @@ impl Operand {
         }
     }
 
-    /// The 2-D tensor of `layout` over `values` (its storage's whole slice).
+    /// The 2-D tensor of `layout` over `values` (its storage's whole slice), or a contiguous
+    /// tensor of higher rank read as rows of its last dimension (`[batch, seq, width]` as
+    /// `[batch · seq, width]`, with no reshape in the graph).
     pub fn matrix(values: &[f32], layout: &Layout) -> Result<Self> {
-        let &[row_stride, col_stride] = layout.stride() else {
-            return Err(Error::Msg(format!(
-                "expected a matrix, got shape {:?}",
-                layout.shape()
-            )));
-        };
-        Ok(Self {
-            ptr: values[layout.start_offset()..].as_ptr(),
-            row_stride: row_stride as isize,
-            col_stride: col_stride as isize,
-        })
+        if let &[row_stride, col_stride] = layout.stride() {
+            return Ok(Self {
+                ptr: values[layout.start_offset()..].as_ptr(),
+                row_stride: row_stride as isize,
+                col_stride: col_stride as isize,
+            });
+        }
+        match layout.dims() {
+            [_, _, .., width] if layout.is_contiguous() => Ok(Self::rows(
+                &values[layout.start_offset()..],
+                *width,
+            )),
+            _ => Err(Error::Msg(format!(
+                "expected a matrix or a contiguous tensor, got shape {:?} with strides {:?}",
+                layout.shape(),
+                layout.stride()
+            ))),
+        }
     }
 
     /// `scale` times the view's first `rows × cols` values, copied row-major.
@@ -120,6 +129,20 @@ pub(crate) unsafe fn product(
         false,
         parallelism,
     )
+}
+
+/// A buffer of `len` values filled by `fill`, which gets its first element and must write every
+/// one: typically a product that does not accumulate (`gemm` never reads such a destination), so
+/// the buffer is not zeroed first, a pass over it that the product makes anyway.
+///
+/// # Safety
+/// `fill` must write all `len` values.
+pub(crate) unsafe fn overwritten(len: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    fill(out.as_mut_ptr());
+    // SAFETY: the caller's promise: every value is written.
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// The part of `values` (a storage's whole slice) that the contiguous `layout` covers; the fused
@@ -224,5 +247,46 @@ mod tests {
             assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         }
         assert!(add_transposed_product(&mut sum, &a, &d).is_err());
+    }
+
+    /// `overwritten` relies on a product that does not accumulate never reading its
+    /// destination: garbage there (NaN here) must not reach the result.
+    #[test]
+    fn a_product_that_does_not_accumulate_never_reads_its_destination() {
+        let (m, n, k) = (67, 35, 19);
+        let lhs: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let rhs: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 - 2.0).collect();
+        let mut dst = vec![f32::NAN; m * n];
+        // SAFETY: lhs is m × k and rhs k × n, row-major; dst is m × n.
+        unsafe {
+            product(
+                (m, n, k),
+                dst.as_mut_ptr(),
+                n,
+                false,
+                Operand::rows(&lhs, k),
+                Operand::rows(&rhs, n),
+                1.0,
+                Threads::Pool,
+            )
+        };
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|l| lhs[i * k + l] * rhs[l * n + j]).sum();
+                assert_eq!(dst[i * n + j], want, "({i}, {j})");
+            }
+        }
+    }
+
+    #[test]
+    fn reads_a_contiguous_tensor_of_higher_rank_as_rows() {
+        let t = normal((2, 3, 4), 0.0, 1.0, 5);
+        let (storage, layout) = t.storage_and_layout();
+        let values = cpu_values(&storage).unwrap();
+        let op = Operand::matrix(values, layout).unwrap();
+        assert_eq!((op.row_stride, op.col_stride), (4, 1));
+        let strided = t.transpose(0, 1).unwrap();
+        let (storage, layout) = strided.storage_and_layout();
+        assert!(Operand::matrix(cpu_values(&storage).unwrap(), layout).is_err());
     }
 }
