@@ -21,12 +21,14 @@ use crate::strided_product::{contiguous, cpu_values, product, Operand, Threads};
 /// close to the causal triangle, large enough for the products to run at speed.
 const QUERY_BLOCK: usize = 64;
 
-/// `q` is `[batch, heads, seq, head_dim]`, `k` and `v` are `[batch, kv_heads, seq, head_dim]`
-/// (any strides; query head `h` uses key-value head `h / (heads / kv_heads)`), `mask` the
-/// additive float32 `[batch, 1, 1, seq, seq]` of [`crate::ForwardCtx`]. Returns
-/// `softmax(q kᵀ / √head_dim + mask) v` as `[batch, seq, heads, head_dim]` (positions before
-/// heads, as the output projection reads them) in `q`'s dtype, computed in float32. `None` off
-/// the CPU, where the op has no kernel.
+/// `q` is `[batch, heads, seq, head_dim]`, `k` is `[batch, kv_heads, seq, head_dim]` (any
+/// strides; query head `h` uses key-value head `h / (heads / kv_heads)`), `v` the same or
+/// `[batch, seq, kv_heads · head_dim]` as its projection leaves it, `mask` the additive float32
+/// `[batch, 1, 1, seq, seq]` of [`crate::ForwardCtx`]. Returns `softmax(q kᵀ / √head_dim +
+/// mask) v` as `[batch, seq, heads · head_dim]` (positions before heads, as the output
+/// projection reads them) in `q`'s dtype, computed in float32. Taking and giving the
+/// projections' shapes keeps reshapes out of the graph, each of which would cost a zeroed
+/// buffer and an add in backward. `None` off the CPU, where the op has no kernel.
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -39,7 +41,8 @@ pub fn causal_attention(
     let (batch, heads, seq, head_dim) = q.dims4()?;
     let kv_heads = k.dim(1)?;
     let kv_shape = Shape::from((batch, kv_heads, seq, head_dim));
-    if k.shape() != &kv_shape || v.shape() != &kv_shape || kv_heads == 0 || heads % kv_heads != 0 {
+    let v_fits = v.shape() == &kv_shape || v.dims() == [batch, seq, kv_heads * head_dim];
+    if k.shape() != &kv_shape || !v_fits || kv_heads == 0 || heads % kv_heads != 0 {
         return Err(Error::Msg(format!(
             "attention of queries {:?} over keys {:?} and values {:?}",
             q.shape(),
@@ -56,7 +59,12 @@ pub fn causal_attention(
     let op = CausalAttention {
         mask: mask.to_dtype(DType::F32)?.contiguous()?,
     };
-    let out = widen(q)?.apply_op3_arc(&widen(k)?, &widen(v)?, Arc::new(Box::new(op)))?;
+    // Rows of positions are read in place only when contiguous.
+    let v = match v.rank() {
+        3 => widen(v)?.contiguous()?,
+        _ => widen(v)?,
+    };
+    let out = widen(q)?.apply_op3_arc(&widen(k)?, &v, Arc::new(Box::new(op)))?;
     Ok(Some(narrow(&out, q.dtype())?))
 }
 
@@ -76,12 +84,17 @@ struct Heads<'a> {
 }
 
 impl<'a> Heads<'a> {
-    fn new(values: &'a [f32], layout: &Layout) -> Self {
-        let strides = layout.stride();
+    /// `layout` is `[batch, heads, seq, head_dim]` with any strides, or a contiguous `[batch,
+    /// seq, heads · head_dim]` (heads side by side in each position's row).
+    fn new(values: &'a [f32], layout: &Layout, head_dim: usize) -> Self {
+        let strides = match (layout.dims(), layout.stride()) {
+            (&[_, seq, width], _) => [seq * width, head_dim, width, 1],
+            (_, strides) => [strides[0], strides[1], strides[2], strides[3]],
+        };
         Self {
             values,
             start: layout.start_offset(),
-            strides: [strides[0], strides[1], strides[2], strides[3]],
+            strides,
         }
     }
 
@@ -184,9 +197,9 @@ impl CustomOp3 for CausalAttention {
         v_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = Dims::of(q_layout, k_layout)?;
-        let q = Heads::new(q.as_slice()?, q_layout);
-        let k = Heads::new(k.as_slice()?, k_layout);
-        let v = Heads::new(v.as_slice()?, v_layout);
+        let q = Heads::new(q.as_slice()?, q_layout, dims.head_dim);
+        let k = Heads::new(k.as_slice()?, k_layout, dims.head_dim);
+        let v = Heads::new(v.as_slice()?, v_layout, dims.head_dim);
         let (mask_storage, _) = self.mask.storage_and_layout();
         let mask = contiguous(cpu_values(&mask_storage)?, self.mask.layout())?;
         let Dims {
@@ -229,10 +242,7 @@ impl CustomOp3 for CausalAttention {
                 }
             }
         });
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((batch, seq, heads, head_dim)),
-        ))
+        Ok((CpuStorage::F32(out), Shape::from((batch, seq, heads * head_dim))))
     }
 
     fn bwd(
@@ -249,14 +259,21 @@ impl CustomOp3 for CausalAttention {
         let (v_storage, v_layout) = v.storage_and_layout();
         let (go_storage, _) = grad_out.storage_and_layout();
         let (mask_storage, _) = self.mask.storage_and_layout();
+        let dims = Dims::of(q_layout, k_layout)?;
         let (dq, dk, dv) = backward(
-            &Dims::of(q_layout, k_layout)?,
+            &dims,
             contiguous(cpu_values(&mask_storage)?, self.mask.layout())?,
             contiguous(cpu_values(&go_storage)?, grad_out.layout())?,
-            Heads::new(cpu_values(&q_storage)?, q_layout),
-            Heads::new(cpu_values(&k_storage)?, k_layout),
-            Heads::new(cpu_values(&v_storage)?, v_layout),
+            Heads::new(cpu_values(&q_storage)?, q_layout, dims.head_dim),
+            Heads::new(cpu_values(&k_storage)?, k_layout, dims.head_dim),
+            Heads::new(cpu_values(&v_storage)?, v_layout, dims.head_dim),
         );
+        // dv comes as `[batch, kv_heads, seq, head_dim]`; v as rows of positions wants its
+        // gradient in the same rows.
+        let dv = match v.rank() {
+            3 => positions_before_heads(&dv, &dims),
+            _ => dv,
+        };
         let device = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), device)?),
@@ -264,6 +281,26 @@ impl CustomOp3 for CausalAttention {
             Some(Tensor::from_vec(dv, v.shape(), device)?),
         ))
     }
+}
+
+/// `[batch, kv_heads, seq, head_dim]` values reordered as `[batch, seq, kv_heads, head_dim]`.
+fn positions_before_heads(values: &[f32], dims: &Dims) -> Vec<f32> {
+    let Dims {
+        kv_heads,
+        seq,
+        head_dim,
+        ..
+    } = *dims;
+    let mut out = vec![0f32; values.len()];
+    out.par_chunks_mut(head_dim)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            // Output row (b, pos, g) reads input row (b, g, pos).
+            let (b, pos, g) = (row / (seq * kv_heads), (row / kv_heads) % seq, row % kv_heads);
+            let src = ((b * kv_heads + g) * seq + pos) * head_dim;
+            dst.copy_from_slice(&values[src..src + head_dim]);
+        });
+    out
 }
 
 /// `row[..limit] = softmax(scale · scores + mask)` in place, `row[limit..] = 0`.
@@ -495,19 +532,31 @@ mod tests {
             }
         }
         let mask = Tensor::from_vec(mask, (b, 1, 1, s, s), &dev).unwrap();
-        let upstream = normal((b, s, h, d), 0.0, 1.0, 3);
+        let upstream = normal((b, s, h * d), 0.0, 1.0, 3);
 
-        let ours = causal_attention(q.as_tensor(), k.as_tensor(), &v, &mask)
-            .unwrap()
+        let expected = reference(q.as_tensor(), k.as_tensor(), &v, &mask)
+            .reshape((b, s, h * d))
             .unwrap();
-        let expected = reference(q.as_tensor(), k.as_tensor(), &v, &mask);
-        assert_eq!(ours.dims(), &[b, s, h, d]);
-        assert!(max_abs_diff(&ours, &expected) < 1e-5);
-        let g_ours = grads_of(ours, &upstream);
-        let g_ref = grads_of(expected, &upstream);
-        for var in [&q, &k, &v_stored] {
-            let (a, e) = (g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
-            assert!(max_abs_diff(a, e) < 1e-5, "{}", max_abs_diff(a, e));
+        let g_ref = grads_of(expected.clone(), &upstream);
+        // Values as a transposed view of heads, and as the projection's rows themselves.
+        let v_rows = Var::from_tensor(&v_stored.as_tensor().reshape((b, s, kv * d)).unwrap())
+            .unwrap();
+        for (v_in, v_var) in [(v.clone(), &v_stored), (v_rows.as_tensor().clone(), &v_rows)] {
+            let ours = causal_attention(q.as_tensor(), k.as_tensor(), &v_in, &mask)
+                .unwrap()
+                .unwrap();
+            assert_eq!(ours.dims(), &[b, s, h * d]);
+            assert!(max_abs_diff(&ours, &expected) < 1e-5);
+            let g_ours = grads_of(ours, &upstream);
+            for (var, reference) in [(&q, &q), (&k, &k), (v_var, &v_stored)] {
+                let got = g_ours.get(var).unwrap();
+                let want = g_ref.get(reference).unwrap().reshape(got.shape()).unwrap();
+                assert!(
+                    max_abs_diff(got, &want) < 1e-5,
+                    "{}",
+                    max_abs_diff(got, &want)
+                );
+            }
         }
     }
 

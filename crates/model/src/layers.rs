@@ -57,11 +57,16 @@ impl Rope {
         })
     }
 
-    /// `x` is `[batch, seq, heads, head_dim]`; returns the rotated `[batch, heads, seq, head_dim]`.
+    /// `x` is `[batch, seq, heads, head_dim]` or `[batch, seq, heads · head_dim]`; returns the
+    /// rotated `[batch, heads, seq, head_dim]`.
     pub fn apply_to_heads(&self, x: &Tensor) -> Result<Tensor> {
         match rope_heads(x, &self.cos, &self.sin)? {
             Some(rotated) => Ok(rotated),
-            None => self.apply(&x.transpose(1, 2)?.contiguous()?),
+            None => {
+                let (batch, seq) = (x.dim(0)?, x.dim(1)?);
+                let heads = x.reshape((batch, seq, (), self.cos.dim(D::Minus1)?))?;
+                self.apply(&heads.transpose(1, 2)?.contiguous()?)
+            }
         }
     }
 
@@ -171,15 +176,15 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx, seed: u64) -> Result<Tensor> {
         let (batch, seq, _) = x.dims3()?;
         let (hd, nh, nkv) = (self.head_dim, self.num_heads, self.num_kv_heads);
+        // A projection's `[batch, seq, n · head_dim]` goes to rotary embedding and attention as
+        // it is; only a per-head norm needs the heads apart.
         let heads =
             |proj: &Linear, n: usize, site: u64, norm: &Option<RmsNorm>| -> Result<Tensor> {
-                let mut t = proj
-                    .forward(x, derive_seed(seed, site))?
-                    .reshape((batch, seq, n, hd))?;
-                if let Some(norm) = norm {
-                    t = norm.forward(&t)?;
+                let t = proj.forward(x, derive_seed(seed, site))?;
+                match norm {
+                    Some(norm) => norm.forward(&t.reshape((batch, seq, n, hd))?),
+                    None => Ok(t),
                 }
-                Ok(t)
             };
         let q = ctx
             .rope
@@ -187,15 +192,15 @@ impl Attention {
         let k = ctx
             .rope
             .apply_to_heads(&heads(&self.k_proj, nkv, 2, &self.k_norm)?)?;
-        let v = heads(&self.v_proj, nkv, 3, &None)?.transpose(1, 2)?;
-        let out = attention(&q, &k, &v, &ctx.mask)?.reshape((batch, seq, nh * hd))?;
+        let v = heads(&self.v_proj, nkv, 3, &None)?;
+        let out = attention(&q, &k, &v, &ctx.mask)?;
         self.o_proj.forward(&out, derive_seed(seed, 4))
     }
 }
 
-/// Attention of `q` `[batch, heads, seq, head_dim]` over `k` and `v` `[batch, kv_heads, seq,
-/// head_dim]` under the additive `mask` of [`ForwardCtx`]; returns `[batch, seq, heads,
-/// head_dim]`. Scores and softmax are in float32.
+/// Attention of `q` `[batch, heads, seq, head_dim]` over `k` `[batch, kv_heads, seq, head_dim]`
+/// and `v` (the same, or `[batch, seq, kv_heads · head_dim]`) under the additive `mask` of
+/// [`ForwardCtx`]; returns `[batch, seq, heads · head_dim]`. Scores and softmax are in float32.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     if let Some(out) = causal_attention(q, k, v, mask)? {
         return Ok(out);
@@ -203,6 +208,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
     // Off the CPU, candle's ops compute the same over the whole square.
     let (batch, nh, seq, hd) = q.dims4()?;
     let nkv = k.dim(1)?;
+    let v = match v.rank() {
+        3 => v.reshape((batch, seq, nkv, hd))?.transpose(1, 2)?,
+        _ => v.clone(),
+    };
     // Grouped-query attention without copying keys: the `groups` query heads that share a
     // key-value head are stacked along the sequence axis.
     let groups = nh / nkv;
@@ -222,7 +231,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
         .matmul(&v.contiguous()?)?
         .reshape((batch, nh, seq, hd))?
         .transpose(1, 2)?
-        .contiguous()
+        .reshape((batch, seq, nh * hd))
 }
 
 #[derive(Clone, Debug)]

@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use crate::narrow::{narrow, widen};
 use crate::strided_product::contiguous;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// `x` is `[batch, seq, heads, head_dim]`, `cos` and `sin` are `[seq, head_dim]` (the halves
+/// `x` is `[batch, seq, heads, head_dim]`, or `[batch, seq, heads · head_dim]` as a projection
+/// leaves it (no reshape in the graph), `cos` and `sin` are `[seq, head_dim]` (the halves
 /// repeated, as [`crate::layers::Rope`] builds them); returns the rotated `[batch, heads, seq,
 /// head_dim]`, contiguous, in `x`'s dtype, computed in float32. `None` off the CPU, where the op
 /// has no kernel and the caller uses candle's ops.
@@ -20,16 +21,35 @@ pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tenso
     if !x.device().is_cpu() {
         return Ok(None);
     }
-    let op = Arc::new(Box::new(RopeHeads { inverse: false }) as Box<dyn CustomOp3 + Send + Sync>);
+    let head_dim = cos.dim(1)?;
+    let fits = match x.dims() {
+        [_, seq, _, d] => *d == head_dim && *seq == cos.dim(0)?,
+        [_, seq, width] => head_dim > 0 && width % head_dim == 0 && *seq == cos.dim(0)?,
+        _ => false,
+    };
+    if !fits || sin.shape() != cos.shape() {
+        return Err(Error::Msg(format!(
+            "rotary embedding of heads {:?} with tables {:?}",
+            x.shape(),
+            cos.shape()
+        )));
+    }
+    let op = RopeHeads {
+        inverse: false,
+        x_shape: x.shape().clone(),
+    };
+    let op = Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>);
     let f32 = |t: &Tensor| widen(t)?.contiguous();
     let rotated = f32(x)?.apply_op3_arc(&f32(cos)?, &f32(sin)?, op)?;
     Ok(Some(narrow(&rotated, x.dtype())?))
 }
 
-/// Forward: `[b, s, h, d]` in, rotated by +angle, `[b, h, s, d]` out. Inverse (the backward):
-/// `[b, h, s, d]` in, rotated by −angle, `[b, s, h, d]` out.
+/// Forward: `[b, s, h, d]` (or `[b, s, h · d]`) in, rotated by +angle, `[b, h, s, d]` out.
+/// Inverse (the backward): `[b, h, s, d]` in, rotated by −angle, out in the forward input's
+/// shape `x_shape`.
 struct RopeHeads {
     inverse: bool,
+    x_shape: Shape,
 }
 
 impl CustomOp3 for RopeHeads {
@@ -46,7 +66,9 @@ impl CustomOp3 for RopeHeads {
         sin: &CpuStorage,
         sin_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, d1, d2, d) = x_layout.shape().dims4()?;
+        let d = cos_layout.dims()[1];
+        let (b, d1) = (x_layout.dims()[0], x_layout.dims()[1]);
+        let d2 = x_layout.shape().elem_count() / (b * d1 * d).max(1);
         // Input axes 1 and 2 are (seq, heads) forward and (heads, seq) inverse.
         let (seq, heads) = if self.inverse { (d2, d1) } else { (d1, d2) };
         let x = contiguous(x.as_slice::<f32>()?, x_layout)?;
@@ -76,25 +98,26 @@ impl CustomOp3 for RopeHeads {
             }
         });
         let shape = if self.inverse {
-            (b, seq, heads, d)
+            self.x_shape.clone()
         } else {
-            (b, heads, seq, d)
+            Shape::from((b, heads, seq, d))
         };
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad_x =
-            grad_y
-                .contiguous()?
-                .apply_op3_no_bwd(cos, sin, &RopeHeads { inverse: true })?;
+        let inverse = RopeHeads {
+            inverse: true,
+            x_shape: x.shape().clone(),
+        };
+        let grad_x = grad_y.contiguous()?.apply_op3_no_bwd(cos, sin, &inverse)?;
         Ok((Some(grad_x), None, None))
     }
 }
@@ -123,8 +146,20 @@ mod tests {
             (t.broadcast_mul(&cos).unwrap() + rotated.broadcast_mul(&sin).unwrap()).unwrap();
         let diff = crate::test_util::max_abs_diff;
         assert!(diff(&ours, &reference) < 1e-6);
-        let g_ours = crate::test_util::grads_of(ours, &upstream);
+        let g_ours = crate::test_util::grads_of(ours.clone(), &upstream);
         let g_ref = crate::test_util::grads_of(reference, &upstream);
         assert!(diff(g_ours.get(&x).unwrap(), g_ref.get(&x).unwrap()) < 1e-6);
+
+        // Heads side by side in the last dimension, as a projection leaves them: the same
+        // rotation, and the gradient in that shape.
+        let flat = Var::from_tensor(&x.as_tensor().reshape((b, s, h * d)).unwrap()).unwrap();
+        let from_flat = rope_heads(flat.as_tensor(), &cos, &sin).unwrap().unwrap();
+        assert_eq!(diff(&from_flat, &ours), 0.0);
+        let g_flat = crate::test_util::grads_of(from_flat, &upstream);
+        let g_flat = g_flat.get(&flat).unwrap();
+        assert_eq!(g_flat.dims(), &[b, s, h * d]);
+        let g_x = g_ours.get(&x).unwrap().reshape((b, s, h * d)).unwrap();
+        assert_eq!(diff(g_flat, &g_x), 0.0);
+        assert!(rope_heads(&normal((b, s, 7), 0.0, 1.0, 4), &cos, &sin).is_err());
     }
 }

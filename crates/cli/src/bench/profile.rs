@@ -175,13 +175,12 @@ fn layer_attention(shape: &StepShape) -> Result<(f64, f64)> {
         let t = Tensor::randn(0f32, 1.0, (b, n, s, hd), &Device::Cpu)?;
         Ok(Var::from_tensor(&t)?)
     };
-    let (q, k, v) = (
-        heads(c.num_attention_heads)?,
-        heads(c.num_key_value_heads)?,
-        heads(c.num_key_value_heads)?,
-    );
+    let (q, k) = (heads(c.num_attention_heads)?, heads(c.num_key_value_heads)?);
+    // Values as the model hands them over: the projection's rows.
+    let v_rows = Tensor::randn(0f32, 1.0, (b, s, c.num_key_value_heads * hd), &Device::Cpu)?;
+    let v = Var::from_tensor(&v_rows)?;
     let ctx = ForwardCtx::new(c, &vec![vec![1u8; s]; b], shape.dtype, 0, &Device::Cpu)?;
-    let upstream = Tensor::randn(0f32, 1.0, (b, s, c.num_attention_heads, hd), &Device::Cpu)?;
+    let upstream = Tensor::randn(0f32, 1.0, (b, s, c.num_attention_heads * hd), &Device::Cpu)?;
     let forward = || -> Result<Tensor> {
         Ok(attention(
             q.as_tensor(),
