@@ -28,6 +28,7 @@ pub mod rope_heads;
 pub mod safetensors_io;
 pub mod strided_product;
 pub mod swiglu;
+pub mod trained_product;
 
 pub use causal_lm::CausalLm;
 pub use config::ModelConfig;

@@ -6,6 +6,7 @@ use crate::dropout::{derive_seed, dropout};
 use crate::frozen_product::matmul_frozen_t;
 use crate::lora_product::lora_product;
 use crate::param::Param;
+use crate::trained_product::trained_product;
 
 /// `y = x Wᵀ + b`, plus `scale · B(A(dropout(x)))` when an adapter is attached.
 #[derive(Clone, Debug)]
@@ -44,8 +45,8 @@ impl Linear {
     /// `x` is `[..., in]`; `dropout_seed` must be the same on a recomputation as on the first pass.
     pub fn forward(&self, x: &Tensor, dropout_seed: u64) -> Result<Tensor> {
         let dtype = x.dtype();
-        // The fused op reads `[batch, seq, in]` as rows in place and answers `[batch, seq, out]`.
-        if let Some(y) = self.fused_with_adapter(x)? {
+        // The fused ops read `[batch, seq, in]` as rows in place and answer `[batch, seq, out]`.
+        if let Some(y) = self.fused(x)? {
             return match &self.bias {
                 Some(bias) => y.broadcast_add(&bias.in_dtype(dtype)?),
                 None => Ok(y),
@@ -72,13 +73,18 @@ impl Linear {
         y.reshape(out_dims)
     }
 
-    /// The frozen product and its adapter as one op, where there is a kernel for them (a dense
-    /// frozen weight in float32 or half precision, an adapter without dropout).
-    fn fused_with_adapter(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    /// The product as one op, where there is a kernel for it: a dense frozen weight in float32
+    /// or half precision with an adapter without dropout, or a trained weight in a float32
+    /// model (full fine-tuning).
+    fn fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if x.rank() < 2 {
+            return Ok(None);
+        }
         match (&self.weight, &self.lora) {
-            (Param::Frozen(w), Some(lora)) if lora.dropout == 0.0 && x.rank() >= 2 => {
+            (Param::Frozen(w), Some(lora)) if lora.dropout == 0.0 => {
                 lora_product(x, w, lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)
             }
+            (Param::Trainable(w), None) => trained_product(x, w.as_tensor()),
             _ => Ok(None),
         }
     }
