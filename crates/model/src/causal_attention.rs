@@ -242,7 +242,10 @@ impl CustomOp3 for CausalAttention {
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((batch, seq, heads * head_dim))))
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((batch, seq, heads * head_dim)),
+        ))
     }
 
     fn bwd(
@@ -296,7 +299,11 @@ fn positions_before_heads(values: &[f32], dims: &Dims) -> Vec<f32> {
         .enumerate()
         .for_each(|(row, dst)| {
             // Output row (b, pos, g) reads input row (b, g, pos).
-            let (b, pos, g) = (row / (seq * kv_heads), (row / kv_heads) % seq, row % kv_heads);
+            let (b, pos, g) = (
+                row / (seq * kv_heads),
+                (row / kv_heads) % seq,
+                row % kv_heads,
+            );
             let src = ((b * kv_heads + g) * seq + pos) * head_dim;
             dst.copy_from_slice(&values[src..src + head_dim]);
         });
@@ -539,9 +546,12 @@ mod tests {
             .unwrap();
         let g_ref = grads_of(expected.clone(), &upstream);
         // Values as a transposed view of heads, and as the projection's rows themselves.
-        let v_rows = Var::from_tensor(&v_stored.as_tensor().reshape((b, s, kv * d)).unwrap())
-            .unwrap();
-        for (v_in, v_var) in [(v.clone(), &v_stored), (v_rows.as_tensor().clone(), &v_rows)] {
+        let v_rows =
+            Var::from_tensor(&v_stored.as_tensor().reshape((b, s, kv * d)).unwrap()).unwrap();
+        for (v_in, v_var) in [
+            (v.clone(), &v_stored),
+            (v_rows.as_tensor().clone(), &v_rows),
+        ] {
             let ours = causal_attention(q.as_tensor(), k.as_tensor(), &v_in, &mask)
                 .unwrap()
                 .unwrap();

@@ -10,9 +10,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use candle_core::{
-    CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Storage, Tensor, D,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Storage, Tensor, D};
 
 use crate::bf16_product::{self, LowRank};
 use crate::narrow::{narrow, to_bf16, widen};
@@ -158,7 +156,16 @@ impl LoraProduct {
         // product writes all m × cols of out, the second adds to it.
         let out = unsafe {
             overwritten(m * cols, |out| {
-                product((m, cols, inner), out, cols, false, lhs, w, 1.0, Threads::Pool);
+                product(
+                    (m, cols, inner),
+                    out,
+                    cols,
+                    false,
+                    lhs,
+                    w,
+                    1.0,
+                    Threads::Pool,
+                );
                 product(
                     (m, cols, r),
                     out,

@@ -40,10 +40,9 @@ impl Operand {
             });
         }
         match layout.dims() {
-            [_, _, .., width] if layout.is_contiguous() => Ok(Self::rows(
-                &values[layout.start_offset()..],
-                *width,
-            )),
+            [_, _, .., width] if layout.is_contiguous() => {
+                Ok(Self::rows(&values[layout.start_offset()..], *width))
+            }
             _ => Err(Error::Msg(format!(
                 "expected a matrix or a contiguous tensor, got shape {:?} with strides {:?}",
                 layout.shape(),

@@ -136,7 +136,11 @@ mod tests {
         let (g_ours, g_ref) = (grads_of(ours, &upstream), grads_of(reference, &upstream));
         for var in [&x, &w_stored] {
             let (got, want) = (g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
-            assert!(max_abs_diff(got, want) < 1e-4, "{}", max_abs_diff(got, want));
+            assert!(
+                max_abs_diff(got, want) < 1e-4,
+                "{}",
+                max_abs_diff(got, want)
+            );
         }
     }
 
