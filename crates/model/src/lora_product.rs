@@ -15,7 +15,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, St
 use crate::bf16_product::{self, LowRank};
 use crate::narrow::{narrow, to_bf16, widen};
 use crate::strided_product::{
-    contiguous, cpu_values, float32_values, overwritten, product, Operand, Threads,
+    contiguous, cpu_values, float32_values, overwritten, product, rows_and_width, with_width,
+    Operand, Threads,
 };
 
 /// `x` is `[..., k]`, `w` the frozen `[n, k]`, `a` the adapter's float32 `[r, k]` and `b` its
@@ -101,21 +102,6 @@ fn down_projection(x: Operand, a: Operand, m: usize, r: usize, k: usize) -> Vec<
             product((m, r, k), xa, r, false, x, a.t(), 1.0, Threads::Pool)
         })
     }
-}
-
-/// `(rows, width)` of a tensor read as rows of its last dimension.
-fn rows_and_width(shape: &Shape) -> (usize, usize) {
-    let width = shape.dims().last().copied().unwrap_or(1);
-    (shape.elem_count() / width.max(1), width)
-}
-
-/// `shape` with its last dimension replaced by `width`.
-fn with_width(shape: &Shape, width: usize) -> Shape {
-    let mut dims = shape.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = width;
-    }
-    Shape::from(dims)
 }
 
 impl LoraProduct {

@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Error, Layout, Result, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Error, Layout, Result, Shape, Storage, Tensor};
 use gemm::{gemm, Parallelism};
 
 use crate::narrow::convert;
@@ -128,6 +128,21 @@ pub(crate) unsafe fn product(
         false,
         parallelism,
     )
+}
+
+/// `(rows, width)` of a tensor read as rows of its last dimension.
+pub(crate) fn rows_and_width(shape: &Shape) -> (usize, usize) {
+    let width = shape.dims().last().copied().unwrap_or(1).max(1);
+    (shape.elem_count() / width, width)
+}
+
+/// `shape` with its last dimension replaced by `width`: a product's output for rows of `shape`.
+pub(crate) fn with_width(shape: &Shape, width: usize) -> Shape {
+    let mut dims = shape.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = width;
+    }
+    Shape::from(dims)
 }
 
 /// A buffer of `len` values filled by `fill`, which gets its first element and must write every

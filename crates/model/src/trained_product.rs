@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, D};
 
-use crate::strided_product::{cpu_values, overwritten, product, Operand, Threads};
+use crate::strided_product::{
+    cpu_values, overwritten, product, rows_and_width, with_width, Operand, Threads,
+};
 
 /// `x` is `[..., k]` and `w` the trained float32 `[n, k]`; returns `x wᵀ` as `[..., n]`.
 /// `None` when the op has no kernel for these tensors (off the CPU, or not float32), and the
@@ -39,12 +41,6 @@ struct TrainedProduct {
     out_features: usize,
 }
 
-/// `(rows, width)` of a contiguous tensor read as rows of its last dimension.
-fn rows(shape: &Shape) -> (usize, usize) {
-    let width = shape.dims().last().copied().unwrap_or(1).max(1);
-    (shape.elem_count() / width, width)
-}
-
 impl CustomOp2 for TrainedProduct {
     fn name(&self) -> &'static str {
         "trained-product"
@@ -57,7 +53,7 @@ impl CustomOp2 for TrainedProduct {
         w: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let ((m, k), n) = (rows(x_layout.shape()), self.out_features);
+        let ((m, k), n) = (rows_and_width(x_layout.shape()), self.out_features);
         let x = Operand::matrix(x.as_slice()?, x_layout)?;
         let w = Operand::matrix(w.as_slice()?, w_layout)?;
         // SAFETY: x is m × k and w is n × k as their views say; the product writes all m × n.
@@ -66,9 +62,7 @@ impl CustomOp2 for TrainedProduct {
                 product((m, n, k), y, n, false, x, w.t(), 1.0, Threads::Pool)
             })
         };
-        let mut dims = x_layout.dims().to_vec();
-        *dims.last_mut().expect("the input has rows") = n;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        Ok((CpuStorage::F32(y), with_width(x_layout.shape(), n)))
     }
 
     fn bwd(
@@ -78,7 +72,7 @@ impl CustomOp2 for TrainedProduct {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let ((m, k), n) = (rows(x.shape()), self.out_features);
+        let ((m, k), n) = (rows_and_width(x.shape()), self.out_features);
         let grad_y = grad_y.contiguous()?;
         let (x_storage, x_layout) = x.storage_and_layout();
         let (w_storage, w_layout) = w.storage_and_layout();
