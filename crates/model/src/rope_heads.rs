@@ -13,18 +13,18 @@ use candle_core::{CpuStorage, CustomOp3, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `x` is `[batch, seq, heads, head_dim]`, or `[batch, seq, heads · head_dim]` as a projection
-/// leaves it (no reshape in the graph), `cos` and `sin` are `[seq, head_dim]` (the halves
-/// repeated, as [`crate::layers::Rope`] builds them); returns the rotated `[batch, heads, seq,
-/// head_dim]`, contiguous, in `x`'s dtype, computed in float32. `None` off the CPU, where the op
-/// has no kernel and the caller uses candle's ops.
+/// leaves it (no reshape in the graph), `cos` and `sin` are `[positions, head_dim]` for at least
+/// `seq` positions (the halves repeated, as [`crate::layers::Rope`] builds them); returns the
+/// rotated `[batch, heads, seq, head_dim]`, contiguous, in `x`'s dtype, computed in float32.
+/// `None` off the CPU, where the op has no kernel and the caller uses candle's ops.
 pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
     if !x.device().is_cpu() {
         return Ok(None);
     }
     let head_dim = cos.dim(1)?;
     let fits = match x.dims() {
-        [_, seq, _, d] => *d == head_dim && *seq == cos.dim(0)?,
-        [_, seq, width] => head_dim > 0 && width % head_dim == 0 && *seq == cos.dim(0)?,
+        [_, seq, _, d] => *d == head_dim && *seq <= cos.dim(0)?,
+        [_, seq, width] => head_dim > 0 && width % head_dim == 0 && *seq <= cos.dim(0)?,
         _ => false,
     };
     if !fits || sin.shape() != cos.shape() {
