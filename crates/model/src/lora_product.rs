@@ -15,8 +15,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, St
 use crate::bf16_product::{self, LowRank};
 use crate::narrow::{narrow, to_bf16, widen};
 use crate::strided_product::{
-    contiguous, cpu_values, float32_values, overwritten, product, rows_and_width, with_width,
-    Operand, Threads,
+    contiguous, cpu_values, float32_values, overwritten, product, readable_as_matrix,
+    rows_and_width, with_width, Operand, Threads,
 };
 
 /// `x` is `[..., k]`, `w` the frozen `[n, k]`, `a` the adapter's float32 `[r, k]` and `b` its
@@ -66,12 +66,7 @@ pub fn lora_product(
         scale: scale as f32,
         on_bf16_product: bf16_product::suits(x.elem_count() / k, w),
     };
-    // A strided input of more than two dimensions is copied once here: the op reads its rows in
-    // place only when they are evenly spaced.
-    let x_in = match x.rank() {
-        2 => widen(x)?,
-        _ => widen(x)?.contiguous()?,
-    };
+    let x_in = readable_as_matrix(widen(x)?)?;
     let y = x_in.apply_op3_arc(a, b, Arc::new(Box::new(op)))?;
     Ok(Some(narrow(&y, x.dtype())?))
 }

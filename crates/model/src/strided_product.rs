@@ -130,6 +130,15 @@ pub(crate) unsafe fn product(
     )
 }
 
+/// `t` as [`Operand::matrix`] can read it: a 2-D tensor with any strides as it is, one of higher
+/// rank made contiguous (a copy only when it is not already).
+pub(crate) fn readable_as_matrix(t: Tensor) -> Result<Tensor> {
+    match t.rank() {
+        2 => Ok(t),
+        _ => t.contiguous(),
+    }
+}
+
 /// `(rows, width)` of a tensor read as rows of its last dimension.
 pub(crate) fn rows_and_width(shape: &Shape) -> (usize, usize) {
     let width = shape.dims().last().copied().unwrap_or(1).max(1);

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, D};
 
 use crate::strided_product::{
-    cpu_values, overwritten, product, rows_and_width, with_width, Operand, Threads,
+    cpu_values, overwritten, product, readable_as_matrix, rows_and_width, with_width, Operand,
+    Threads,
 };
 
 /// `x` is `[..., k]` and `w` the trained float32 `[n, k]`; returns `x wᵀ` as `[..., n]`.
@@ -29,12 +30,7 @@ pub fn trained_product(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         )));
     }
     let op = Arc::new(Box::new(TrainedProduct { out_features: n }) as Box<_>);
-    // Rows of a higher-rank input are read in place only when contiguous.
-    let x = match x.rank() {
-        2 => x.clone(),
-        _ => x.contiguous()?,
-    };
-    Ok(Some(x.apply_op2_arc(w, op)?))
+    Ok(Some(readable_as_matrix(x.clone())?.apply_op2_arc(w, op)?))
 }
 
 struct TrainedProduct {
