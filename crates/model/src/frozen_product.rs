@@ -9,8 +9,10 @@
 //! product's speed without a float32 copy of the weight, and where the CPU has AVX512_BF16 a
 //! bfloat16 `W` times enough rows runs on [`crate::bf16_product`] instead.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
+use rayon::prelude::*;
 use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, Storage, Tensor};
 
 use crate::bf16_product;
@@ -57,22 +59,43 @@ pub fn frozen_input_grad(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (dy_storage, dy_layout) = dy.storage_and_layout();
     let dy_values = &cpu_values(&dy_storage)?[dy_layout.start_offset()..];
     let k = w.dim(1)?;
-    let mut dx = vec![0f32; m * k];
-    for_row_blocks(&w, |first, rows| {
-        // SAFETY: dy is m × n row-major; the block is `rows` rows of W; dx is m × k.
-        unsafe {
-            product(
-                (m, k, rows.len() / k),
-                dx.as_mut_ptr(),
-                k,
-                first > 0,
-                Operand::rows(&dy_values[first..], n),
-                Operand::rows(rows, k),
-                1.0,
-                Threads::Pool,
-            );
-        }
-    })?;
+    let (w_storage, w_layout) = w.storage_and_layout();
+    let weight = WeightRows::of(&w_storage, w_layout, k)?;
+    // The sum runs over W's n rows, split among the threads, each summing its share of
+    // `dy[:, rows] · W[rows]` into a [m, k] of its own: the output is small when m is (the
+    // loss's chunks of rows times the LM head), too few tiles for gemm to share among threads,
+    // while its inner dimension (the vocabulary) is long.
+    let parts = rayon::current_num_threads().max(n.div_ceil(BLOCK_ROWS));
+    let part_rows = n.div_ceil(parts);
+    let sums = (0..n)
+        .step_by(part_rows)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|first| -> Result<Vec<f32>> {
+            let mut dx = vec![0f32; m * k];
+            let rows = part_rows.min(n - first);
+            let block = weight.block(first, rows)?;
+            // SAFETY: dy is m × n row-major; the block is `rows` rows of W; dx is m × k.
+            unsafe {
+                product(
+                    (m, k, rows),
+                    dx.as_mut_ptr(),
+                    k,
+                    false,
+                    Operand::rows(&dy_values[first..], n),
+                    Operand::rows(&block, k),
+                    1.0,
+                    Threads::Caller,
+                );
+            }
+            Ok(dx)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut sums = sums.into_iter();
+    let mut dx = sums.next().unwrap_or_else(|| vec![0f32; m * k]);
+    for part in sums {
+        dx.iter_mut().zip(&part).for_each(|(d, p)| *d += p);
+    }
     Tensor::from_vec(dx, (m, k), dy.device())
 }
 
@@ -94,23 +117,46 @@ fn check_shapes(k: usize, w: &Tensor) -> Result<()> {
 /// Calls `f(first_row, rows)` for consecutive blocks of the contiguous `[n, k]` weight `w`,
 /// `rows` its values in float32 (converted for half precision, borrowed for float32).
 fn for_row_blocks(w: &Tensor, mut f: impl FnMut(usize, &[f32])) -> Result<()> {
-    let (n, k) = w.dims2()?;
+    let n = w.dim(0)?;
     let (storage, layout) = w.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(Error::Msg("matmul-frozen-t runs on the CPU only".into()));
-    };
-    let start = layout.start_offset();
+    let weight = WeightRows::of(&storage, layout, w.dim(1)?)?;
     for first in (0..n).step_by(BLOCK_ROWS) {
-        let rows = BLOCK_ROWS.min(n - first);
-        let range = start + first * k..start + (first + rows) * k;
-        match cpu {
-            CpuStorage::F32(values) => f(first, &values[range]),
-            CpuStorage::BF16(values) => f(first, &convert(&values[range], |v| v.to_f32())),
-            CpuStorage::F16(values) => f(first, &convert(&values[range], |v| v.to_f32())),
-            _ => return Err(Error::Msg("matmul-frozen-t needs a float weight".into())),
-        }
+        f(first, &weight.block(first, BLOCK_ROWS.min(n - first))?);
     }
     Ok(())
+}
+
+/// The rows of a contiguous `[n, k]` weight in a CPU storage.
+#[derive(Clone, Copy)]
+struct WeightRows<'a> {
+    values: &'a CpuStorage,
+    start: usize,
+    k: usize,
+}
+
+impl<'a> WeightRows<'a> {
+    fn of(storage: &'a Storage, layout: &Layout, k: usize) -> Result<Self> {
+        match storage {
+            Storage::Cpu(values) => Ok(Self {
+                values,
+                start: layout.start_offset(),
+                k,
+            }),
+            _ => Err(Error::Msg("matmul-frozen-t runs on the CPU only".into())),
+        }
+    }
+
+    /// Rows `first..first + rows` in float32: borrowed for float32, converted for half
+    /// precision.
+    fn block(self, first: usize, rows: usize) -> Result<Cow<'a, [f32]>> {
+        let range = self.start + first * self.k..self.start + (first + rows) * self.k;
+        Ok(match self.values {
+            CpuStorage::F32(values) => Cow::Borrowed(&values[range]),
+            CpuStorage::BF16(values) => Cow::Owned(convert(&values[range], |v| v.to_f32())),
+            CpuStorage::F16(values) => Cow::Owned(convert(&values[range], |v| v.to_f32())),
+            _ => return Err(Error::Msg("matmul-frozen-t needs a float weight".into())),
+        })
+    }
 }
 
 struct FrozenMatmulT {
