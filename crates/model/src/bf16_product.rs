@@ -121,18 +121,19 @@ impl PackedWeight {
     }
 
     /// `x · wᵀ` for float32 `x` `[m, k]` (rounded to bfloat16 for the product), without a
-    /// graph: float32 `[m, n]`.
-    pub fn times_transposed(&self, x: &Tensor) -> Result<Tensor> {
+    /// graph: the float32 values of `[m, n]`, row-major.
+    pub fn times_transposed(&self, x: &Tensor) -> Result<Vec<f32>> {
         self.apply(x, &self.transposed)
     }
 
     /// `dy · w` for float32 `dy` `[m, n]` (rounded to bfloat16), without a graph: float32
     /// `[m, k]`.
     pub fn times(&self, dy: &Tensor) -> Result<Tensor> {
-        self.apply(dy, &self.plain)
+        let product = self.apply(dy, &self.plain)?;
+        Tensor::from_vec(product, (dy.dim(0)?, self.plain.n), dy.device())
     }
 
-    fn apply(&self, a: &Tensor, packed: &Packed) -> Result<Tensor> {
+    fn apply(&self, a: &Tensor, packed: &Packed) -> Result<Vec<f32>> {
         let m = a.dim(0)?;
         if a.dims2()?.1 != 2 * packed.pairs {
             return Err(Error::Msg(format!(
@@ -141,8 +142,7 @@ impl PackedWeight {
             )));
         }
         let a16 = crate::narrow::narrow(a, DType::BF16)?;
-        let c = with_values(&a16, |a| Ok(product(a, m, packed, None)))?;
-        Tensor::from_vec(c, (m, packed.n), a.device())
+        with_values(&a16, |a| Ok(product(a, m, packed, None)))
     }
 }
 

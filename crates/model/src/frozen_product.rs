@@ -12,8 +12,8 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use rayon::prelude::*;
 use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
 
 use crate::bf16_product;
 use crate::narrow::{convert, narrow, to_bf16, widen};
@@ -99,6 +99,50 @@ pub fn frozen_input_grad(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(dx, (m, k), dy.device())
 }
 
+/// `x · Wᵀ` without a graph, as the float32 values of `[m, n]`, row-major: for a caller that
+/// works on the values in place (the loss turns the logits into their gradient).
+pub fn matmul_frozen_t_values(x: &Tensor, w: &Tensor) -> Result<Vec<f32>> {
+    if !on_kernel(x, w) {
+        return x
+            .matmul(&w.t()?)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1();
+    }
+    let (m, k) = x.dims2()?;
+    check_shapes(k, w)?;
+    let x = widen(x)?.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    times_transposed(
+        contiguous(cpu_values(&storage)?, layout)?,
+        m,
+        &w.contiguous()?,
+    )
+}
+
+/// `x · wᵀ` for `x` float32 `[m, k]` row-major and the contiguous `w` `[n, k]`: `[m, n]`.
+fn times_transposed(x: &[f32], m: usize, w: &Tensor) -> Result<Vec<f32>> {
+    let (n, k) = w.dims2()?;
+    let mut y = vec![0f32; m * n];
+    for_row_blocks(w, |first, rows| {
+        // SAFETY: x is m × k row-major; the block is `rows` rows of W; the product writes
+        // columns first.. of y, which is m × n.
+        unsafe {
+            product(
+                (m, rows.len() / k, k),
+                y.as_mut_ptr().add(first),
+                n,
+                false,
+                Operand::rows(x, k),
+                Operand::rows(rows, k).t(),
+                1.0,
+                Threads::Pool,
+            );
+        }
+    })?;
+    Ok(y)
+}
+
 fn on_kernel(x: &Tensor, w: &Tensor) -> bool {
     let float = |t: &Tensor| matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16);
     x.device().is_cpu() && float(x) && float(w)
@@ -170,27 +214,10 @@ impl CustomOp1 for FrozenMatmulT {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = x_layout.shape().dims2()?;
-        let n = self.w.dim(0)?;
-        let x = &x.as_slice::<f32>()?[x_layout.start_offset()..];
-        let mut y = vec![0f32; m * n];
-        for_row_blocks(&self.w, |first, rows| {
-            // SAFETY: x is m × k row-major (contiguous); the block is `rows` rows of W; the
-            // product writes columns first.. of y, which is m × n.
-            unsafe {
-                product(
-                    (m, rows.len() / k, k),
-                    y.as_mut_ptr().add(first),
-                    n,
-                    false,
-                    Operand::rows(x, k),
-                    Operand::rows(rows, k).t(),
-                    1.0,
-                    Threads::Pool,
-                );
-            }
-        })?;
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        let m = x_layout.shape().dims2()?.0;
+        let x = contiguous(x.as_slice::<f32>()?, x_layout)?;
+        let y = times_transposed(x, m, &self.w)?;
+        Ok((CpuStorage::F32(y), Shape::from((m, self.w.dim(0)?))))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
@@ -257,6 +284,10 @@ mod tests {
             // Half precision: one rounding of the result (an ulp is 1/32 at magnitudes 4 to 8).
             let tolerance = if dtype == DType::F32 { 1e-4 } else { 0.05 };
             assert!(max_abs_diff(&ours, &reference) < tolerance, "{dtype:?}");
+            let values = matmul_frozen_t_values(x.as_tensor(), &w).unwrap();
+            let values = Tensor::from_vec(values, (m, n), &Device::Cpu).unwrap();
+            let reference = x.as_tensor().matmul(&w32.t().unwrap()).unwrap();
+            assert!(max_abs_diff(&values, &reference) < 1e-4, "{dtype:?}");
 
             let ours = matmul_frozen_t(x.as_tensor(), &w).unwrap();
             let g_ours = grads_of(ours, &upstream);

@@ -5,21 +5,30 @@
 //! surrogate product); the head was a fifth of a LoRA step. Here each row is read and written
 //! once more after the logits exist, rows in parallel.
 
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Error, Result, Tensor};
 use ff_model::fast_exp::exp_shifted;
 use rayon::prelude::*;
 
-/// For `logits` `[rows, vocab]` in float32 and each row's target: the sum over rows of
+/// For `logits`, float32 rows of `vocab` values, and each row's target: the sum over rows of
 /// `logsumexp(row) − row[target]`, and the gradient of that sum divided by `denominator` with
 /// respect to the logits, `(softmax(row) − onehot(target)) / denominator`, `[rows, vocab]`. The
 /// gradient is written over the logits' values, so a chunk's logits and gradient never exist
 /// side by side.
-pub fn nll_and_grad(logits: Tensor, targets: &[u32], denominator: f64) -> Result<(f64, Tensor)> {
-    let (rows, vocab) = logits.dims2()?;
-    let device = logits.device().clone();
-    let mut values = logits.flatten_all()?.to_vec1::<f32>()?;
-    drop(logits);
-    let nll_sum = values
+pub fn nll_and_grad(
+    mut logits: Vec<f32>,
+    vocab: usize,
+    targets: &[u32],
+    denominator: f64,
+    device: &Device,
+) -> Result<(f64, Tensor)> {
+    let rows = targets.len();
+    if logits.len() != rows * vocab {
+        return Err(Error::Msg(format!(
+            "{} logits are not {rows} rows of {vocab}",
+            logits.len()
+        )));
+    }
+    let nll_sum = logits
         .par_chunks_mut(vocab)
         .zip(targets.par_iter())
         .map(|(row, &target)| {
@@ -34,18 +43,19 @@ pub fn nll_and_grad(logits: Tensor, targets: &[u32], denominator: f64) -> Result
             max as f64 + sum.ln() - target_logit as f64
         })
         .sum();
-    Ok((nll_sum, Tensor::from_vec(values, (rows, vocab), &device)?))
+    Ok((nll_sum, Tensor::from_vec(logits, (rows, vocab), device)?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, D};
+    use candle_core::D;
 
     #[test]
     fn matches_log_softmax_and_its_gradient() {
         let logits = Tensor::new(&[[1.0f32, 2.0, 3.0], [0.5, -1.0, 4.0]], &Device::Cpu).unwrap();
-        let (nll, grad) = nll_and_grad(logits.clone(), &[2, 0], 4.0).unwrap();
+        let values = logits.flatten_all().unwrap().to_vec1().unwrap();
+        let (nll, grad) = nll_and_grad(values, 3, &[2, 0], 4.0, &Device::Cpu).unwrap();
         let log_probs = log_softmax(&logits);
         let expected_nll = -(log_probs[0][2] + log_probs[1][0]);
         assert!((nll - expected_nll).abs() < 1e-6, "{nll} vs {expected_nll}");

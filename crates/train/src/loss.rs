@@ -6,7 +6,7 @@
 
 use candle_core::{backprop::GradStore, DType, Result, Tensor, Var, D};
 use ff_model::bf16_product::{self, PackedWeight};
-use ff_model::frozen_product::{frozen_input_grad, matmul_frozen_t};
+use ff_model::frozen_product::{frozen_input_grad, matmul_frozen_t, matmul_frozen_t_values};
 use ff_model::strided_product::add_transposed_product;
 use ff_model::CausalLm;
 
@@ -98,9 +98,9 @@ pub fn head_forward_backward(
         // is d(loss)/d(logits)ᵀ · normed.
         let logits = match &packed_head {
             Some(packed) => packed.times_transposed(&normed.detach())?,
-            None => matmul_frozen_t(&normed.detach(), &head)?.to_dtype(DType::F32)?,
+            None => matmul_frozen_t_values(&normed.detach(), &head)?,
         };
-        let (nll, grad_logits) = nll_and_grad(logits, targets, loss_denominator)?;
+        let (nll, grad_logits) = nll_and_grad(logits, vocab, targets, loss_denominator, device)?;
         nll_sum += nll;
         if let Some(sum) = head_grad.as_mut() {
             add_transposed_product(sum, &grad_logits, &normed.detach().to_dtype(DType::F32)?)?;
