@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Result, Tensor, Var, D};
 use crate::causal_attention::causal_attention;
 use crate::config::{ModelConfig, RopeScaling};
 use crate::dropout::derive_seed;
-use crate::linear::Linear;
+use crate::linear::{Linear, Output};
 use crate::narrow::{narrow, widen};
 use crate::param::Param;
 use crate::rms_normalize::rms_normalize;
@@ -243,10 +243,15 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor, seed: u64) -> Result<Tensor> {
+        self.forward_to(x, seed, Output::Values)
+    }
+
+    /// [`Self::forward`], the last product handing on `output`.
+    pub fn forward_to(&self, x: &Tensor, seed: u64, output: Output) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x, derive_seed(seed, 5))?;
         let up = self.up_proj.forward(x, derive_seed(seed, 6))?;
         self.down_proj
-            .forward(&swiglu(&gate, &up)?, derive_seed(seed, 7))
+            .forward_to(&swiglu(&gate, &up)?, derive_seed(seed, 7), output)
     }
 }
 
@@ -264,13 +269,25 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.forward_to(x, ctx, Output::Values)
+    }
+
+    /// The graph of [`Self::forward`] for a backward whose gradient at the layer's output is
+    /// already known (a checkpointed layer recomputed): the value it returns is not the layer's
+    /// output. The MLP's last product feeds only the output, so its value is left out (a quarter
+    /// of the products a recomputation of a SmolLM2 layer would run); the gradients are the same.
+    pub fn forward_for_gradients(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.forward_to(x, ctx, Output::Unread)
+    }
+
+    fn forward_to(&self, x: &Tensor, ctx: &ForwardCtx, output: Output) -> Result<Tensor> {
         let seed = derive_seed(ctx.dropout_seed, self.index as u64);
         let h = (x + self
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, ctx, seed)?)?;
         let m = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&h)?, seed)?;
+            .forward_to(&self.post_attention_layernorm.forward(&h)?, seed, output)?;
         h + m
     }
 

@@ -8,6 +8,18 @@ use crate::lora_product::lora_product;
 use crate::param::Param;
 use crate::trained_product::trained_product;
 
+/// What a forward hands on besides its graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// The values.
+    Values,
+    /// Only the node: for a value that nothing reads, in a forward run for its gradients alone
+    /// (a checkpointed layer's recomputation). The fused products' backwards read their inputs
+    /// and the output's gradient, never the output, so they skip the product and hand on zeros;
+    /// the other kinds compute the values anyway.
+    Unread,
+}
+
 /// `y = x Wᵀ + b`, plus `scale · B(A(dropout(x)))` when an adapter is attached.
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -44,9 +56,14 @@ impl Linear {
 
     /// `x` is `[..., in]`; `dropout_seed` must be the same on a recomputation as on the first pass.
     pub fn forward(&self, x: &Tensor, dropout_seed: u64) -> Result<Tensor> {
+        self.forward_to(x, dropout_seed, Output::Values)
+    }
+
+    /// [`Self::forward`], handing on `output`.
+    pub fn forward_to(&self, x: &Tensor, dropout_seed: u64, output: Output) -> Result<Tensor> {
         let dtype = x.dtype();
         // The fused ops read `[batch, seq, in]` as rows in place and answer `[batch, seq, out]`.
-        if let Some(y) = self.fused(x)? {
+        if let Some(y) = self.fused(x, output)? {
             return match &self.bias {
                 Some(bias) => y.broadcast_add(&bias.in_dtype(dtype)?),
                 None => Ok(y),
@@ -76,15 +93,16 @@ impl Linear {
     /// The product as one op, where there is a kernel for it: a dense frozen weight in float32
     /// or half precision with an adapter without dropout, or a trained weight in a float32
     /// model (full fine-tuning).
-    fn fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    fn fused(&self, x: &Tensor, output: Output) -> Result<Option<Tensor>> {
         if x.rank() < 2 {
             return Ok(None);
         }
         match (&self.weight, &self.lora) {
             (Param::Frozen(w), Some(lora)) if lora.dropout == 0.0 => {
-                lora_product(x, w, lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)
+                let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
+                lora_product(x, w, a, b, lora.scale, output)
             }
-            (Param::Trainable(w), None) => trained_product(x, w.as_tensor()),
+            (Param::Trainable(w), None) => trained_product(x, w.as_tensor(), output),
             _ => Ok(None),
         }
     }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Storage, Tensor, D};
 
 use crate::bf16_product::{self, LowRank};
+use crate::linear::Output;
 use crate::narrow::{narrow, to_bf16, widen};
 use crate::strided_product::{
     contiguous, cpu_values, float32_values, overwritten, product, readable_as_matrix,
@@ -26,13 +27,15 @@ use crate::strided_product::{
 /// float32: half-precision `x` is converted (its gradient converted back by autograd) and a
 /// half-precision `w` is converted for each product into a buffer freed right after, so the
 /// frozen weights stay in their dtype. `None` when the op has no kernel for these tensors (not on
-/// the CPU, or another dtype), and the caller uses candle's ops.
+/// the CPU, or another dtype), and the caller uses candle's ops. With [`Output::Unread`] the
+/// result is zeros and only the backward works.
 pub fn lora_product(
     x: &Tensor,
     w: &Tensor,
     a: &Tensor,
     b: &Tensor,
     scale: f64,
+    output: Output,
 ) -> Result<Option<Tensor>> {
     let float = |t: &Tensor| matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16);
     if !x.device().is_cpu()
@@ -65,6 +68,7 @@ pub fn lora_product(
         w: w.detach(),
         scale: scale as f32,
         on_bf16_product: bf16_product::suits(x.elem_count() / k, w),
+        output,
     };
     let x_in = readable_as_matrix(widen(x)?)?;
     let y = x_in.apply_op3_arc(a, b, Arc::new(Box::new(op)))?;
@@ -78,6 +82,7 @@ struct LoraProduct {
     /// The frozen products run on the bf16 product, their float32 operands rounded to
     /// bfloat16 (as a bfloat16 model's activations and gradients are).
     on_bf16_product: bool,
+    output: Output,
 }
 
 /// The frozen weight's values in float32.
@@ -180,6 +185,10 @@ impl CustomOp3 for LoraProduct {
     ) -> Result<(CpuStorage, Shape)> {
         let (m, k) = rows_and_width(x_layout.shape());
         let (r, n) = (a_layout.dims()[0], b_layout.dims()[0]);
+        let shape = with_width(x_layout.shape(), n);
+        if self.output == Output::Unread {
+            return Ok((CpuStorage::F32(vec![0.0; m * n]), shape));
+        }
         // x is float32: lora_product widens it before the op.
         let x_values = x.as_slice::<f32>()?;
         let x_op = Operand::matrix(x_values, x_layout)?;
@@ -188,7 +197,7 @@ impl CustomOp3 for LoraProduct {
         let xa = down_projection(x_op, a, m, r, k);
         // y = x Wᵀ + s · (x Aᵀ) Bᵀ
         let y = self.frozen_plus_adapter((x_values, x_layout), true, (m, n, k, r), &xa, b.t())?;
-        Ok((CpuStorage::F32(y), with_width(x_layout.shape(), n)))
+        Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(
@@ -266,9 +275,16 @@ mod tests {
         let scale = 2.5;
         let upstream = sine((m, n), 1.7);
 
-        let ours = lora_product(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), scale)
-            .unwrap()
-            .unwrap();
+        let ours = lora_product(
+            x.as_tensor(),
+            &w,
+            a.as_tensor(),
+            b.as_tensor(),
+            scale,
+            Output::Values,
+        )
+        .unwrap()
+        .unwrap();
         let t = |v: &Var| v.as_tensor().t().unwrap();
         let lora = x
             .as_tensor()
@@ -281,6 +297,20 @@ mod tests {
         assert!(max_abs_diff(&ours, &reference) < 1e-4);
         let g_ours = grads_of(ours, &upstream);
         let g_ref = grads_of(reference, &upstream);
+        // Unread: zeros, and the same gradients.
+        let unread = lora_product(
+            x.as_tensor(),
+            &w,
+            a.as_tensor(),
+            b.as_tensor(),
+            scale,
+            Output::Unread,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(unread.dims(), &[m, n]);
+        assert_eq!(max_abs_diff(&unread, &unread.zeros_like().unwrap()), 0.0);
+        let g_unread = grads_of(unread, &upstream);
         for var in [&x, &a, &b] {
             let (got, want) = (g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
             assert!(
@@ -288,6 +318,7 @@ mod tests {
                 "{}",
                 max_abs_diff(got, want)
             );
+            assert_eq!(max_abs_diff(g_unread.get(var).unwrap(), got), 0.0);
         }
     }
 
@@ -321,13 +352,13 @@ mod tests {
             let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
             let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
             let x_half = Var::from_tensor(&bf16(x.as_tensor())).unwrap();
-            let half = lora_product(&x_half, &bf16(&w), &a, &b, 0.5)
+            let half = lora_product(&x_half, &bf16(&w), &a, &b, 0.5, Output::Values)
                 .unwrap()
                 .unwrap();
             assert_eq!(half.dtype(), DType::BF16);
             // The same product of the bfloat16-rounded inputs in float32, rounded once.
             let (x_wide, w_wide) = (f32(x_half.as_tensor()), f32(&bf16(&w)));
-            let expected = lora_product(&x_wide, &w_wide, &a, &b, 0.5)
+            let expected = lora_product(&x_wide, &w_wide, &a, &b, 0.5, Output::Values)
                 .unwrap()
                 .unwrap();
             assert!(within_bf16_rounding(&half, &expected), "n = {n}");
@@ -357,7 +388,7 @@ mod tests {
             Tensor::zeros((2, 6), DType::F32, &dev).unwrap(),
             Tensor::zeros((7, 2), DType::F32, &dev).unwrap(),
         );
-        let err = lora_product(&x, &w, &a, &b.t().unwrap(), 1.0).unwrap_err();
+        let err = lora_product(&x, &w, &a, &b.t().unwrap(), 1.0, Output::Values).unwrap_err();
         assert!(err.to_string().contains("LoRA product"), "{err}");
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, D};
 
+use crate::linear::Output;
 use crate::strided_product::{
     cpu_values, overwritten, product, readable_as_matrix, rows_and_width, with_width, Operand,
     Threads,
@@ -16,8 +17,9 @@ use crate::strided_product::{
 
 /// `x` is `[..., k]` and `w` the trained float32 `[n, k]`; returns `x wᵀ` as `[..., n]`.
 /// `None` when the op has no kernel for these tensors (off the CPU, or not float32), and the
-/// caller uses candle's ops.
-pub fn trained_product(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+/// caller uses candle's ops. With [`Output::Unread`] the result is zeros and only the backward
+/// works.
+pub fn trained_product(x: &Tensor, w: &Tensor, output: Output) -> Result<Option<Tensor>> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
         return Ok(None);
     }
@@ -29,12 +31,16 @@ pub fn trained_product(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
             w.shape()
         )));
     }
-    let op = Arc::new(Box::new(TrainedProduct { out_features: n }) as Box<_>);
+    let op = Arc::new(Box::new(TrainedProduct {
+        out_features: n,
+        output,
+    }) as Box<_>);
     Ok(Some(readable_as_matrix(x.clone())?.apply_op2_arc(w, op)?))
 }
 
 struct TrainedProduct {
     out_features: usize,
+    output: Output,
 }
 
 impl CustomOp2 for TrainedProduct {
@@ -50,6 +56,10 @@ impl CustomOp2 for TrainedProduct {
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let ((m, k), n) = (rows_and_width(x_layout.shape()), self.out_features);
+        let shape = with_width(x_layout.shape(), n);
+        if self.output == Output::Unread {
+            return Ok((CpuStorage::F32(vec![0.0; m * n]), shape));
+        }
         let x = Operand::matrix(x.as_slice()?, x_layout)?;
         let w = Operand::matrix(w.as_slice()?, w_layout)?;
         // SAFETY: x is m × k and w is n × k as their views say; the product writes all m × n.
@@ -58,7 +68,7 @@ impl CustomOp2 for TrainedProduct {
                 product((m, n, k), y, n, false, x, w.t(), 1.0, Threads::Pool)
             })
         };
-        Ok((CpuStorage::F32(y), with_width(x_layout.shape(), n)))
+        Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(
@@ -112,7 +122,9 @@ mod tests {
         let w = w_stored.as_tensor().t().unwrap();
         let upstream = sine((b * s, n), 2.2).reshape((b, s, n)).unwrap();
 
-        let ours = trained_product(x.as_tensor(), &w).unwrap().unwrap();
+        let ours = trained_product(x.as_tensor(), &w, Output::Values)
+            .unwrap()
+            .unwrap();
         assert_eq!(ours.dims(), &[b, s, n]);
         let reference = x
             .as_tensor()
@@ -124,6 +136,13 @@ mod tests {
             .unwrap();
         assert!(max_abs_diff(&ours, &reference) < 1e-5);
         let (g_ours, g_ref) = (grads_of(ours, &upstream), grads_of(reference, &upstream));
+        // Unread: zeros, and the same gradients.
+        let unread = trained_product(x.as_tensor(), &w, Output::Unread)
+            .unwrap()
+            .unwrap();
+        assert_eq!(unread.dims(), &[b, s, n]);
+        assert_eq!(max_abs_diff(&unread, &unread.zeros_like().unwrap()), 0.0);
+        let g_unread = grads_of(unread, &upstream);
         for var in [&x, &w_stored] {
             let (got, want) = (g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
             assert!(
@@ -131,6 +150,7 @@ mod tests {
                 "{}",
                 max_abs_diff(got, want)
             );
+            assert_eq!(max_abs_diff(g_unread.get(var).unwrap(), got), 0.0);
         }
     }
 
@@ -139,9 +159,9 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
         let w = Tensor::zeros((5, 4), DType::BF16, &dev).unwrap();
-        assert!(trained_product(&x, &w).unwrap().is_none());
+        assert!(trained_product(&x, &w, Output::Values).unwrap().is_none());
         let w = Tensor::zeros((5, 3), DType::F32, &dev).unwrap();
-        let err = trained_product(&x, &w).unwrap_err();
+        let err = trained_product(&x, &w, Output::Values).unwrap_err();
         assert!(err.to_string().contains("product of an input"), "{err}");
     }
 }

@@ -284,7 +284,8 @@ fn forward_backward_timed(
                 input
             };
             params.enter(model, Part::Layer(i), Pass::Backward)?;
-            let store = backward_from(&model.layers[i].forward(&input, &ctx)?, &grad)?;
+            let store =
+                backward_from(&model.layers[i].forward_for_gradients(&input, &ctx)?, &grad)?;
             params.add_grads(Part::Layer(i), &store)?;
             params.leave(model, Part::Layer(i), Pass::Backward)?;
             if needs_input_grad {

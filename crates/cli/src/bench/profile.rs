@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::{anyhow, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use ff_model::layers::attention;
+use ff_model::linear::Output;
 use ff_model::lora_product::lora_product;
 use ff_model::{ForwardCtx, ModelConfig};
 use ff_train::{backward_from, StepPhases};
@@ -145,7 +146,7 @@ fn layer_products(shape: &StepShape) -> Result<(f64, f64)> {
     }
     let forward = |x: &Var, w: &Var, a: &Var, b: &Var| -> Result<Tensor> {
         if shape.lora() {
-            lora_product(x, w.as_tensor(), a, b, 2.0)?
+            lora_product(x, w.as_tensor(), a, b, 2.0, Output::Values)?
                 .ok_or_else(|| anyhow!("no LoRA product kernel for {:?}", shape.dtype))
         } else {
             Ok(x.matmul(&w.t()?)?)
