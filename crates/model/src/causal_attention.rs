@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Te
 use rayon::prelude::*;
 
 use crate::fast_exp::exp_shifted;
+use crate::lanes;
 use crate::narrow::{narrow, widen};
 use crate::strided_product::{contiguous, cpu_values, product, Operand, Threads};
 
@@ -313,13 +314,11 @@ fn positions_before_heads(values: &[f32], dims: &Dims) -> Vec<f32> {
 /// `row[..limit] = softmax(scale · scores + mask)` in place, `row[limit..] = 0`.
 fn softmax_row(row: &mut [f32], limit: usize, mask: &[f32], scale: f32) {
     let (live, dead) = row.split_at_mut(limit);
-    let mut max = f32::NEG_INFINITY;
     for (s, &m) in live.iter_mut().zip(mask) {
         *s = *s * scale + m;
-        max = max.max(*s);
     }
-    exp_shifted(live, max);
-    let inv = 1.0 / live.iter().sum::<f32>();
+    exp_shifted(live, lanes::max(live));
+    let inv = 1.0 / lanes::sum(live);
     live.iter_mut().for_each(|s| *s *= inv);
     dead.fill(0.0);
 }
@@ -447,7 +446,7 @@ fn backward(
                     for ((p, d), i) in p.chunks(seq).zip(ds.chunks_mut(seq)).zip(r0..r1) {
                         let limit = scores.limits[i];
                         let (p, d) = (&p[..limit], &mut d[..keys]);
-                        let dot: f32 = p.iter().zip(d.iter()).map(|(p, d)| p * d).sum();
+                        let dot = lanes::dot(p, d);
                         let (live, dead) = d.split_at_mut(limit);
                         for (d, &p) in live.iter_mut().zip(p) {
                             *d = scale * p * (*d - dot);

@@ -15,6 +15,7 @@ pub mod finetune;
 pub mod frozen_product;
 pub mod gguf;
 pub mod hf_export;
+pub mod lanes;
 pub mod layers;
 pub mod linear;
 pub mod load;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use crate::lanes;
 use crate::strided_product::{contiguous, cpu_values};
 
 /// `x` is float32 `[..., width]`, `weight` float32 `[width]`; `weight_trains` says whether the
@@ -31,7 +32,7 @@ const ROWS_PER_PARTIAL_SUM: usize = 64;
 
 /// `1 / sqrt(mean(row²) + eps)`.
 fn inv_rms(row: &[f32], eps: f64) -> f32 {
-    let mean = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    let mean = lanes::dot(row, row) / row.len() as f32;
     1.0 / (mean + eps as f32).sqrt()
 }
 
@@ -93,13 +94,7 @@ impl CustomOp2 for RmsNormalize {
         let mut dx = vec![0f32; x_values.len()];
         let row_grad = |dx: &mut [f32], x: &[f32], dy: &[f32]| -> f32 {
             let r = inv_rms(x, self.eps);
-            let mean_dot = r * x
-                .iter()
-                .zip(dy)
-                .zip(w)
-                .map(|((x, g), w)| x * w * g)
-                .sum::<f32>()
-                / width as f32;
+            let mean_dot = r * lanes::dot3(x, w, dy) / width as f32;
             for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
                 *dx = r * (w * g - x * r * mean_dot);
             }

@@ -7,6 +7,7 @@
 
 use candle_core::{Device, Error, Result, Tensor};
 use ff_model::fast_exp::exp_shifted;
+use ff_model::lanes;
 use rayon::prelude::*;
 
 /// For `logits`, float32 rows of `vocab` values, and each row's target: the sum over rows of
@@ -34,9 +35,9 @@ pub fn nll_and_grad(
         .map(|(row, &target)| {
             let target = target as usize;
             let target_logit = row[target];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let max = lanes::max(row);
             exp_shifted(row, max);
-            let sum: f64 = row.iter().map(|&v| v as f64).sum();
+            let sum = lanes::sum_f64(row);
             let scale = (1.0 / (sum * denominator)) as f32;
             row.iter_mut().for_each(|g| *g *= scale);
             row[target] -= (1.0 / denominator) as f32;
