@@ -15,7 +15,7 @@ use crate::batch::{Batch, IGNORE_INDEX};
 use crate::cross_entropy::nll_and_grad;
 
 /// Upper bound on logits held at once (rows × vocabulary).
-const CHUNK_ELEMENTS: usize = 1 << 23;
+const CHUNK_ELEMENTS: usize = 1 << 22;
 
 /// Positions `b * seq + t` whose prediction is scored, and the token each must predict.
 pub struct LabelPositions {

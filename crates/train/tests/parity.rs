@@ -239,6 +239,41 @@ fn lora_adamw_five_steps_and_adapter() {
     assert!(worst <= 1e-4, "adapter after 5 steps differs by {worst:e}");
 }
 
+/// With two threads a batch's rows run as groups side by side, each on one thread; with one,
+/// as one group. The steps agree to float32 rounding (the groups' gradients are summed apart).
+#[test]
+fn lora_steps_in_row_groups_equal_one_thread() {
+    let reference = reference();
+    let batch = batch(&reference);
+    assert!(batch.len() > 1, "the fixture batch must have rows to split");
+    let spec = &reference["lora_adamw"];
+    let steps_on = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let cores = std::thread::available_parallelism().unwrap().get();
+            assert_eq!(ff_train::row_groups(batch.len()), threads.min(cores));
+            let mut model = tiny_model();
+            load_adapter(&mut model, &testdata().join("tiny-llama-lora-init")).unwrap();
+            let mut engine = Engine::Replicated(Trainables::of(&mut model));
+            run_steps(
+                &mut model,
+                &mut engine,
+                std::slice::from_ref(&batch),
+                spec,
+                true,
+            )
+        })
+    };
+    let (one, two) = (steps_on(1), steps_on(2));
+    for ((loss_1, norm_1), (loss_2, norm_2)) in one.iter().zip(&two) {
+        assert_rel(*loss_2, *loss_1, 1e-6, "loss in row groups");
+        assert_rel(*norm_2, *norm_1, 1e-5, "gradient norm in row groups");
+    }
+}
+
 #[test]
 fn lora_without_checkpointing_gives_the_same_steps() {
     let reference = reference();

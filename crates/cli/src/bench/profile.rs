@@ -31,6 +31,8 @@ pub struct StepShape<'a> {
     pub finetuning: Finetuning,
     pub lora_rank: usize,
     pub gradient_checkpointing: bool,
+    /// Groups of rows the step runs side by side, one per thread (see `ff_train::row_groups`).
+    pub row_groups: usize,
 }
 
 /// `(in, out)` of every Linear of one decoder layer.
@@ -44,6 +46,11 @@ fn linear_shapes(c: &ModelConfig) -> [(usize, usize); 7] {
 impl StepShape<'_> {
     fn tokens(&self) -> usize {
         self.batch * self.seq
+    }
+
+    /// Rows of one row group.
+    fn group_batch(&self) -> usize {
+        self.batch.div_ceil(self.row_groups.max(1))
     }
 
     fn lora(&self) -> bool {
@@ -122,10 +129,11 @@ pub fn matmul_gflops(n: usize) -> Result<f64> {
 }
 
 /// Seconds of one layer's Linear products through the op the model runs (the fused frozen
-/// product and adapter under LoRA, candle's product when the weights train): `(forward,
-/// forward and backward)`.
-fn layer_products(shape: &StepShape) -> Result<(f64, f64)> {
-    let rows = shape.tokens();
+/// product and adapter under LoRA, candle's product when the weights train): `[forward, the
+/// down projection's forward, forward and backward]`. A recomputation leaves the down
+/// projection out.
+fn layer_products(shape: &StepShape) -> Result<[f64; 3]> {
+    let rows = shape.group_batch() * shape.seq;
     let r = shape.lora_rank;
     let var = |t: Tensor| -> Result<Var> { Ok(Var::from_tensor(&t)?) };
     let mut pieces = Vec::new();
@@ -158,20 +166,24 @@ fn layer_products(shape: &StepShape) -> Result<(f64, f64)> {
         }
         Ok(())
     })?;
+    let down_seconds = match pieces.last() {
+        Some((x, w, a, b, _)) => time(|| Ok(forward(x, w, a, b)?.detach()))?,
+        None => 0.0,
+    };
     let both_seconds = time(|| {
         for (x, w, a, b, upstream) in &pieces {
             backward_from(&forward(x, w, a, b)?, upstream)?;
         }
         Ok(())
     })?;
-    Ok((forward_seconds, both_seconds))
+    Ok([forward_seconds, down_seconds, both_seconds])
 }
 
 /// Seconds of one layer's attention core (scores, mask, softmax, weighted sum):
-/// `(forward, forward and backward)`.
-fn layer_attention(shape: &StepShape) -> Result<(f64, f64)> {
+/// `[forward, forward and backward]`.
+fn layer_attention(shape: &StepShape) -> Result<[f64; 2]> {
     let c = shape.config;
-    let (b, s, hd) = (shape.batch, shape.seq, c.head_dim);
+    let (b, s, hd) = (shape.group_batch(), shape.seq, c.head_dim);
     let heads = |n: usize| -> Result<Var> {
         let t = Tensor::randn(0f32, 1.0, (b, n, s, hd), &Device::Cpu)?;
         Ok(Var::from_tensor(&t)?)
@@ -192,16 +204,55 @@ fn layer_attention(shape: &StepShape) -> Result<(f64, f64)> {
     };
     let forward_seconds = time(|| forward().map(|t| t.detach()))?;
     let both_seconds = time(|| Ok(backward_from(&forward()?, &upstream)?))?;
-    Ok((forward_seconds, both_seconds))
+    Ok([forward_seconds, both_seconds])
+}
+
+/// `measure` run once per row group at the same time, each on a one-thread pool of its own, as
+/// the step runs its groups (a single group: on the calling thread's pool); the slowest group's
+/// seconds, the wall time they take together.
+fn side_by_side<const N: usize>(
+    groups: usize,
+    measure: impl Fn() -> Result<[f64; N]> + Sync,
+) -> Result<[f64; N]> {
+    if groups <= 1 {
+        return measure();
+    }
+    let pools = (0..groups)
+        .map(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build())
+        .collect::<Result<Vec<_>, _>>()?;
+    let results = std::thread::scope(|scope| {
+        let running: Vec<_> = pools
+            .iter()
+            .map(|pool| scope.spawn(|| pool.install(&measure)))
+            .collect();
+        running
+            .into_iter()
+            .map(|group| {
+                group
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+            })
+            .collect::<Vec<_>>()
+    });
+    let mut slowest = [0f64; N];
+    for result in results {
+        for (s, t) in slowest.iter_mut().zip(result?) {
+            *s = s.max(t);
+        }
+    }
+    Ok(slowest)
 }
 
 /// Prints the profile of the step whose phases are `phases` (the median step) taking `seconds`.
 pub fn print(shape: &StepShape, phases: &StepPhases, seconds: f64) -> Result<()> {
     let layers = shape.config.num_hidden_layers as f64;
     let passes = shape.forward_passes();
-    let (products_forward, products_both) = layer_products(shape)?;
-    let products = layers * ((passes - 1.0) * products_forward + products_both);
-    let (attention_forward, attention_both) = layer_attention(shape)?;
+    let [products_forward, down_forward, products_both] =
+        side_by_side(shape.row_groups, || layer_products(shape))?;
+    let recomputed = products_forward - down_forward;
+    let products = layers * ((passes - 1.0) * recomputed + products_both);
+    let [attention_forward, attention_both] =
+        side_by_side(shape.row_groups, || layer_attention(shape))?;
     let attention = layers * ((passes - 1.0) * attention_forward + attention_both);
     let layer_time =
         (phases.embedding + phases.layers_forward + phases.layers_backward).as_secs_f64();
