@@ -339,8 +339,12 @@ fn step(args: StepArgs) -> Result<()> {
         finetuning: args.finetuning,
         lora_rank: args.lora_rank,
         gradient_checkpointing: options.gradient_checkpointing,
-        // As the step decides: adapters' gradients in memory split a batch's rows.
-        row_groups: if args.finetuning == Finetuning::Lora && args.offload_optimizer_dir.is_none() {
+        // As the step decides: a float32 model with adapters' gradients in memory splits a
+        // batch's rows.
+        row_groups: if args.finetuning == Finetuning::Lora
+            && args.offload_optimizer_dir.is_none()
+            && dtype == DType::F32
+        {
             ff_train::row_groups(args.batch)
         } else {
             1
