@@ -66,7 +66,7 @@ pub fn frozen_input_grad(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     // loss's chunks of rows times the LM head), too few tiles for gemm to share among threads,
     // while its inner dimension (the vocabulary) is long.
     let parts = rayon::current_num_threads().max(n.div_ceil(BLOCK_ROWS));
-    let part_rows = n.div_ceil(parts);
+    let part_rows = n.div_ceil(parts).max(1);
     let sums = (0..n)
         .step_by(part_rows)
         .collect::<Vec<_>>()

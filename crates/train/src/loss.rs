@@ -14,7 +14,8 @@ use crate::backward::backward_from;
 use crate::batch::{Batch, IGNORE_INDEX};
 use crate::cross_entropy::nll_and_grad;
 
-/// Upper bound on logits held at once (rows × vocabulary).
+/// Upper bound on logits held at once (rows × vocabulary) by one walk: row groups running side
+/// by side each hold a chunk, so a larger bound (tried at 1 << 23) cost their sum in peak memory.
 const CHUNK_ELEMENTS: usize = 1 << 22;
 
 /// Positions `b * seq + t` whose prediction is scored, and the token each must predict.
