@@ -23,7 +23,7 @@ pub use error::{TrainError, TrainResult};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::{Schedule, ScheduleKind};
 pub use step::{forward_backward, Trainables};
-pub use step::{row_groups, train_step, StepOptions, StepPhases, StepStats};
+pub use step::{on_row_group_threads, row_groups, train_step, StepOptions, StepPhases, StepStats};
 
 /// A distinct dropout seed for each micro-batch of a step.
 pub fn seed_for(step_seed: u64, micro_batch: u64) -> u64 {

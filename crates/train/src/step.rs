@@ -380,6 +380,23 @@ fn row_group_count() -> usize {
     rayon::current_num_threads().min(row_group_pools().len())
 }
 
+/// Runs `jobs` at the same time, each on a row group's thread, whose rayon pool is that thread
+/// alone, and returns their results in order (jobs past the number of cores wait their turn).
+pub fn on_row_group_threads<T: Send, F: FnOnce() -> T + Send>(jobs: Vec<F>) -> Vec<T> {
+    let pools = row_group_pools();
+    std::thread::scope(|scope| {
+        let running: Vec<_> = jobs
+            .into_iter()
+            .zip(pools.iter().cycle())
+            .map(|(job, pool)| scope.spawn(move || pool.install(job)))
+            .collect();
+        running
+            .into_iter()
+            .map(|job| job.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
+}
+
 /// How many groups [`train_step`] splits a micro-batch of `rows` rows into when its gradients
 /// are small and in memory, called from the thread that would run the step.
 pub fn row_groups(rows: usize) -> usize {
@@ -427,46 +444,33 @@ impl RowGroups<'_> {
         trainables: &mut Trainables,
         phases: &mut StepPhases,
     ) -> TrainResult<f64> {
-        let pools = row_group_pools();
         let rows = self.batch.len();
         let groups = row_groups(rows);
         let per_group = rows.div_ceil(groups);
         let mut others: Vec<Trainables> = (1..groups).map(|_| trainables.empty_like()).collect();
-        let results = std::thread::scope(|scope| {
-            let running: Vec<_> = std::iter::once(&mut *trainables)
-                .chain(others.iter_mut())
-                .zip(pools)
-                .enumerate()
-                .map(|(g, (grads, pool))| {
-                    // A copy of the model shares every tensor with it; each group walks its own.
-                    let mut model = self.model.clone();
-                    let batch = self.batch.rows(g * per_group, per_group);
-                    scope.spawn(move || {
-                        pool.install(|| {
-                            let mut phases = StepPhases::default();
-                            let nll_sum = forward_backward_timed(
-                                &mut model,
-                                grads,
-                                &batch,
-                                self.loss_denominator,
-                                self.gradient_checkpointing,
-                                crate::seed_for(self.dropout_seed, g as u64),
-                                &mut phases,
-                            )?;
-                            Ok((nll_sum, phases))
-                        })
-                    })
-                })
-                .collect();
-            running
-                .into_iter()
-                .map(|group| {
-                    group
-                        .join()
-                        .unwrap_or_else(|e| std::panic::resume_unwind(e))
-                })
-                .collect::<Vec<TrainResult<_>>>()
-        });
+        let jobs: Vec<_> = std::iter::once(&mut *trainables)
+            .chain(others.iter_mut())
+            .enumerate()
+            .map(|(g, grads)| {
+                // A copy of the model shares every tensor with it; each group walks its own.
+                let mut model = self.model.clone();
+                let batch = self.batch.rows(g * per_group, per_group);
+                move || -> TrainResult<(f64, StepPhases)> {
+                    let mut phases = StepPhases::default();
+                    let nll_sum = forward_backward_timed(
+                        &mut model,
+                        grads,
+                        &batch,
+                        self.loss_denominator,
+                        self.gradient_checkpointing,
+                        crate::seed_for(self.dropout_seed, g as u64),
+                        &mut phases,
+                    )?;
+                    Ok((nll_sum, phases))
+                }
+            })
+            .collect();
+        let results = on_row_group_threads(jobs);
         let mut nll_sum = 0.0;
         for (g, result) in results.into_iter().enumerate() {
             let (group_nll, group_phases) = result?;

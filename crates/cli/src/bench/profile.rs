@@ -207,9 +207,9 @@ fn layer_attention(shape: &StepShape) -> Result<[f64; 2]> {
     Ok([forward_seconds, both_seconds])
 }
 
-/// `measure` run once per row group at the same time, each on a one-thread pool of its own, as
-/// the step runs its groups (a single group: on the calling thread's pool); the slowest group's
-/// seconds, the wall time they take together.
+/// `measure` run once per row group at the same time on the groups' threads, as the step runs
+/// them (a single group: on the calling thread's pool); the slowest group's seconds, the wall
+/// time they take together.
 fn side_by_side<const N: usize>(
     groups: usize,
     measure: impl Fn() -> Result<[f64; N]> + Sync,
@@ -217,23 +217,7 @@ fn side_by_side<const N: usize>(
     if groups <= 1 {
         return measure();
     }
-    let pools = (0..groups)
-        .map(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build())
-        .collect::<Result<Vec<_>, _>>()?;
-    let results = std::thread::scope(|scope| {
-        let running: Vec<_> = pools
-            .iter()
-            .map(|pool| scope.spawn(|| pool.install(&measure)))
-            .collect();
-        running
-            .into_iter()
-            .map(|group| {
-                group
-                    .join()
-                    .unwrap_or_else(|e| std::panic::resume_unwind(e))
-            })
-            .collect::<Vec<_>>()
-    });
+    let results = ff_train::on_row_group_threads((0..groups).map(|_| &measure).collect());
     let mut slowest = [0f64; N];
     for result in results {
         for (s, t) in slowest.iter_mut().zip(result?) {
