@@ -339,16 +339,7 @@ fn step(args: StepArgs) -> Result<()> {
         finetuning: args.finetuning,
         lora_rank: args.lora_rank,
         gradient_checkpointing: options.gradient_checkpointing,
-        // As the step decides: a float32 model with adapters' gradients in memory splits a
-        // batch's rows.
-        row_groups: if args.finetuning == Finetuning::Lora
-            && args.offload_optimizer_dir.is_none()
-            && dtype == DType::F32
-        {
-            ff_train::row_groups(args.batch)
-        } else {
-            1
-        },
+        row_groups: ff_train::row_groups(&workload.model, &workload.engine, args.batch),
     };
     profile::print(&shape, &timings.phases[median_step], median)
 }

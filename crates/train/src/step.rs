@@ -397,26 +397,28 @@ pub fn on_row_group_threads<T: Send, F: FnOnce() -> T + Send>(jobs: Vec<F>) -> V
     })
 }
 
-/// How many groups [`train_step`] splits a micro-batch of `rows` rows into when its gradients
-/// are small and in memory, called from the thread that would run the step.
-pub fn row_groups(rows: usize) -> usize {
-    let per_group = rows.div_ceil(row_group_count().min(rows).max(1));
-    rows.div_ceil(per_group.max(1))
-}
-
-/// Whether `batch` runs as [`RowGroups`]: a float32 model on the CPU with more than one core
-/// and more than one row, with small gradients in memory, since every group past the first
-/// holds gradients of its own. Full fine-tuning's would cost a copy of the model (its step took
-/// 1 GB more, and ran no faster measurably, its weight gradients summed over each group's rows
+/// How many [`RowGroups`] [`train_step`] runs a micro-batch of `rows` rows in, called from
+/// the thread that would run the step: one per thread of its rayon pool, for a float32 model on
+/// the CPU with small gradients in memory (every group past the first holds gradients of its
+/// own); 1 otherwise. Full fine-tuning's would cost a copy of the model (its step took 1 GB
+/// more, and ran no faster measurably, its weight gradients summed over each group's rows
 /// apart). A bf16 LoRA step's peak rose from 0.52 to 0.58 GB in groups, past a quarter of
 /// PyTorch's, where it already ran at twice PyTorch's speed without them.
-fn splits_in_row_groups(model: &CausalLm, trainables: &Trainables, batch: &Batch) -> bool {
-    model.device.is_cpu()
-        && model.dtype == DType::F32
-        && trainables.small
-        && trainables.offloaded.is_none()
-        && batch.len() > 1
-        && row_group_count() > 1
+pub fn row_groups(model: &CausalLm, engine: &Engine, rows: usize) -> usize {
+    let splits = match engine {
+        Engine::Replicated(trainables) => {
+            model.device.is_cpu()
+                && model.dtype == DType::F32
+                && trainables.small
+                && trainables.offloaded.is_none()
+        }
+        Engine::Sharded(_) => false,
+    };
+    if !splits || rows < 2 {
+        return 1;
+    }
+    let per_group = rows.div_ceil(row_group_count().min(rows));
+    rows.div_ceil(per_group)
 }
 
 /// A micro-batch's rows split into groups that run forward and backward side by side, one per
@@ -431,6 +433,7 @@ fn splits_in_row_groups(model: &CausalLm, trainables: &Trainables, batch: &Batch
 struct RowGroups<'a> {
     model: &'a CausalLm,
     batch: &'a Batch,
+    groups: usize,
     loss_denominator: f64,
     gradient_checkpointing: bool,
     dropout_seed: u64,
@@ -444,10 +447,9 @@ impl RowGroups<'_> {
         trainables: &mut Trainables,
         phases: &mut StepPhases,
     ) -> TrainResult<f64> {
-        let rows = self.batch.len();
-        let groups = row_groups(rows);
-        let per_group = rows.div_ceil(groups);
-        let mut others: Vec<Trainables> = (1..groups).map(|_| trainables.empty_like()).collect();
+        let per_group = self.batch.len().div_ceil(self.groups);
+        let mut others: Vec<Trainables> =
+            (1..self.groups).map(|_| trainables.empty_like()).collect();
         let jobs: Vec<_> = std::iter::once(&mut *trainables)
             .chain(others.iter_mut())
             .enumerate()
@@ -611,11 +613,13 @@ pub fn train_step(
         };
         let seed = crate::seed_for(dropout_seed, i as u64);
         let checkpointing = options.gradient_checkpointing;
+        let groups = row_groups(model, engine, batch.len());
         nll_sum += match engine {
-            Engine::Replicated(trainables) if splits_in_row_groups(model, trainables, batch) => {
+            Engine::Replicated(trainables) if groups > 1 => {
                 let groups = RowGroups {
                     model,
                     batch,
+                    groups,
                     loss_denominator: denominator,
                     gradient_checkpointing: checkpointing,
                     dropout_seed: seed,

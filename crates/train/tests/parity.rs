@@ -253,11 +253,12 @@ fn lora_steps_in_row_groups_equal_one_thread() {
             .build()
             .unwrap();
         pool.install(|| {
-            let cores = std::thread::available_parallelism().unwrap().get();
-            assert_eq!(ff_train::row_groups(batch.len()), threads.min(cores));
             let mut model = tiny_model();
             load_adapter(&mut model, &testdata().join("tiny-llama-lora-init")).unwrap();
             let mut engine = Engine::Replicated(Trainables::of(&mut model));
+            let cores = std::thread::available_parallelism().unwrap().get();
+            let groups = ff_train::row_groups(&model, &engine, batch.len());
+            assert_eq!(groups, threads.min(cores));
             run_steps(
                 &mut model,
                 &mut engine,
