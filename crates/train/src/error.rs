@@ -26,6 +26,9 @@ pub enum TrainError {
     #[error("{0}")]
     Config(String),
 
+    #[error("the row groups of a micro-batch went apart: {0}")]
+    RowGroups(String),
+
     #[error("training stopped by interrupt after step {step}; resume with resume_from_checkpoint={}", checkpoint.display())]
     Interrupted { step: u64, checkpoint: PathBuf },
 }

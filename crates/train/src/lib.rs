@@ -11,6 +11,7 @@ pub mod loss;
 pub mod offload;
 pub mod optim;
 pub mod plot;
+mod row_groups;
 pub mod sampler;
 pub mod schedule;
 pub mod step;
@@ -21,9 +22,10 @@ pub use batch::{collate, Batch, Example, IGNORE_INDEX};
 pub use engine::Engine;
 pub use error::{TrainError, TrainResult};
 pub use optim::{AdamW, AdamWConfig};
+pub use row_groups::{on_row_group_threads, row_groups};
 pub use schedule::{Schedule, ScheduleKind};
 pub use step::{forward_backward, Trainables};
-pub use step::{on_row_group_threads, row_groups, train_step, StepOptions, StepPhases, StepStats};
+pub use step::{train_step, StepOptions, StepPhases, StepStats};
 
 /// A distinct dropout seed for each micro-batch of a step.
 pub fn seed_for(step_seed: u64, micro_batch: u64) -> u64 {

@@ -9,10 +9,10 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{backprop::GradStore, DType, Tensor, TensorId, Var};
+use candle_core::{backprop::GradStore, Tensor, TensorId, Var};
 use ff_dist::ProcessGroup;
 use ff_fsdp::{BackwardExtent, Part, Pass, Residency, Walk};
 use ff_model::{CausalLm, ForwardCtx};
@@ -24,6 +24,7 @@ use crate::error::TrainResult;
 use crate::loss::{head_forward_backward, LabelPositions};
 use crate::offload::{OffloadedGrads, UpdateProgress};
 use crate::optim::{with_float32_values, AdamW, AdamWConfig};
+use crate::row_groups::{row_groups, RowGroups};
 
 /// The trained tensors of a model, in a fixed order, with gradient accumulators.
 pub struct Trainables {
@@ -35,14 +36,10 @@ pub struct Trainables {
     index: HashMap<TensorId, usize>,
     /// How far down backward must go.
     pub(crate) extent: BackwardExtent,
-    /// Whether the gradients are small next to the model (an adapter's), so that a copy of them
-    /// costs little.
-    small: bool,
 }
 
 impl Trainables {
     pub fn of(model: &mut CausalLm) -> Self {
-        let (total, trained) = model.num_params();
         let params = model.trainable_params();
         let layer_of = |name: &str| -> Option<usize> {
             name.strip_prefix("model.layers.")?
@@ -73,34 +70,7 @@ impl Trainables {
                 lowest_layer: lowest_trained_layer,
                 embedding: embed_trains,
             },
-            small: trained * 16 <= total,
         }
-    }
-
-    /// The same tensors with no gradients yet, kept in memory: one row group's accumulator.
-    fn empty_like(&self) -> Self {
-        Self {
-            names: self.names.clone(),
-            vars: self.vars.clone(),
-            grads: vec![None; self.vars.len()],
-            offloaded: None,
-            index: self.index.clone(),
-            extent: self.extent,
-            small: self.small,
-        }
-    }
-
-    /// Adds `other`'s gradients (of the same tensors) to these.
-    fn add(&mut self, other: Trainables) -> TrainResult<()> {
-        for (acc, g) in self.grads.iter_mut().zip(other.grads) {
-            if let Some(g) = g {
-                *acc = Some(match acc.take() {
-                    Some(sum) => (sum + g)?,
-                    None => g,
-                });
-            }
-        }
-        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -148,18 +118,35 @@ impl Trainables {
 
     /// Adds every trained tensor's gradient found in `store` to its accumulator.
     pub fn accumulate(&mut self, store: &GradStore) -> TrainResult<()> {
-        for id in store.get_ids() {
-            if let Some(&i) = self.index.get(id) {
-                let g = store.get_id(*id).expect("id listed by the store").detach();
-                if let Some(offload) = &mut self.offloaded {
-                    with_float32_values(&g, |values| offload.grads.add(i, values))??;
-                    continue;
-                }
-                self.grads[i] = Some(match self.grads[i].take() {
-                    Some(acc) => (acc + g)?,
-                    None => g,
-                });
+        self.accumulate_grads(self.trained_grads(store))
+    }
+
+    /// The gradients in `store` of the trained tensors (a backward's store holds every node's).
+    pub(crate) fn trained_grads(&self, store: &GradStore) -> Vec<(TensorId, Tensor)> {
+        store
+            .get_ids()
+            .filter(|id| self.index.contains_key(id))
+            .map(|&id| {
+                (
+                    id,
+                    store.get_id(id).expect("id listed by the store").detach(),
+                )
+            })
+            .collect()
+    }
+
+    /// Adds gradients of trained tensors to their accumulators.
+    pub(crate) fn accumulate_grads(&mut self, grads: Vec<(TensorId, Tensor)>) -> TrainResult<()> {
+        for (id, g) in grads {
+            let i = self.index[&id];
+            if let Some(offload) = &mut self.offloaded {
+                with_float32_values(&g, |values| offload.grads.add(i, values))??;
+                continue;
             }
+            self.grads[i] = Some(match self.grads[i].take() {
+                Some(acc) => (acc + g)?,
+                None => g,
+            });
         }
         Ok(())
     }
@@ -259,7 +246,7 @@ pub fn forward_backward(
 }
 
 /// [`forward_backward`] that adds the time of its phases to `phases`.
-fn forward_backward_timed(
+pub(crate) fn forward_backward_timed(
     model: &mut CausalLm,
     params: &mut dyn Residency,
     batch: &Batch,
@@ -364,130 +351,6 @@ fn forward_backward_timed(
     Ok(nll_sum)
 }
 
-/// One thread per core, each with a rayon pool of its own thread alone, for [`RowGroups`].
-fn row_group_pools() -> &'static [rayon::ThreadPool] {
-    static POOLS: OnceLock<Vec<rayon::ThreadPool>> = OnceLock::new();
-    POOLS.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (0..cores)
-            .map_while(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build().ok())
-            .collect()
-    })
-}
-
-/// How many row groups the calling thread's rayon pool allows (one per thread it has).
-fn row_group_count() -> usize {
-    rayon::current_num_threads().min(row_group_pools().len())
-}
-
-/// Runs `jobs` at the same time, each on a row group's thread, whose rayon pool is that thread
-/// alone, and returns their results in order (jobs past the number of cores wait their turn).
-pub fn on_row_group_threads<T: Send, F: FnOnce() -> T + Send>(jobs: Vec<F>) -> Vec<T> {
-    let pools = row_group_pools();
-    std::thread::scope(|scope| {
-        let running: Vec<_> = jobs
-            .into_iter()
-            .zip(pools.iter().cycle())
-            .map(|(job, pool)| scope.spawn(move || pool.install(job)))
-            .collect();
-        running
-            .into_iter()
-            .map(|job| job.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
-    })
-}
-
-/// How many [`RowGroups`] [`train_step`] runs a micro-batch of `rows` rows in, called from
-/// the thread that would run the step: one per thread of its rayon pool, for a float32 model on
-/// the CPU with small gradients in memory (every group past the first holds gradients of its
-/// own); 1 otherwise. Full fine-tuning's would cost a copy of the model (its step took 1 GB
-/// more, and ran no faster measurably, its weight gradients summed over each group's rows
-/// apart). A bf16 LoRA step's peak rose from 0.52 to 0.58 GB in groups, past a quarter of
-/// PyTorch's, where it already ran at twice PyTorch's speed without them.
-pub fn row_groups(model: &CausalLm, engine: &Engine, rows: usize) -> usize {
-    let splits = match engine {
-        Engine::Replicated(trainables) => {
-            model.device.is_cpu()
-                && model.dtype == DType::F32
-                && trainables.small
-                && trainables.offloaded.is_none()
-        }
-        Engine::Sharded(_) => false,
-    };
-    if !splits || rows < 2 {
-        return 1;
-    }
-    let per_group = rows.div_ceil(row_group_count().min(rows));
-    rows.div_ceil(per_group)
-}
-
-/// A micro-batch's rows split into groups that run forward and backward side by side, one per
-/// core, each on a thread whose products and fused ops run on that thread alone. The first
-/// group sums its gradients into the step's, every other into its own, added in group order
-/// after, so the result does not depend on which group finishes first.
-///
-/// On 2 cores, products shared between threads ran at 1.3–1.6× their one-thread speed, and the
-/// calling thread summed candle's gradients while the other waited: two processes of one
-/// thread each (`bench dp`) took a LoRA step 1.36× faster than one process of two threads.
-/// Groups of rows have nothing to wait on each other for (LoRA step 8.9–9.9 → 5.6–6.8 s).
-struct RowGroups<'a> {
-    model: &'a CausalLm,
-    batch: &'a Batch,
-    groups: usize,
-    loss_denominator: f64,
-    gradient_checkpointing: bool,
-    dropout_seed: u64,
-}
-
-impl RowGroups<'_> {
-    /// Adds the groups' gradients to `trainables` and returns the micro-batch's NLL sum; the
-    /// phases are the first group's (the groups run at once).
-    fn forward_backward(
-        &self,
-        trainables: &mut Trainables,
-        phases: &mut StepPhases,
-    ) -> TrainResult<f64> {
-        let per_group = self.batch.len().div_ceil(self.groups);
-        let mut others: Vec<Trainables> =
-            (1..self.groups).map(|_| trainables.empty_like()).collect();
-        let jobs: Vec<_> = std::iter::once(&mut *trainables)
-            .chain(others.iter_mut())
-            .enumerate()
-            .map(|(g, grads)| {
-                // A copy of the model shares every tensor with it; each group walks its own.
-                let mut model = self.model.clone();
-                let batch = self.batch.rows(g * per_group, per_group);
-                move || -> TrainResult<(f64, StepPhases)> {
-                    let mut phases = StepPhases::default();
-                    let nll_sum = forward_backward_timed(
-                        &mut model,
-                        grads,
-                        &batch,
-                        self.loss_denominator,
-                        self.gradient_checkpointing,
-                        crate::seed_for(self.dropout_seed, g as u64),
-                        &mut phases,
-                    )?;
-                    Ok((nll_sum, phases))
-                }
-            })
-            .collect();
-        let results = on_row_group_threads(jobs);
-        let mut nll_sum = 0.0;
-        for (g, result) in results.into_iter().enumerate() {
-            let (group_nll, group_phases) = result?;
-            nll_sum += group_nll;
-            if g == 0 {
-                phases.add(&group_phases);
-            }
-        }
-        for grads in others {
-            trainables.add(grads)?;
-        }
-        Ok(nll_sum)
-    }
-}
-
 /// The head's forward and backward, as one use of the head part.
 fn head_backward(
     model: &mut CausalLm,
@@ -541,7 +404,7 @@ pub struct StepPhases {
 }
 
 impl StepPhases {
-    fn add(&mut self, other: &StepPhases) {
+    pub(crate) fn add(&mut self, other: &StepPhases) {
         self.embedding += other.embedding;
         self.layers_forward += other.layers_forward;
         self.head += other.head;

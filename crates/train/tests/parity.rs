@@ -239,14 +239,13 @@ fn lora_adamw_five_steps_and_adapter() {
     assert!(worst <= 1e-4, "adapter after 5 steps differs by {worst:e}");
 }
 
-/// With two threads a batch's rows run as groups side by side, each on one thread; with one,
-/// as one group. The steps agree to float32 rounding (the groups' gradients are summed apart).
-#[test]
-fn lora_steps_in_row_groups_equal_one_thread() {
+/// Runs `spec`'s steps on the model `setup` makes in a pool of 1 and of 2 threads: with two,
+/// a batch's rows run as groups side by side, each on one thread, adding to one set of
+/// gradients in turn; with one, as one group. The steps agree to float32 rounding.
+fn check_row_groups_equal_one_thread(setup: fn(&mut CausalLm), spec: &Value) {
     let reference = reference();
     let batch = batch(&reference);
     assert!(batch.len() > 1, "the fixture batch must have rows to split");
-    let spec = &reference["lora_adamw"];
     let steps_on = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -254,7 +253,7 @@ fn lora_steps_in_row_groups_equal_one_thread() {
             .unwrap();
         pool.install(|| {
             let mut model = tiny_model();
-            load_adapter(&mut model, &testdata().join("tiny-llama-lora-init")).unwrap();
+            setup(&mut model);
             let mut engine = Engine::Replicated(Trainables::of(&mut model));
             let cores = std::thread::available_parallelism().unwrap().get();
             let groups = ff_train::row_groups(&model, &engine, batch.len());
@@ -273,6 +272,20 @@ fn lora_steps_in_row_groups_equal_one_thread() {
         assert_rel(*loss_2, *loss_1, 1e-6, "loss in row groups");
         assert_rel(*norm_2, *norm_1, 1e-5, "gradient norm in row groups");
     }
+}
+
+#[test]
+fn lora_steps_in_row_groups_equal_one_thread() {
+    let setup = |model: &mut CausalLm| {
+        load_adapter(model, &testdata().join("tiny-llama-lora-init")).unwrap();
+    };
+    check_row_groups_equal_one_thread(setup, &reference()["lora_adamw"]);
+}
+
+#[test]
+fn full_finetuning_steps_in_row_groups_equal_one_thread() {
+    let setup = |model: &mut CausalLm| make_all_trainable(model).unwrap();
+    check_row_groups_equal_one_thread(setup, &reference()["full_adamw"]);
 }
 
 #[test]

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use ff_model::layers::attention;
 use ff_model::linear::Output;
 use ff_model::lora_product::lora_product;
+use ff_model::trained_product::trained_product;
 use ff_model::{ForwardCtx, ModelConfig};
 use ff_train::{backward_from, StepPhases};
 
@@ -129,7 +130,7 @@ pub fn matmul_gflops(n: usize) -> Result<f64> {
 }
 
 /// Seconds of one layer's Linear products through the op the model runs (the fused frozen
-/// product and adapter under LoRA, candle's product when the weights train): `[forward, the
+/// product and adapter under LoRA, the trained product when the weights train): `[forward, the
 /// down projection's forward, forward and backward]`. A recomputation leaves the down
 /// projection out.
 fn layer_products(shape: &StepShape) -> Result<[f64; 3]> {
@@ -157,7 +158,8 @@ fn layer_products(shape: &StepShape) -> Result<[f64; 3]> {
             lora_product(x, w.as_tensor(), a, b, 2.0, Output::Values)?
                 .ok_or_else(|| anyhow!("no LoRA product kernel for {:?}", shape.dtype))
         } else {
-            Ok(x.matmul(&w.t()?)?)
+            trained_product(x, w.as_tensor(), Output::Values)?
+                .ok_or_else(|| anyhow!("no trained product kernel for {:?}", shape.dtype))
         }
     };
     let forward_seconds = time(|| {
