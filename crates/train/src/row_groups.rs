@@ -303,6 +303,17 @@ mod tests {
         store_of(var, grad).unwrap()
     }
 
+    fn assert_first_grad_is(trainables: &Trainables, value: f32) {
+        let grad: Vec<f32> = trainables.grads[0]
+            .as_ref()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(grad.iter().all(|&g| g == value), "{:?}", &grad[..4]);
+    }
+
     /// The later groups hand over first, yet the sum is the groups' in order: (1e8 + -1e8)
     /// + 1 is 1 in float32, where any other order gives 0.
     #[test]
@@ -318,14 +329,7 @@ mod tests {
             sum.add(group, 0, sum.trained_grads(store)).unwrap();
         }
         sum.finish().unwrap();
-        let grad: Vec<f32> = trainables.grads[0]
-            .as_ref()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert!(grad.iter().all(|&g| g == 1.0), "{:?}", &grad[..4]);
+        assert_first_grad_is(&trainables, 1.0);
     }
 
     /// A group that hands over fewer times than the one before it leaves a hand-over
@@ -373,13 +377,6 @@ mod tests {
         assert_eq!((first.handed_over, second.handed_over), (2, 2));
         drop((first, second));
         sum.finish().unwrap();
-        let grad: Vec<f32> = trainables.grads[0]
-            .as_ref()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert!(grad.iter().all(|&g| g == 4.0), "{:?}", &grad[..4]);
+        assert_first_grad_is(&trainables, 4.0);
     }
 }
