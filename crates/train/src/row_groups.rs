@@ -13,7 +13,7 @@
 //! many pieces a part gave (the head gives one per chunk of its group's label tokens), and a
 //! group's k-th hand-over is added after the k-th of the groups before it.
 //! The sum is then the same whichever group runs ahead. A copy of the gradients per group,
-//! added at the end, had cost full fine-tuning 1 GB; turns cost it 0.1–0.3 GB.
+//! added at the end, had cost full fine-tuning 1 GB; turns cost it 0.1–0.6 GB.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
