@@ -4,6 +4,7 @@
 //! tensors share, so every frozen tensor can be a view of the one buffer: a gathered weight
 //! reaches the model without another copy, and a rank's shard is sent from where it is kept.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -42,11 +43,11 @@ impl Shard {
                 group.all_gather_bytes(shard, values.bytes_mut())?;
                 Some(values)
             }
-            Some((FrozenSource::Published(peers, unit), dtype)) => {
-                let mut values = FrozenValues::zeroed(*dtype, peers.shard_len(*unit) * world);
-                peers.read(*unit, values.bytes_mut())?;
-                Some(values)
-            }
+            Some((FrozenSource::Published(peers, unit), dtype)) => Some(FrozenValues::filled(
+                *dtype,
+                peers.shard_len(*unit) * world,
+                |out| peers.read(*unit, out),
+            )?),
             None => None,
         };
         Ok(Gathered { trained, frozen })
@@ -76,6 +77,41 @@ impl FrozenValues {
             Some(DType::F16) => Self::F16(vec![f16::ZERO; bytes / 2]),
             _ => Self::Bytes(vec![0; bytes]),
         }
+    }
+
+    /// `bytes` (a multiple of 8) written by `fill`, which must write every byte when it
+    /// succeeds: a unit is gathered twice a step, and zeroing its buffer first had cost a rank
+    /// as much time as reading the peers' shards into it.
+    fn filled(
+        dtype: Option<DType>,
+        bytes: usize,
+        fill: impl FnOnce(&mut [MaybeUninit<u8>]) -> std::io::Result<()>,
+    ) -> std::io::Result<Self> {
+        fn typed<T: bytemuck::Pod>(
+            bytes: usize,
+            fill: impl FnOnce(&mut [MaybeUninit<u8>]) -> std::io::Result<()>,
+        ) -> std::io::Result<Vec<T>> {
+            let len = bytes / std::mem::size_of::<T>();
+            let mut values = Vec::<T>::with_capacity(len);
+            let spare = &mut values.spare_capacity_mut()[..len];
+            // SAFETY: the same memory, viewed as its (uninitialized) bytes.
+            let spare_bytes = unsafe {
+                std::slice::from_raw_parts_mut(
+                    spare.as_mut_ptr().cast::<MaybeUninit<u8>>(),
+                    len * std::mem::size_of::<T>(),
+                )
+            };
+            fill(spare_bytes)?;
+            // SAFETY: `fill` wrote all `len` elements' bytes, and any bytes are a valid `T`.
+            unsafe { values.set_len(len) };
+            Ok(values)
+        }
+        Ok(match dtype {
+            Some(DType::F32) => Self::F32(typed(bytes, fill)?),
+            Some(DType::BF16) => Self::BF16(typed(bytes, fill)?),
+            Some(DType::F16) => Self::F16(typed(bytes, fill)?),
+            _ => Self::Bytes(typed(bytes, fill)?),
+        })
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {

@@ -14,7 +14,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::mem::MaybeUninit;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ff_dist::ProcessGroup;
@@ -92,18 +94,59 @@ impl PeerShards {
         self.units[unit].1
     }
 
-    /// Unit `unit`'s frozen shards of every rank, rank after rank, into `out`.
-    pub fn read(&self, unit: usize, out: &mut [u8]) -> std::io::Result<()> {
+    /// Unit `unit`'s frozen shards of every rank, rank after rank, into `out`, all of which
+    /// is written when this succeeds.
+    pub fn read(&self, unit: usize, out: &mut [MaybeUninit<u8>]) -> std::io::Result<()> {
         let (offset, len) = self.units[unit];
+        assert_eq!(
+            out.len(),
+            len * self.files.len(),
+            "a unit's gathered length"
+        );
         for (r, shard) in out.chunks_exact_mut(len).enumerate() {
             if r == self.rank {
-                shard.copy_from_slice(&self.own[offset..offset + len]);
+                for (to, &from) in shard.iter_mut().zip(&self.own[offset..offset + len]) {
+                    to.write(from);
+                }
             } else {
-                self.files[r].read_exact_at(shard, offset as u64)?;
+                read_exact_at(&self.files[r], shard, offset as u64)?;
             }
         }
         Ok(())
     }
+}
+
+/// `File::read_exact_at` into memory not yet initialized.
+fn read_exact_at(
+    file: &File,
+    mut out: &mut [MaybeUninit<u8>],
+    mut offset: u64,
+) -> std::io::Result<()> {
+    while !out.is_empty() {
+        // SAFETY: the kernel writes at most `out.len()` bytes, into `out`.
+        let read = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                out.as_mut_ptr().cast(),
+                out.len(),
+                offset as libc::off_t,
+            )
+        };
+        match read {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => {
+                out = &mut out[n as usize..];
+                offset += n as u64;
+            }
+            _ => {
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes the shards one after another into a new file at `path` (write errors such as a full
