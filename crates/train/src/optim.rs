@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{TrainError, TrainResult};
@@ -148,6 +149,7 @@ impl DiskUpdate {
                     grad: grad.values(),
                     moments: RefCell::new((exp_avg.values_mut(), exp_avg_sq.values_mut())),
                     factors: factors[*i],
+                    on_every_core: false,
                 });
                 if update.is_err() || done_tx.send((job, set)).is_err() {
                     break;
@@ -274,6 +276,7 @@ impl AdamW {
                     grad,
                     moments: RefCell::new((&mut moments.exp_avg[..], &mut moments.exp_avg_sq[..])),
                     factors,
+                    on_every_core: true,
                 })
             })??;
         }
@@ -456,7 +459,13 @@ struct Update<'a> {
     grad: &'a [f32],
     moments: RefCell<(&'a mut [f32], &'a mut [f32])>,
     factors: StepFactors,
+    /// Whether to split the elements among rayon's threads: the update in memory runs alone
+    /// between steps, while the one from disk overlaps the next forward on threads of its own.
+    on_every_core: bool,
 }
+
+/// Elements of one task when the update is split among threads.
+const UPDATE_TASK: usize = 1 << 16;
 
 impl InplaceOp1 for Update<'_> {
     fn name(&self) -> &'static str {
@@ -474,41 +483,67 @@ impl InplaceOp1 for Update<'_> {
         let mut moments = self.moments.borrow_mut();
         let (exp_avg, exp_avg_sq) = &mut *moments;
         let f = self.factors;
-        let (b1, b2) = (f.beta1, f.beta2);
-        for (((p, &g), m1), m2) in params
-            .iter_mut()
-            .zip(self.grad)
-            .zip(exp_avg.iter_mut())
-            .zip(exp_avg_sq.iter_mut())
-        {
-            // `+ 0.0` as candle's affine computes a clipped gradient, so that a zero keeps its
-            // sign exactly as with a scaled copy.
-            let g = match f.grad_scale {
-                Some(scale) => g * scale + 0.0,
-                None => g,
-            };
-            *p *= f.decay;
-            *m1 = b1 * *m1 + (1.0 - b1) * g;
-            *m2 = b2 * *m2 + (1.0 - b2) * g * g;
-            let denom = m2.sqrt() / f.bias_correction2_sqrt + f.eps;
-            *p -= f.step_size * *m1 / denom;
+        if self.on_every_core && params.len() > UPDATE_TASK {
+            params
+                .par_chunks_mut(UPDATE_TASK)
+                .zip(self.grad.par_chunks(UPDATE_TASK))
+                .zip(exp_avg.par_chunks_mut(UPDATE_TASK))
+                .zip(exp_avg_sq.par_chunks_mut(UPDATE_TASK))
+                .for_each(|(((p, g), m1), m2)| adamw(f, p, g, m1, m2));
+        } else {
+            adamw(f, params, self.grad, exp_avg, exp_avg_sq);
         }
         Ok(())
+    }
+}
+
+/// AdamW on parameters `params` with gradients `grad` and moments `exp_avg`, `exp_avg_sq`,
+/// element by element.
+fn adamw(
+    f: StepFactors,
+    params: &mut [f32],
+    grad: &[f32],
+    exp_avg: &mut [f32],
+    exp_avg_sq: &mut [f32],
+) {
+    let (b1, b2) = (f.beta1, f.beta2);
+    for (((p, &g), m1), m2) in params
+        .iter_mut()
+        .zip(grad)
+        .zip(exp_avg.iter_mut())
+        .zip(exp_avg_sq.iter_mut())
+    {
+        // `+ 0.0` as candle's affine computes a clipped gradient, so that a zero keeps its
+        // sign exactly as with a scaled copy.
+        let g = match f.grad_scale {
+            Some(scale) => g * scale + 0.0,
+            None => g,
+        };
+        *p *= f.decay;
+        *m1 = b1 * *m1 + (1.0 - b1) * g;
+        *m2 = b2 * *m2 + (1.0 - b2) * g * g;
+        let denom = m2.sqrt() / f.bias_correction2_sqrt + f.eps;
+        *p -= f.step_size * *m1 / denom;
     }
 }
 
 /// Sum of squares of every gradient: the square of the global L2 norm. Kept separate from
 /// clipping so that shards can add their partial sums across ranks first. Summed in float64:
 /// over millions of elements a float32 sum drifts by about 1e-4 relative, enough to move the
-/// clipping coefficient away from torch's.
+/// clipping coefficient away from torch's. Each gradient's sum runs in order, one element
+/// after another, as offloaded gradients' do, so that both give the same bits; the gradients
+/// are summed side by side on rayon's threads.
 pub fn grad_sq_norm(grads: &[Option<Tensor>]) -> Result<f64> {
-    let mut total = 0.0;
-    for g in grads.iter().flatten() {
-        total += with_float32_values(g, |values| {
-            values.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()
-        })?;
-    }
-    Ok(total)
+    let sums = grads
+        .par_iter()
+        .flatten()
+        .map(|g| {
+            with_float32_values(g, |values| {
+                values.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()
+            })
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    Ok(sums.iter().fold(0.0, |total, sum| total + sum))
 }
 
 /// Calls `f` with the float32 values of `t` in order, converted or made contiguous only when
