@@ -10,12 +10,12 @@
 //! prefetcher) allocates from an arena of its own, made of 64 MiB mappings that are unmapped as
 //! soon as they empty, and a block too large for one (a full fine-tuning group's 113 MB head
 //! gradient) is mapped and unmapped alone: full fine-tuning still took about 340 000 page
-//! faults a step, 1.4 GB of fresh pages. With one arena for all threads it takes about 13 000,
+//! faults a step, 1.4 GB of fresh pages. With one arena for all threads it takes about 26 000,
 //! and a step ran about an eighth faster (alternating runs, `bench step --finetuning full`).
 
 /// Asks glibc to serve every thread from its one main heap, blocks up to 1 GiB included, and
-/// never to shrink it; call first in `main`. A C library without these settings (or one that refuses them) keeps its defaults,
-/// which are only slower.
+/// never to shrink it; call first in `main`. A C library without these settings (or one that
+/// refuses them) keeps its defaults, which are only slower.
 pub fn keep_freed_memory_for_reuse() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
