@@ -20,7 +20,8 @@ use ff_model::finetune::{apply_lora, make_all_trainable, LoraSpec};
 use ff_model::load::from_tensors;
 use ff_model::{CausalLm, ModelConfig};
 use ff_train::{
-    train_step, AdamW, AdamWConfig, Batch, Engine, StepOptions, StepPhases, Trainables,
+    train_step, AdamW, AdamWConfig, Batch, Checkpointing, Engine, StepOptions, StepPhases,
+    Trainables,
 };
 
 #[derive(Subcommand)]
@@ -290,6 +291,12 @@ fn step(args: StepArgs) -> Result<()> {
         max_grad_norm: Some(1.0),
         gradient_checkpointing: !args.no_gradient_checkpointing,
     };
+    let checkpointing = Checkpointing::for_step(
+        options.gradient_checkpointing,
+        &workload.model,
+        &workload.engine,
+        args.batch * args.seq,
+    );
     let timings =
         workload.timed_steps(&batch, args.steps, options, &ff_dist::SingleProcessGroup)?;
     let measured = timings.seconds.len();
@@ -315,10 +322,10 @@ fn step(args: StepArgs) -> Result<()> {
         } else {
             "full".to_string()
         },
-        if options.gradient_checkpointing {
-            "on"
-        } else {
-            "off"
+        match checkpointing {
+            Checkpointing::Off => "off",
+            Checkpointing::Layers => "on",
+            Checkpointing::LayersKeepingAttention => "on, attention kept",
         }
     );
     if let Some(dir) = &args.offload_optimizer_dir {
@@ -338,7 +345,7 @@ fn step(args: StepArgs) -> Result<()> {
         dtype,
         finetuning: args.finetuning,
         lora_rank: args.lora_rank,
-        gradient_checkpointing: options.gradient_checkpointing,
+        checkpointing,
         row_groups: ff_train::row_groups(&workload.model, &workload.engine, args.batch),
     };
     profile::print(&shape, &timings.phases[median_step], median)

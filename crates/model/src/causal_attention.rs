@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use crate::fast_exp::exp_shifted;
 use crate::lanes;
 use crate::narrow::{narrow, widen};
-use crate::strided_product::{contiguous, cpu_values, product, Operand, Threads};
+use crate::strided_product::{contiguous, cpu_values, kept_values, product, Operand, Threads};
 
 /// Queries whose scores are computed together: small enough that the keys a block needs are
 /// close to the causal triangle, large enough for the products to run at speed.
@@ -35,6 +35,53 @@ pub fn causal_attention(
     k: &Tensor,
     v: &Tensor,
     mask: &Tensor,
+) -> Result<Option<Tensor>> {
+    attention_op(q, k, v, mask, None)
+}
+
+/// What an earlier pass of [`causal_attention`] read and gave: its rotated queries and keys,
+/// its values and its result, in the shapes it takes and gives.
+#[derive(Clone, Debug)]
+pub struct AttentionValues {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub out: Tensor,
+}
+
+/// [`causal_attention`] for a recomputation that needs only the graph: it hands on `kept.out`,
+/// and its backward reads the kept queries, keys and values instead of `q`, `k` and `v`, whose
+/// values may be anything of their shapes (the projections need not run again).
+pub fn causal_attention_replayed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    kept: &AttentionValues,
+) -> Result<Option<Tensor>> {
+    let shapes_match = [(q, &kept.q), (k, &kept.k), (v, &kept.v)]
+        .iter()
+        .all(|(input, kept)| input.shape() == kept.shape());
+    if !shapes_match {
+        return Err(Error::Msg(format!(
+            "kept attention values {:?}, {:?}, {:?} do not fit the inputs {:?}, {:?}, {:?}",
+            kept.q.shape(),
+            kept.k.shape(),
+            kept.v.shape(),
+            q.shape(),
+            k.shape(),
+            v.shape()
+        )));
+    }
+    attention_op(q, k, v, mask, Some(kept))
+}
+
+fn attention_op(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    kept: Option<&AttentionValues>,
 ) -> Result<Option<Tensor>> {
     if !q.device().is_cpu() {
         return Ok(None);
@@ -57,15 +104,25 @@ pub fn causal_attention(
             mask.shape()
         )));
     }
+    // Rows of positions are read in place only when contiguous.
+    let values = |v: &Tensor| match v.rank() {
+        3 => widen(v)?.contiguous(),
+        _ => widen(v),
+    };
+    let kept = match kept {
+        Some(kept) => Some(AttentionValues {
+            q: widen(&kept.q)?,
+            k: widen(&kept.k)?,
+            v: values(&kept.v)?,
+            out: kept.out.clone(),
+        }),
+        None => None,
+    };
     let op = CausalAttention {
         mask: mask.to_dtype(DType::F32)?.contiguous()?,
+        kept,
     };
-    // Rows of positions are read in place only when contiguous.
-    let v = match v.rank() {
-        3 => widen(v)?.contiguous()?,
-        _ => widen(v)?,
-    };
-    let out = widen(q)?.apply_op3_arc(&widen(k)?, &v, Arc::new(Box::new(op)))?;
+    let out = widen(q)?.apply_op3_arc(&widen(k)?, &values(v)?, Arc::new(Box::new(op)))?;
     Ok(Some(narrow(&out, q.dtype())?))
 }
 
@@ -74,6 +131,8 @@ pub fn causal_attention(
 /// layer's graph gone.
 struct CausalAttention {
     mask: Tensor,
+    /// A replay's values (float32), which the forward hands on and the backward reads.
+    kept: Option<AttentionValues>,
 }
 
 /// A float32 `[batch, heads, seq, head_dim]` tensor's values and strides.
@@ -198,6 +257,11 @@ impl CustomOp3 for CausalAttention {
         v_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = Dims::of(q_layout, k_layout)?;
+        let out_shape = Shape::from((dims.batch, dims.seq, dims.heads * dims.head_dim));
+        if let Some(kept) = &self.kept {
+            let out = kept_values(&kept.out, out_shape.elem_count())?;
+            return Ok((CpuStorage::F32(out), out_shape));
+        }
         let q = Heads::new(q.as_slice()?, q_layout, dims.head_dim);
         let k = Heads::new(k.as_slice()?, k_layout, dims.head_dim);
         let v = Heads::new(v.as_slice()?, v_layout, dims.head_dim);
@@ -243,10 +307,7 @@ impl CustomOp3 for CausalAttention {
                 }
             }
         });
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((batch, seq, heads * head_dim)),
-        ))
+        Ok((CpuStorage::F32(out), out_shape))
     }
 
     fn bwd(
@@ -258,6 +319,10 @@ impl CustomOp3 for CausalAttention {
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad_out = grad_out.to_dtype(DType::F32)?.contiguous()?;
+        let (q, k, v) = match &self.kept {
+            Some(kept) => (&kept.q, &kept.k, &kept.v),
+            None => (q, k, v),
+        };
         let (q_storage, q_layout) = q.storage_and_layout();
         let (k_storage, k_layout) = k.storage_and_layout();
         let (v_storage, v_layout) = v.storage_and_layout();
@@ -488,6 +553,7 @@ fn backward(
 mod tests {
     use super::*;
     use crate::test_util::{grads_of, max_abs_diff, normal};
+    use crate::ForwardCtx;
     use candle_core::{Device, Var, D};
 
     /// The same attention from candle's ops: keys and values repeated per query head, the mask
@@ -567,6 +633,55 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_replay_hands_on_the_kept_result_and_takes_gradients_from_the_kept_inputs() {
+        let dev = Device::Cpu;
+        let (b, h, kv, s, d) = (2, 4, 2, 70, 8);
+        let var = |shape: (usize, usize, usize, usize), seed| {
+            Var::from_tensor(&normal(shape, 0.0, 1.0, seed)).unwrap()
+        };
+        let (q, k) = (var((b, h, s, d), 1), var((b, kv, s, d), 2));
+        let v = Var::from_tensor(&normal((b, s, kv * d), 0.0, 1.0, 3)).unwrap();
+        let mask = ForwardCtx::new(
+            &crate::ModelConfig::from_json_str(
+                r#"{"model_type":"llama","vocab_size":8,"hidden_size":32,"intermediate_size":8,
+                "num_hidden_layers":1,"num_attention_heads":4}"#,
+                std::path::Path::new("config.json"),
+            )
+            .unwrap(),
+            &vec![vec![1u8; s]; b],
+            DType::F32,
+            0,
+            &dev,
+        )
+        .unwrap()
+        .mask;
+        let upstream = normal((b, s, h * d), 0.0, 1.0, 4);
+        let (q, k, v) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let out = causal_attention(q, k, v, &mask).unwrap().unwrap();
+        let expected = grads_of(out.clone(), &upstream);
+        let kept = AttentionValues {
+            q: q.detach(),
+            k: k.detach(),
+            v: v.detach(),
+            out: out.detach(),
+        };
+        // Inputs whose values say nothing: the replay reads the kept ones.
+        let zeros = |t: &Tensor| Var::from_tensor(&t.zeros_like().unwrap()).unwrap();
+        let (zq, zk, zv) = (zeros(q), zeros(k), zeros(v));
+        let replayed = causal_attention_replayed(&zq, &zk, &zv, &mask, &kept)
+            .unwrap()
+            .unwrap();
+        assert_eq!(max_abs_diff(&replayed, &out), 0.0);
+        let got = grads_of(replayed, &upstream);
+        for (input, original) in [(&zq, q), (&zk, k), (&zv, v)] {
+            let (got, want) = (got.get(input).unwrap(), expected.get(original).unwrap());
+            assert_eq!(max_abs_diff(got, want), 0.0);
+        }
+        let err = causal_attention_replayed(&zk, &zk, &zv, &mask, &kept).unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{err}");
     }
 
     #[test]

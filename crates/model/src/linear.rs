@@ -9,7 +9,7 @@ use crate::param::Param;
 use crate::trained_product::trained_product;
 
 /// What a forward hands on besides its graph.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Output {
     /// The values.
     Values,
@@ -18,6 +18,10 @@ pub enum Output {
     /// and the output's gradient, never the output, so they skip the product and hand on zeros;
     /// the other kinds compute the values anyway.
     Unread,
+    /// The values an earlier pass computed from the same input, handed on as they are: a
+    /// recomputation that kept them skips the product (fused products without a bias; the
+    /// other kinds compute the same values again).
+    Kept(Tensor),
 }
 
 /// `y = x Wᵀ + b`, plus `scale · B(A(dropout(x)))` when an adapter is attached.
@@ -62,6 +66,11 @@ impl Linear {
     /// [`Self::forward`], handing on `output`.
     pub fn forward_to(&self, x: &Tensor, dropout_seed: u64, output: Output) -> Result<Tensor> {
         let dtype = x.dtype();
+        // Kept values include the bias, which the fused products add after them.
+        let output = match output {
+            Output::Kept(_) if self.bias.is_some() => Output::Values,
+            output => output,
+        };
         // The fused ops read `[batch, seq, in]` as rows in place and answer `[batch, seq, out]`.
         if let Some(y) = self.fused(x, output)? {
             return match &self.bias {

@@ -16,7 +16,7 @@ use crate::bf16_product::{self, LowRank};
 use crate::linear::Output;
 use crate::narrow::{narrow, to_bf16, widen};
 use crate::strided_product::{
-    contiguous, cpu_values, float32_values, overwritten, product, readable_as_matrix,
+    contiguous, cpu_values, float32_values, kept_values, overwritten, product, readable_as_matrix,
     rows_and_width, with_width, Operand, Threads,
 };
 
@@ -186,8 +186,10 @@ impl CustomOp3 for LoraProduct {
         let (m, k) = rows_and_width(x_layout.shape());
         let (r, n) = (a_layout.dims()[0], b_layout.dims()[0]);
         let shape = with_width(x_layout.shape(), n);
-        if self.output == Output::Unread {
-            return Ok((CpuStorage::F32(vec![0.0; m * n]), shape));
+        match &self.output {
+            Output::Unread => return Ok((CpuStorage::F32(vec![0.0; m * n]), shape)),
+            Output::Kept(y) => return Ok((CpuStorage::F32(kept_values(y, m * n)?), shape)),
+            Output::Values => {}
         }
         // x is float32: lora_product widens it before the op.
         let x_values = x.as_slice::<f32>()?;

@@ -189,6 +189,18 @@ pub(crate) fn cpu_values(storage: &Storage) -> Result<&[f32]> {
     }
 }
 
+/// `t`'s values as float32, row-major, which must number `len`: what an op hands on in place
+/// of its result when an earlier pass kept that result.
+pub(crate) fn kept_values(t: &Tensor, len: usize) -> Result<Vec<f32>> {
+    if t.elem_count() != len {
+        return Err(Error::Msg(format!(
+            "kept values of shape {:?} do not fit a result of {len} values",
+            t.shape()
+        )));
+    }
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
 /// The values of a float32, bfloat16 or float16 CPU storage as float32 (all of them: layouts
 /// index into it); half-precision values are converted into a new buffer.
 pub(crate) fn float32_values(storage: &CpuStorage) -> Result<Cow<'_, [f32]>> {

@@ -11,8 +11,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Te
 
 use crate::linear::Output;
 use crate::strided_product::{
-    cpu_values, overwritten, product, readable_as_matrix, rows_and_width, with_width, Operand,
-    Threads,
+    cpu_values, kept_values, overwritten, product, readable_as_matrix, rows_and_width, with_width,
+    Operand, Threads,
 };
 
 /// `x` is `[..., k]` and `w` the trained float32 `[n, k]`; returns `x wᵀ` as `[..., n]`.
@@ -57,8 +57,10 @@ impl CustomOp2 for TrainedProduct {
     ) -> Result<(CpuStorage, Shape)> {
         let ((m, k), n) = (rows_and_width(x_layout.shape()), self.out_features);
         let shape = with_width(x_layout.shape(), n);
-        if self.output == Output::Unread {
-            return Ok((CpuStorage::F32(vec![0.0; m * n]), shape));
+        match &self.output {
+            Output::Unread => return Ok((CpuStorage::F32(vec![0.0; m * n]), shape)),
+            Output::Kept(y) => return Ok((CpuStorage::F32(kept_values(y, m * n)?), shape)),
+            Output::Values => {}
         }
         let x = Operand::matrix(x.as_slice()?, x_layout)?;
         let w = Operand::matrix(w.as_slice()?, w_layout)?;
@@ -135,6 +137,7 @@ mod tests {
             .reshape((b, s, n))
             .unwrap();
         assert!(max_abs_diff(&ours, &reference) < 1e-5);
+        let kept_values = (&ours * 3.0).unwrap().detach();
         let (g_ours, g_ref) = (grads_of(ours, &upstream), grads_of(reference, &upstream));
         // Unread: zeros, and the same gradients.
         let unread = trained_product(x.as_tensor(), &w, Output::Unread)
@@ -143,6 +146,12 @@ mod tests {
         assert_eq!(unread.dims(), &[b, s, n]);
         assert_eq!(max_abs_diff(&unread, &unread.zeros_like().unwrap()), 0.0);
         let g_unread = grads_of(unread, &upstream);
+        // Kept: the values handed in, and the same gradients.
+        let kept = trained_product(x.as_tensor(), &w, Output::Kept(kept_values.clone()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(max_abs_diff(&kept, &kept_values), 0.0);
+        let g_kept = grads_of(kept, &upstream);
         for var in [&x, &w_stored] {
             let (got, want) = (g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
             assert!(
@@ -151,7 +160,11 @@ mod tests {
                 max_abs_diff(got, want)
             );
             assert_eq!(max_abs_diff(g_unread.get(var).unwrap(), got), 0.0);
+            assert_eq!(max_abs_diff(g_kept.get(var).unwrap(), got), 0.0);
         }
+        let wrong = Tensor::zeros((b, s, n + 1), DType::F32, &Device::Cpu).unwrap();
+        let err = trained_product(x.as_tensor(), &w, Output::Kept(wrong)).unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{err}");
     }
 
     #[test]

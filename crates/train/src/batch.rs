@@ -37,6 +37,11 @@ impl Batch {
         self.input_ids.first().map_or(0, Vec::len)
     }
 
+    /// Positions in the batch, padding included.
+    pub fn num_tokens(&self) -> usize {
+        self.input_ids.iter().map(Vec::len).sum()
+    }
+
     /// Number of positions that contribute to the loss.
     pub fn num_label_tokens(&self) -> usize {
         self.labels.iter().map(|row| label_tokens(row)).sum()

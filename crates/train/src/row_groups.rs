@@ -26,7 +26,7 @@ use ff_model::CausalLm;
 use crate::batch::Batch;
 use crate::engine::Engine;
 use crate::error::{TrainError, TrainResult};
-use crate::step::{forward_backward_timed, StepPhases, Trainables};
+use crate::step::{forward_backward_timed, Checkpointing, StepPhases, Trainables};
 
 /// One thread per core, each with a rayon pool of its own thread alone.
 fn row_group_pools() -> &'static [rayon::ThreadPool] {
@@ -86,7 +86,7 @@ pub(crate) struct RowGroups<'a> {
     pub batch: &'a Batch,
     pub groups: usize,
     pub loss_denominator: f64,
-    pub gradient_checkpointing: bool,
+    pub checkpointing: Checkpointing,
     pub dropout_seed: u64,
 }
 
@@ -120,7 +120,7 @@ impl RowGroups<'_> {
                         &mut grads,
                         &batch,
                         self.loss_denominator,
-                        self.gradient_checkpointing,
+                        self.checkpointing,
                         crate::seed_for(self.dropout_seed, g as u64),
                         &mut phases,
                     )?;

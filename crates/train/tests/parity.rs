@@ -6,7 +6,9 @@ use ff_model::load::load_model_dir;
 use ff_model::peft::load_adapter;
 use ff_model::safetensors_io::SafetensorsFiles;
 use ff_model::{CausalLm, ForwardCtx};
-use ff_train::{train_step, AdamW, AdamWConfig, Batch, Engine, StepOptions, Trainables};
+use ff_train::{
+    train_step, AdamW, AdamWConfig, Batch, Checkpointing, Engine, StepOptions, Trainables,
+};
 use serde_json::Value;
 
 mod common;
@@ -135,11 +137,30 @@ fn logits_difference(model: &CausalLm, batch: &Batch, reference: &Value) -> f32 
     worst
 }
 
-/// Loss of `batch` through the training path (chunked head, layer-wise backward).
-fn training_loss(model: &mut CausalLm, batch: &Batch) -> f64 {
+/// Loss of `batch` through the training path (chunked head, layer-wise backward), and the
+/// gradients.
+fn training_loss(
+    model: &mut CausalLm,
+    batch: &Batch,
+    checkpointing: Checkpointing,
+) -> (f64, Vec<Vec<f32>>) {
     let mut trainables = Trainables::of(model);
     let n = batch.num_label_tokens() as f64;
-    ff_train::forward_backward(model, &mut trainables, batch, n, true, 0).unwrap() / n
+    let nll =
+        ff_train::forward_backward(model, &mut trainables, batch, n, checkpointing, 0).unwrap();
+    let grads = trainables
+        .grads
+        .iter()
+        .map(|g| {
+            g.as_ref()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+    (nll / n, grads)
 }
 
 #[test]
@@ -163,8 +184,12 @@ fn other_architectures_match_transformers() {
         let worst = logits_difference(&model, &batch, &reference);
         assert!(worst <= 1e-4, "{name}: largest difference {worst:e}");
         make_all_trainable(&mut model).unwrap();
-        let loss = training_loss(&mut model, &batch);
+        let (loss, recomputed) = training_loss(&mut model, &batch, Checkpointing::Layers);
         assert_rel(loss, reference["loss"].as_f64().unwrap(), 1e-5, name);
+        // Qwen3's per-head norms keep nothing; the others replay attention.
+        let (kept_loss, replayed) =
+            training_loss(&mut model, &batch, Checkpointing::LayersKeepingAttention);
+        assert_eq!((kept_loss, &replayed), (loss, &recomputed), "{name}");
     }
 }
 
@@ -174,26 +199,15 @@ fn base_loss_through_the_chunked_head() {
     let batch = batch(&reference);
     let mut model = tiny_model();
     make_all_trainable(&mut model).unwrap();
-    assert_rel(
-        training_loss(&mut model, &batch),
-        reference["base"]["loss"].as_f64().unwrap(),
-        1e-5,
-        "base loss",
-    );
-    let mut trainables = Trainables::of(&mut model);
-    let n = batch.num_label_tokens() as f64;
-    for checkpointing in [true, false] {
-        trainables.zero_grads();
-        let nll =
-            ff_train::forward_backward(&mut model, &mut trainables, &batch, n, checkpointing, 0)
-                .unwrap();
-        assert_rel(
-            nll / n,
-            reference["base"]["loss"].as_f64().unwrap(),
-            1e-5,
-            "base loss",
-        );
-    }
+    let expected = reference["base"]["loss"].as_f64().unwrap();
+    let (loss, recomputed) = training_loss(&mut model, &batch, Checkpointing::Layers);
+    assert_rel(loss, expected, 1e-5, "base loss");
+    // Kept attention results are the recomputed ones, so every gradient has the same bits.
+    let (kept_loss, replayed) =
+        training_loss(&mut model, &batch, Checkpointing::LayersKeepingAttention);
+    assert_eq!((kept_loss, &replayed), (loss, &recomputed));
+    let (whole_graph_loss, _) = training_loss(&mut model, &batch, Checkpointing::Off);
+    assert_rel(whole_graph_loss, expected, 1e-5, "base loss");
 }
 
 #[test]
@@ -372,4 +386,34 @@ fn logits_do_not_depend_on_padding_of_other_rows() {
         .max_all()
         .unwrap();
     assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+}
+
+#[test]
+fn full_finetuning_keeps_attention_while_it_fits_a_quarter_of_the_state() {
+    let mut model = tiny_model();
+    make_all_trainable(&mut model).unwrap();
+    let engine = Engine::Replicated(Trainables::of(&mut model));
+    let Engine::Replicated(trainables) = &engine else {
+        unreachable!()
+    };
+    let state_bytes = 16 * trainables.num_elements();
+    let bytes_per_token: usize = model
+        .layers
+        .iter()
+        .map(|l| 4 * l.kept_values_per_token())
+        .sum();
+    let fitting = state_bytes / 4 / bytes_per_token;
+    assert!(fitting > 0);
+    let policy = |on, tokens| Checkpointing::for_step(on, &model, &engine, tokens);
+    assert_eq!(policy(true, fitting), Checkpointing::LayersKeepingAttention);
+    assert_eq!(policy(true, fitting + 1), Checkpointing::Layers);
+    assert_eq!(policy(false, 1), Checkpointing::Off);
+    // LoRA trains too few parameters for its state to make room.
+    let mut lora = tiny_model();
+    load_adapter(&mut lora, &testdata().join("tiny-llama-lora-init")).unwrap();
+    let engine = Engine::Replicated(Trainables::of(&mut lora));
+    assert_eq!(
+        Checkpointing::for_step(true, &lora, &engine, 64),
+        Checkpointing::Layers
+    );
 }

@@ -7,6 +7,7 @@
 //! copies and autograd's bookkeeping). The float32 limit is the step's FLOP count at the speed
 //! candle's float32 matrix product reaches on a 2048³ product in the same run.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
@@ -16,7 +17,7 @@ use ff_model::linear::Output;
 use ff_model::lora_product::lora_product;
 use ff_model::trained_product::trained_product;
 use ff_model::{ForwardCtx, ModelConfig};
-use ff_train::{backward_from, StepPhases};
+use ff_train::{backward_from, Checkpointing, StepPhases};
 
 use super::{median, Finetuning};
 
@@ -31,7 +32,7 @@ pub struct StepShape<'a> {
     pub dtype: DType,
     pub finetuning: Finetuning,
     pub lora_rank: usize,
-    pub gradient_checkpointing: bool,
+    pub checkpointing: Checkpointing,
     /// Groups of rows the step runs side by side, one per thread (see `ff_train::row_groups`).
     pub row_groups: usize,
 }
@@ -96,13 +97,19 @@ impl StepShape<'_> {
             + self.head_flops_per_token()
     }
 
-    /// Times a layer's forward passes in a step: with checkpointing, forward and recomputation.
-    fn forward_passes(&self) -> f64 {
-        if self.gradient_checkpointing {
-            2.0
-        } else {
-            1.0
+    /// Which of [`linear_shapes`] a layer's recomputation runs: none without checkpointing; the
+    /// down projection never (nothing reads its value); the attention projections not when
+    /// their values are kept.
+    fn recomputed_linears(&self) -> Range<usize> {
+        match self.checkpointing {
+            Checkpointing::Off => 0..0,
+            Checkpointing::Layers => 0..6,
+            Checkpointing::LayersKeepingAttention => 4..6,
         }
+    }
+
+    fn recomputes_attention(&self) -> bool {
+        self.checkpointing == Checkpointing::Layers
     }
 }
 
@@ -130,10 +137,9 @@ pub fn matmul_gflops(n: usize) -> Result<f64> {
 }
 
 /// Seconds of one layer's Linear products through the op the model runs (the fused frozen
-/// product and adapter under LoRA, the trained product when the weights train): `[forward, the
-/// down projection's forward, forward and backward]`. A recomputation leaves the down
-/// projection out.
-fn layer_products(shape: &StepShape) -> Result<[f64; 3]> {
+/// product and adapter under LoRA, the trained product when the weights train): `[the forward
+/// of those a recomputation runs, forward and backward of all]`.
+fn layer_products(shape: &StepShape) -> Result<[f64; 2]> {
     let rows = shape.group_batch() * shape.seq;
     let r = shape.lora_rank;
     let var = |t: Tensor| -> Result<Var> { Ok(Var::from_tensor(&t)?) };
@@ -162,23 +168,19 @@ fn layer_products(shape: &StepShape) -> Result<[f64; 3]> {
                 .ok_or_else(|| anyhow!("no trained product kernel for {:?}", shape.dtype))
         }
     };
-    let forward_seconds = time(|| {
-        for (x, w, a, b, _) in &pieces {
+    let recomputed_seconds = time(|| {
+        for (x, w, a, b, _) in &pieces[shape.recomputed_linears()] {
             forward(x, w, a, b)?.detach();
         }
         Ok(())
     })?;
-    let down_seconds = match pieces.last() {
-        Some((x, w, a, b, _)) => time(|| Ok(forward(x, w, a, b)?.detach()))?,
-        None => 0.0,
-    };
     let both_seconds = time(|| {
         for (x, w, a, b, upstream) in &pieces {
             backward_from(&forward(x, w, a, b)?, upstream)?;
         }
         Ok(())
     })?;
-    Ok([forward_seconds, down_seconds, both_seconds])
+    Ok([recomputed_seconds, both_seconds])
 }
 
 /// Seconds of one layer's attention core (scores, mask, softmax, weighted sum):
@@ -232,14 +234,16 @@ fn side_by_side<const N: usize>(
 /// Prints the profile of the step whose phases are `phases` (the median step) taking `seconds`.
 pub fn print(shape: &StepShape, phases: &StepPhases, seconds: f64) -> Result<()> {
     let layers = shape.config.num_hidden_layers as f64;
-    let passes = shape.forward_passes();
-    let [products_forward, down_forward, products_both] =
+    let [products_recomputed, products_both] =
         side_by_side(shape.row_groups, || layer_products(shape))?;
-    let recomputed = products_forward - down_forward;
-    let products = layers * ((passes - 1.0) * recomputed + products_both);
+    let products = layers * (products_recomputed + products_both);
     let [attention_forward, attention_both] =
         side_by_side(shape.row_groups, || layer_attention(shape))?;
-    let attention = layers * ((passes - 1.0) * attention_forward + attention_both);
+    let attention_recomputed = match shape.recomputes_attention() {
+        true => attention_forward,
+        false => 0.0,
+    };
+    let attention = layers * (attention_recomputed + attention_both);
     let layer_time =
         (phases.embedding + phases.layers_forward + phases.layers_backward).as_secs_f64();
     let elementwise = (layer_time - products - attention).max(0.0);
