@@ -30,6 +30,7 @@ pub mod safetensors_io;
 pub mod strided_product;
 pub mod swiglu;
 pub mod trained_product;
+pub mod weight_grads;
 
 pub use causal_lm::CausalLm;
 pub use config::ModelConfig;

@@ -14,6 +14,7 @@ use crate::strided_product::{
     cpu_values, kept_values, overwritten, product, readable_as_matrix, rows_and_width, with_width,
     Operand, Threads,
 };
+use crate::weight_grads;
 
 /// `x` is `[..., k]` and `w` the trained float32 `[n, k]`; returns `x wᵀ` as `[..., n]`.
 /// `None` when the op has no kernel for these tensors (off the CPU, or not float32), and the
@@ -102,10 +103,8 @@ impl CustomOp2 for TrainedProduct {
             (dx, dw)
         };
         let device = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), device)?),
-            Some(Tensor::from_vec(dw, (n, k), device)?),
-        ))
+        let dw = weight_grads::offer(w, Tensor::from_vec(dw, (n, k), device)?)?;
+        Ok((Some(Tensor::from_vec(dx, x.shape(), device)?), dw))
     }
 }
 

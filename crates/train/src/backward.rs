@@ -3,12 +3,14 @@
 //! candle starts every backward from a scalar. The step's usual stand-in,
 //! `(output · grad).sum().backward()`, forms the product, and in backward a broadcast of the
 //! scalar's gradient and a second product, each a pass over the output and a buffer its size;
-//! the op here hands `grad` to `output` directly.
+//! the op here hands `grad` to `output` directly. The trained products' weight gradients pass
+//! by candle's zeroed-buffer-and-add (`ff_model::weight_grads`) and join the store here.
 
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use ff_model::weight_grads;
 
 /// The gradients of the graph behind `output` when the gradient reaching `output` is `grad`
 /// (of `output`'s shape and dtype).
@@ -24,9 +26,17 @@ pub fn backward_from(output: &Tensor, grad: &Tensor) -> Result<GradStore> {
         // The op has only a CPU kernel; elsewhere the stand-in gives the same gradients.
         return (output * grad)?.sum_all()?.backward();
     }
-    output
-        .apply_op1_arc(Arc::new(Box::new(SeedGradient(grad.clone()))))?
-        .backward()
+    let seeded = output.apply_op1_arc(Arc::new(Box::new(SeedGradient(grad.clone()))))?;
+    let (store, weight_grads) = weight_grads::collect(|| seeded.backward());
+    let mut store = store?;
+    for (weight, grad) in weight_grads {
+        let sum = match store.remove(&weight) {
+            Some(other) => (other + grad)?,
+            None => grad,
+        };
+        store.insert(&weight, sum);
+    }
+    Ok(store)
 }
 
 /// A store that holds `grad` for `tensor` alone. candle has no public constructor for a store;
