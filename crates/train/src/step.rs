@@ -220,12 +220,6 @@ pub struct GradOffload {
     pub(crate) update_waits: StepPhases,
 }
 
-/// Forward and backward of `batch`, adding the gradient of `nll_sum / loss_denominator` to the
-/// trained tensors through `params`. `loss_denominator` is the number of label tokens of the
-/// whole optimizer step (all micro-batches, all ranks), so that accumulation and data
-/// parallelism give the gradient of one big batch. Returns the micro-batch's un-normalised NLL
-/// sum. `params` is told when each part of the model is entered and left, so that a sharded
-/// engine can gather it just in time.
 /// What the forward keeps for the layers' backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Checkpointing {
@@ -233,8 +227,9 @@ pub enum Checkpointing {
     Off,
     /// Each layer's input; the backward recomputes the layer (gradient checkpointing).
     Layers,
-    /// Each layer's input and its attention results ([`ff_model::layers::KeptAttention`]): the recomputation
-    /// runs the norms and the MLP, not attention and four of the seven products.
+    /// Each layer's input and its attention results ([`ff_model::layers::KeptAttention`]):
+    /// the recomputation runs the norms and the MLP, not attention and four of the seven
+    /// products.
     LayersKeepingAttention,
 }
 
@@ -269,6 +264,12 @@ impl Checkpointing {
     }
 }
 
+/// Forward and backward of `batch`, adding the gradient of `nll_sum / loss_denominator` to the
+/// trained tensors through `params`. `loss_denominator` is the number of label tokens of the
+/// whole optimizer step (all micro-batches, all ranks), so that accumulation and data
+/// parallelism give the gradient of one big batch. Returns the micro-batch's un-normalised NLL
+/// sum. `params` is told when each part of the model is entered and left, so that a sharded
+/// engine can gather it just in time.
 pub fn forward_backward(
     model: &mut CausalLm,
     params: &mut dyn Residency,
