@@ -3,8 +3,8 @@
 //! candle starts every backward from a scalar. The step's usual stand-in,
 //! `(output · grad).sum().backward()`, forms the product, and in backward a broadcast of the
 //! scalar's gradient and a second product, each a pass over the output and a buffer its size;
-//! the op here hands `grad` to `output` directly. The trained products' weight gradients pass
-//! by candle's zeroed-buffer-and-add (`ff_model::weight_grads`) and join the store here.
+//! the op here hands `grad` to `output` directly. The trained products' weight gradients skip
+//! candle's zeroed buffer and add (`ff_model::weight_grads`) and join the store here.
 
 use std::sync::Arc;
 
