@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 
-use candle_core::{Result, Tensor, TensorId};
+use candle_core::Tensor;
 
 thread_local! {
     /// The gradients offered on this thread while [`collect`] runs; `None` otherwise.
@@ -16,8 +16,8 @@ thread_local! {
 }
 
 /// Runs `f` (a backward, which candle runs on the calling thread) and returns its result with
-/// the weight gradients offered meanwhile, as `(weight, gradient)`, one per weight (a weight
-/// offered twice has its gradients summed).
+/// the weight gradients offered meanwhile, as `(weight, gradient)` in the order offered (a
+/// weight used twice is there twice; the caller sums what it puts into the store).
 pub fn collect<T>(f: impl FnOnce() -> T) -> (T, Vec<(Tensor, Tensor)>) {
     let outer = COLLECTED.with(|c| c.replace(Some(Vec::new())));
     let result = f();
@@ -27,18 +27,13 @@ pub fn collect<T>(f: impl FnOnce() -> T) -> (T, Vec<(Tensor, Tensor)>) {
 
 /// Takes `grad`, the gradient of `weight`, when [`collect`] runs on this thread (`None`); hands
 /// it back otherwise, for the op to return to candle.
-pub(crate) fn offer(weight: &Tensor, grad: Tensor) -> Result<Option<Tensor>> {
-    COLLECTED.with(|c| {
-        let mut collected = c.borrow_mut();
-        let Some(collected) = collected.as_mut() else {
-            return Ok(Some(grad));
-        };
-        let id: TensorId = weight.id();
-        match collected.iter_mut().find(|(w, _)| w.id() == id) {
-            Some((_, sum)) => *sum = (&*sum + &grad)?,
-            None => collected.push((weight.clone(), grad)),
+pub(crate) fn offer(weight: &Tensor, grad: Tensor) -> Option<Tensor> {
+    COLLECTED.with(|c| match c.borrow_mut().as_mut() {
+        Some(collected) => {
+            collected.push((weight.clone(), grad));
+            None
         }
-        Ok(None)
+        None => Some(grad),
     })
 }
 
@@ -48,23 +43,22 @@ mod tests {
     use candle_core::{DType, Device};
 
     #[test]
-    fn collects_only_inside_and_sums_a_weight_offered_twice() {
+    fn collects_only_inside_in_the_order_offered() {
         let dev = Device::Cpu;
         let (w, other) = (
             Tensor::zeros(2, DType::F32, &dev).unwrap(),
             Tensor::zeros(2, DType::F32, &dev).unwrap(),
         );
         let ones = Tensor::ones(2, DType::F32, &dev).unwrap();
-        assert!(offer(&w, ones.clone()).unwrap().is_some());
+        assert!(offer(&w, ones.clone()).is_some());
         let ((), collected) = collect(|| {
-            assert!(offer(&w, ones.clone()).unwrap().is_none());
-            assert!(offer(&other, ones.clone()).unwrap().is_none());
-            assert!(offer(&w, (&ones * 2.0).unwrap()).unwrap().is_none());
+            assert!(offer(&w, ones.clone()).is_none());
+            assert!(offer(&other, ones.clone()).is_none());
+            assert!(offer(&w, (&ones * 2.0).unwrap()).is_none());
         });
-        assert_eq!(collected.len(), 2);
-        assert_eq!(collected[0].0.id(), w.id());
-        assert_eq!(collected[0].1.to_vec1::<f32>().unwrap(), [3.0, 3.0]);
-        assert_eq!(collected[1].0.id(), other.id());
-        assert!(offer(&w, ones).unwrap().is_some());
+        let ids: Vec<_> = collected.iter().map(|(weight, _)| weight.id()).collect();
+        assert_eq!(ids, [w.id(), other.id(), w.id()]);
+        assert_eq!(collected[2].1.to_vec1::<f32>().unwrap(), [2.0, 2.0]);
+        assert!(offer(&w, ones).is_some());
     }
 }

@@ -68,6 +68,8 @@ impl CustomOp1 for SeedGradient {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+    use ff_model::linear::Output;
+    use ff_model::trained_product::trained_product;
 
     #[test]
     fn gives_the_gradients_of_the_product_stand_in() {
@@ -92,5 +94,32 @@ mod tests {
         }
         let wrong = Tensor::zeros((3, 4), candle_core::DType::F32, &dev).unwrap();
         assert!(backward_from(&y, &wrong).is_err());
+    }
+
+    #[test]
+    fn sums_a_weight_used_by_trained_products_twice_and_by_a_candle_op() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 4), &dev).unwrap()).unwrap();
+        let grad = Tensor::randn(0f32, 1.0, (3, 4), &dev).unwrap();
+        let (x, w) = (x.as_tensor(), w.as_tensor());
+        let trained = |t: &Tensor| trained_product(t, w, Output::Values).unwrap().unwrap();
+        let ours = (trained(&trained(x)) + x.matmul(w).unwrap()).unwrap();
+        let wt = w.t().unwrap();
+        let reference =
+            (x.matmul(&wt).unwrap().matmul(&wt).unwrap() + x.matmul(w).unwrap()).unwrap();
+        let (got, want) = (
+            backward_from(&ours, &grad).unwrap(),
+            backward_from(&reference, &grad).unwrap(),
+        );
+        let diff: f32 = (got.get(w).unwrap() - want.get(w).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
     }
 }
