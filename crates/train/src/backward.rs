@@ -71,6 +71,12 @@ mod tests {
     use ff_model::linear::Output;
     use ff_model::trained_product::trained_product;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar())
+            .unwrap()
+    }
+
     #[test]
     fn gives_the_gradients_of_the_product_stand_in() {
         let dev = Device::Cpu;
@@ -81,15 +87,7 @@ mod tests {
         let ours = backward_from(&y, &grad).unwrap();
         let reference = (&y * &grad).unwrap().sum_all().unwrap().backward().unwrap();
         for var in [&x, &w] {
-            let (got, want) = (ours.get(var).unwrap(), reference.get(var).unwrap());
-            let diff: f32 = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = max_abs_diff(ours.get(var).unwrap(), reference.get(var).unwrap());
             assert!(diff < 1e-6, "{diff}");
         }
         let wrong = Tensor::zeros((3, 4), candle_core::DType::F32, &dev).unwrap();
@@ -112,14 +110,7 @@ mod tests {
             backward_from(&ours, &grad).unwrap(),
             backward_from(&reference, &grad).unwrap(),
         );
-        let diff: f32 = (got.get(w).unwrap() - want.get(w).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_abs_diff(got.get(w).unwrap(), want.get(w).unwrap());
         assert!(diff < 1e-5, "{diff}");
     }
 }
