@@ -20,7 +20,7 @@ use ff_model::finetune::{apply_lora, make_all_trainable, LoraSpec};
 use ff_model::load::from_tensors;
 use ff_model::{CausalLm, ModelConfig};
 use ff_train::{
-    train_step, AdamW, AdamWConfig, Batch, Checkpointing, Engine, StepOptions, StepPhases,
+    train_step, AdamW, AdamWConfig, Batch, Checkpointing, Engine, Keeping, StepOptions, StepPhases,
     Trainables,
 };
 
@@ -323,9 +323,15 @@ fn step(args: StepArgs) -> Result<()> {
             "full".to_string()
         },
         match checkpointing {
-            Checkpointing::Off => "off",
-            Checkpointing::Layers => "on",
-            Checkpointing::LayersKeepingAttention => "on, attention kept",
+            Checkpointing::Off => "off".to_string(),
+            Checkpointing::Layers(keeping) if keeping == Keeping::default() => "on".to_string(),
+            Checkpointing::Layers(keeping) => {
+                let layers = workload.model.layers.len();
+                format!(
+                    "on, results kept: attention's in {}/{layers} layers, the MLP's in {}/{layers}",
+                    keeping.attention_layers, keeping.mlp_layers
+                )
+            }
         }
     );
     if let Some(dir) = &args.offload_optimizer_dir {

@@ -176,10 +176,28 @@ pub struct Attention {
 /// k, v and output projections: four of the layer's seven products, for memory held from the
 /// forward until the layer's backward (see [`DecoderLayer::forward_keeping`]).
 #[derive(Clone, Debug)]
-pub struct KeptAttention {
+struct KeptAttention {
     core: AttentionValues,
     /// The output projection's result.
     out: Tensor,
+}
+
+/// Which of a layer's results its first pass keeps for the layer's recomputation, each sparing
+/// it the work that made them (see [`DecoderLayer::forward_keeping`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Keep {
+    /// Attention's results: the recomputation runs neither attention nor the q, k, v and
+    /// output projections.
+    pub attention: bool,
+    /// The MLP's gate and up projections' results: the recomputation runs none of its products.
+    pub mlp: bool,
+}
+
+/// What a layer's first pass kept; the default keeps nothing, and the layer is recomputed whole.
+#[derive(Clone, Debug, Default)]
+pub struct KeptLayer {
+    attention: Option<KeptAttention>,
+    mlp: Option<KeptMlp>,
 }
 
 /// How [`Attention::run`] treats the values a recomputation needs.
@@ -195,6 +213,12 @@ impl Attention {
         Ok(self.run(x, ctx, seed, AttentionPass::Compute)?.0)
     }
 
+    /// Whether a recomputation can replay kept results: per-head norms read their input in
+    /// backward, so the projections under them must run again.
+    fn replays(&self) -> bool {
+        self.q_norm.is_none() && self.k_norm.is_none()
+    }
+
     fn run(
         &self,
         x: &Tensor,
@@ -202,9 +226,8 @@ impl Attention {
         seed: u64,
         pass: AttentionPass,
     ) -> Result<(Tensor, Option<KeptAttention>)> {
-        // Per-head norms read their input in backward, so the projections under them must run;
-        // off the CPU attention has no kernel that replays.
-        let replayable = self.q_norm.is_none() && self.k_norm.is_none() && x.device().is_cpu();
+        // Off the CPU attention has no kernel that replays.
+        let replayable = self.replays() && x.device().is_cpu();
         let pass = match pass {
             AttentionPass::Keep if !replayable => AttentionPass::Compute,
             pass => pass,
@@ -318,17 +341,56 @@ pub struct Mlp {
     pub down_proj: Linear,
 }
 
+/// What an MLP's first pass keeps so that its recomputation runs none of its products: the gate
+/// and up projections' results (the down projection's value is never read there).
+#[derive(Clone, Debug)]
+struct KeptMlp {
+    gate: Tensor,
+    up: Tensor,
+}
+
+/// How [`Mlp::run`] treats the values a recomputation needs.
+#[derive(Clone, Copy)]
+enum MlpPass<'a> {
+    Compute,
+    Keep,
+    Replay(&'a KeptMlp),
+}
+
 impl Mlp {
     pub fn forward(&self, x: &Tensor, seed: u64) -> Result<Tensor> {
-        self.forward_to(x, seed, Output::Values)
+        Ok(self.run(x, seed, MlpPass::Compute, Output::Values)?.0)
     }
 
-    /// [`Self::forward`], the last product handing on `output`.
-    pub fn forward_to(&self, x: &Tensor, seed: u64, output: Output) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, derive_seed(seed, 5))?;
-        let up = self.up_proj.forward(x, derive_seed(seed, 6))?;
-        self.down_proj
-            .forward_to(&swiglu(&gate, &up)?, derive_seed(seed, 7), output)
+    /// [`Self::forward`] as `pass` says, the last product handing on `output`.
+    fn run(
+        &self,
+        x: &Tensor,
+        seed: u64,
+        pass: MlpPass,
+        output: Output,
+    ) -> Result<(Tensor, Option<KeptMlp>)> {
+        let (gate_output, up_output) = match pass {
+            MlpPass::Replay(kept) => (
+                Output::Kept(kept.gate.clone()),
+                Output::Kept(kept.up.clone()),
+            ),
+            _ => (Output::Values, Output::Values),
+        };
+        let gate = self
+            .gate_proj
+            .forward_to(x, derive_seed(seed, 5), gate_output)?;
+        let up = self
+            .up_proj
+            .forward_to(x, derive_seed(seed, 6), up_output)?;
+        let y = self
+            .down_proj
+            .forward_to(&swiglu(&gate, &up)?, derive_seed(seed, 7), output)?;
+        let kept = matches!(pass, MlpPass::Keep).then(|| KeptMlp {
+            gate: gate.detach(),
+            up: up.detach(),
+        });
+        Ok((y, kept))
     }
 }
 
@@ -346,43 +408,65 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        Ok(self
-            .forward_to(x, ctx, AttentionPass::Compute, Output::Values)?
-            .0)
+        let (attention, mlp) = (AttentionPass::Compute, MlpPass::Compute);
+        Ok(self.forward_to(x, ctx, attention, mlp, Output::Values)?.0)
     }
 
-    /// [`Self::forward`], with what [`Self::forward_for_gradients`] needs to skip attention and
-    /// its projections: `None` where the layer cannot replay them (per-head norms, or off the
-    /// CPU). About 8.6 MB for SmolLM2-135M's layer at 4 × 256 tokens.
+    /// [`Self::forward`], keeping what `keep` names for [`Self::forward_for_gradients`]:
+    /// attention's results only where the layer can replay attention (no per-head norms, on the
+    /// CPU). For SmolLM2-135M's layer at 4 × 256 tokens, about 8.6 MB for attention and 12.6 MB
+    /// for the MLP.
     pub fn forward_keeping(
         &self,
         x: &Tensor,
         ctx: &ForwardCtx,
-    ) -> Result<(Tensor, Option<KeptAttention>)> {
-        self.forward_to(x, ctx, AttentionPass::Keep, Output::Values)
+        keep: Keep,
+    ) -> Result<(Tensor, KeptLayer)> {
+        let attention = match keep.attention {
+            true => AttentionPass::Keep,
+            false => AttentionPass::Compute,
+        };
+        let mlp = match keep.mlp {
+            true => MlpPass::Keep,
+            false => MlpPass::Compute,
+        };
+        self.forward_to(x, ctx, attention, mlp, Output::Values)
     }
 
-    /// Values [`Self::forward_keeping`] keeps per token: the rotated queries and keys, the
-    /// values, attention's result and the output projection's.
-    pub fn kept_values_per_token(&self) -> usize {
+    /// Values per token [`Self::forward_keeping`] keeps with `keep`: for attention the rotated
+    /// queries and keys, the values, attention's result and the output projection's; for the
+    /// MLP the gate and up projections' results.
+    pub fn kept_values_per_token(&self, keep: Keep) -> usize {
         let a = &self.self_attn;
-        2 * (a.num_heads + a.num_kv_heads) * a.head_dim + a.o_proj.out_features()
+        let attention = match keep.attention && a.replays() {
+            true => 2 * (a.num_heads + a.num_kv_heads) * a.head_dim + a.o_proj.out_features(),
+            false => 0,
+        };
+        let mlp = match keep.mlp {
+            true => self.mlp.gate_proj.out_features() + self.mlp.up_proj.out_features(),
+            false => 0,
+        };
+        attention + mlp
     }
 
     /// The graph of [`Self::forward`] for a backward whose gradient at the layer's output is
     /// already known (a checkpointed layer recomputed): the value it returns is not the layer's
     /// output. The MLP's last product feeds only the output, so its value is left out (a quarter
-    /// of the products a recomputation of a SmolLM2 layer would run); with `kept` from the first
-    /// pass, attention and its projections hand on their kept values instead of running again.
-    /// The gradients are the same.
+    /// of the products a recomputation of a SmolLM2 layer would run); what the first pass
+    /// `kept` is handed on instead of computed again: attention and its projections, the MLP's
+    /// gate and up projections. The gradients are the same.
     pub fn forward_for_gradients(
         &self,
         x: &Tensor,
         ctx: &ForwardCtx,
-        kept: Option<&KeptAttention>,
+        kept: &KeptLayer,
     ) -> Result<Tensor> {
-        let pass = kept.map_or(AttentionPass::Compute, AttentionPass::Replay);
-        Ok(self.forward_to(x, ctx, pass, Output::Unread)?.0)
+        let attention = kept
+            .attention
+            .as_ref()
+            .map_or(AttentionPass::Compute, AttentionPass::Replay);
+        let mlp = kept.mlp.as_ref().map_or(MlpPass::Compute, MlpPass::Replay);
+        Ok(self.forward_to(x, ctx, attention, mlp, Output::Unread)?.0)
     }
 
     fn forward_to(
@@ -390,17 +474,17 @@ impl DecoderLayer {
         x: &Tensor,
         ctx: &ForwardCtx,
         attention: AttentionPass,
+        mlp: MlpPass,
         output: Output,
-    ) -> Result<(Tensor, Option<KeptAttention>)> {
+    ) -> Result<(Tensor, KeptLayer)> {
         let seed = derive_seed(ctx.dropout_seed, self.index as u64);
-        let (a, kept) =
+        let (a, attention) =
             self.self_attn
                 .run(&self.input_layernorm.forward(x)?, ctx, seed, attention)?;
         let h = (x + a)?;
-        let m = self
-            .mlp
-            .forward_to(&self.post_attention_layernorm.forward(&h)?, seed, output)?;
-        Ok(((h + m)?, kept))
+        let normed = self.post_attention_layernorm.forward(&h)?;
+        let (m, mlp) = self.mlp.run(&normed, seed, mlp, output)?;
+        Ok(((h + m)?, KeptLayer { attention, mlp }))
     }
 
     /// Every Linear of the layer with its module path inside the layer (`self_attn.q_proj`, ...).

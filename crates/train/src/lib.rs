@@ -24,7 +24,7 @@ pub use error::{TrainError, TrainResult};
 pub use optim::{AdamW, AdamWConfig};
 pub use row_groups::{on_row_group_threads, row_groups};
 pub use schedule::{Schedule, ScheduleKind};
-pub use step::{forward_backward, Checkpointing, Trainables};
+pub use step::{forward_backward, Checkpointing, Keeping, Trainables};
 pub use step::{train_step, StepOptions, StepPhases, StepStats};
 
 /// A distinct dropout seed for each micro-batch of a step.

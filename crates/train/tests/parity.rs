@@ -2,12 +2,13 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use ff_model::finetune::make_all_trainable;
+use ff_model::layers::Keep;
 use ff_model::load::load_model_dir;
 use ff_model::peft::load_adapter;
 use ff_model::safetensors_io::SafetensorsFiles;
 use ff_model::{CausalLm, ForwardCtx};
 use ff_train::{
-    train_step, AdamW, AdamWConfig, Batch, Checkpointing, Engine, StepOptions, Trainables,
+    train_step, AdamW, AdamWConfig, Batch, Checkpointing, Engine, Keeping, StepOptions, Trainables,
 };
 use serde_json::Value;
 
@@ -184,14 +185,41 @@ fn other_architectures_match_transformers() {
         let worst = logits_difference(&model, &batch, &reference);
         assert!(worst <= 1e-4, "{name}: largest difference {worst:e}");
         make_all_trainable(&mut model).unwrap();
-        let (loss, recomputed) = training_loss(&mut model, &batch, Checkpointing::Layers);
+        let (loss, recomputed) = training_loss(&mut model, &batch, RECOMPUTE_WHOLE_LAYERS);
         assert_rel(loss, reference["loss"].as_f64().unwrap(), 1e-5, name);
-        // Qwen3's per-head norms keep nothing; the others replay attention.
-        let (kept_loss, replayed) =
-            training_loss(&mut model, &batch, Checkpointing::LayersKeepingAttention);
-        assert_eq!((kept_loss, &replayed), (loss, &recomputed), "{name}");
+        // Qwen3's per-head norms keep nothing of attention; the others replay it.
+        for keeping in KEEPINGS {
+            let (kept_loss, replayed) = training_loss(&mut model, &batch, keeping);
+            assert_eq!(
+                (kept_loss, &replayed),
+                (loss, &recomputed),
+                "{name} {keeping:?}"
+            );
+        }
     }
 }
+
+const RECOMPUTE_WHOLE_LAYERS: Checkpointing = Checkpointing::Layers(Keeping {
+    attention_layers: 0,
+    mlp_layers: 0,
+});
+
+/// Every layer keeping everything, attention kept alone, and a mix (the top layer keeping its
+/// MLP's results, attention's kept everywhere).
+const KEEPINGS: [Checkpointing; 3] = [
+    Checkpointing::Layers(Keeping {
+        attention_layers: usize::MAX,
+        mlp_layers: usize::MAX,
+    }),
+    Checkpointing::Layers(Keeping {
+        attention_layers: usize::MAX,
+        mlp_layers: 0,
+    }),
+    Checkpointing::Layers(Keeping {
+        attention_layers: usize::MAX,
+        mlp_layers: 1,
+    }),
+];
 
 #[test]
 fn base_loss_through_the_chunked_head() {
@@ -200,12 +228,13 @@ fn base_loss_through_the_chunked_head() {
     let mut model = tiny_model();
     make_all_trainable(&mut model).unwrap();
     let expected = reference["base"]["loss"].as_f64().unwrap();
-    let (loss, recomputed) = training_loss(&mut model, &batch, Checkpointing::Layers);
+    let (loss, recomputed) = training_loss(&mut model, &batch, RECOMPUTE_WHOLE_LAYERS);
     assert_rel(loss, expected, 1e-5, "base loss");
-    // Kept attention results are the recomputed ones, so every gradient has the same bits.
-    let (kept_loss, replayed) =
-        training_loss(&mut model, &batch, Checkpointing::LayersKeepingAttention);
-    assert_eq!((kept_loss, &replayed), (loss, &recomputed));
+    // Kept results are the recomputed ones, so every gradient has the same bits.
+    for keeping in KEEPINGS {
+        let (kept_loss, replayed) = training_loss(&mut model, &batch, keeping);
+        assert_eq!((kept_loss, &replayed), (loss, &recomputed), "{keeping:?}");
+    }
     let (whole_graph_loss, _) = training_loss(&mut model, &batch, Checkpointing::Off);
     assert_rel(whole_graph_loss, expected, 1e-5, "base loss");
 }
@@ -389,24 +418,33 @@ fn logits_do_not_depend_on_padding_of_other_rows() {
 }
 
 #[test]
-fn full_finetuning_keeps_attention_while_it_fits_a_quarter_of_the_state() {
+fn full_finetuning_keeps_results_while_they_fit_a_quarter_of_the_state() {
     let mut model = tiny_model();
     make_all_trainable(&mut model).unwrap();
     let engine = Engine::Replicated(Trainables::of(&mut model));
     let Engine::Replicated(trainables) = &engine else {
         unreachable!()
     };
-    let state_bytes = 16 * trainables.num_elements();
-    let bytes_per_token: usize = model
-        .layers
-        .iter()
-        .map(|l| 4 * l.kept_values_per_token())
-        .sum();
-    let fitting = state_bytes / 4 / bytes_per_token;
-    assert!(fitting > 0);
+    let budget = 16 * trainables.num_elements() / 4;
+    // Bytes a layer keeps per token (the two layers are alike): attention's, the MLP's.
+    let bytes = |attention, mlp| 4 * model.layers[0].kept_values_per_token(Keep { attention, mlp });
+    let (a, m) = (bytes(true, false), bytes(false, true));
+    assert!(a > 0 && m > a, "attention {a}, MLP {m}");
     let policy = |on, tokens| Checkpointing::for_step(on, &model, &engine, tokens);
-    assert_eq!(policy(true, fitting), Checkpointing::LayersKeepingAttention);
-    assert_eq!(policy(true, fitting + 1), Checkpointing::Layers);
+    let keeping = |attention_layers, mlp_layers| {
+        Checkpointing::Layers(Keeping {
+            attention_layers,
+            mlp_layers,
+        })
+    };
+    assert_eq!(policy(true, budget / (2 * a + 2 * m)), keeping(2, 2));
+    // Attention's results in both layers and the MLP's in one fit; in two they would not.
+    let tokens = budget / (2 * a + m);
+    assert!(tokens * (2 * a + 2 * m) > budget);
+    assert_eq!(policy(true, tokens), keeping(2, 1));
+    // One layer's attention fits, and nothing beside it.
+    assert_eq!(policy(true, budget / a), keeping(1, 0));
+    assert_eq!(policy(true, budget / a + 1), keeping(0, 0));
     assert_eq!(policy(false, 1), Checkpointing::Off);
     // LoRA trains too few parameters for its state to make room.
     let mut lora = tiny_model();
@@ -414,6 +452,6 @@ fn full_finetuning_keeps_attention_while_it_fits_a_quarter_of_the_state() {
     let engine = Engine::Replicated(Trainables::of(&mut lora));
     assert_eq!(
         Checkpointing::for_step(true, &lora, &engine, 64),
-        Checkpointing::Layers
+        keeping(0, 0)
     );
 }

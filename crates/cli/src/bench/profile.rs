@@ -7,7 +7,6 @@
 //! copies and autograd's bookkeeping). The float32 limit is the step's FLOP count at the speed
 //! candle's float32 matrix product reaches on a 2048³ product in the same run.
 
-use std::ops::Range;
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
@@ -97,19 +96,22 @@ impl StepShape<'_> {
             + self.head_flops_per_token()
     }
 
-    /// Which of [`linear_shapes`] a layer's recomputation runs: none without checkpointing; the
-    /// down projection never (nothing reads its value); the attention projections not when
-    /// their values are kept.
-    fn recomputed_linears(&self) -> Range<usize> {
-        match self.checkpointing {
-            Checkpointing::Off => 0..0,
-            Checkpointing::Layers => 0..6,
-            Checkpointing::LayersKeepingAttention => 4..6,
-        }
+    /// Layers whose recomputation runs each of [`linear_shapes`]: none without checkpointing;
+    /// the down projection never (nothing reads its value); the attention projections, or the
+    /// gate and up projections, not in layers that kept their values.
+    fn layers_recomputing_linears(&self) -> [usize; 7] {
+        let layers = self.config.num_hidden_layers;
+        let Checkpointing::Layers(keeping) = self.checkpointing else {
+            return [0; 7];
+        };
+        let attention = layers - keeping.attention_layers.min(layers);
+        let mlp = layers - keeping.mlp_layers.min(layers);
+        [attention, attention, attention, attention, mlp, mlp, 0]
     }
 
-    fn recomputes_attention(&self) -> bool {
-        self.checkpointing == Checkpointing::Layers
+    /// Layers whose recomputation runs the attention core.
+    fn layers_recomputing_attention(&self) -> usize {
+        self.layers_recomputing_linears()[0]
     }
 }
 
@@ -137,9 +139,9 @@ pub fn matmul_gflops(n: usize) -> Result<f64> {
 }
 
 /// Seconds of one layer's Linear products through the op the model runs (the fused frozen
-/// product and adapter under LoRA, the trained product when the weights train): `[the forward
-/// of those a recomputation runs, forward and backward of all]`.
-fn layer_products(shape: &StepShape) -> Result<[f64; 2]> {
+/// product and adapter under LoRA, the trained product when the weights train): the forward of
+/// each of [`linear_shapes`], then forward and backward of all.
+fn layer_products(shape: &StepShape) -> Result<[f64; 8]> {
     let rows = shape.group_batch() * shape.seq;
     let r = shape.lora_rank;
     let var = |t: Tensor| -> Result<Var> { Ok(Var::from_tensor(&t)?) };
@@ -168,19 +170,17 @@ fn layer_products(shape: &StepShape) -> Result<[f64; 2]> {
                 .ok_or_else(|| anyhow!("no trained product kernel for {:?}", shape.dtype))
         }
     };
-    let recomputed_seconds = time(|| {
-        for (x, w, a, b, _) in &pieces[shape.recomputed_linears()] {
-            forward(x, w, a, b)?.detach();
-        }
-        Ok(())
-    })?;
-    let both_seconds = time(|| {
+    let mut seconds = [0f64; 8];
+    for ((x, w, a, b, _), s) in pieces.iter().zip(&mut seconds) {
+        *s = time(|| Ok(forward(x, w, a, b)?.detach()))?;
+    }
+    seconds[7] = time(|| {
         for (x, w, a, b, upstream) in &pieces {
             backward_from(&forward(x, w, a, b)?, upstream)?;
         }
         Ok(())
     })?;
-    Ok([recomputed_seconds, both_seconds])
+    Ok(seconds)
 }
 
 /// Seconds of one layer's attention core (scores, mask, softmax, weighted sum):
@@ -234,16 +234,18 @@ fn side_by_side<const N: usize>(
 /// Prints the profile of the step whose phases are `phases` (the median step) taking `seconds`.
 pub fn print(shape: &StepShape, phases: &StepPhases, seconds: f64) -> Result<()> {
     let layers = shape.config.num_hidden_layers as f64;
-    let [products_recomputed, products_both] =
-        side_by_side(shape.row_groups, || layer_products(shape))?;
-    let products = layers * (products_recomputed + products_both);
+    let product_seconds = side_by_side(shape.row_groups, || layer_products(shape))?;
+    let recomputed: f64 = shape
+        .layers_recomputing_linears()
+        .iter()
+        .zip(&product_seconds)
+        .map(|(&n, s)| n as f64 * s)
+        .sum();
+    let products = layers * product_seconds[7] + recomputed;
     let [attention_forward, attention_both] =
         side_by_side(shape.row_groups, || layer_attention(shape))?;
-    let attention_recomputed = match shape.recomputes_attention() {
-        true => attention_forward,
-        false => 0.0,
-    };
-    let attention = layers * (attention_recomputed + attention_both);
+    let attention =
+        layers * attention_both + shape.layers_recomputing_attention() as f64 * attention_forward;
     let layer_time =
         (phases.embedding + phases.layers_forward + phases.layers_backward).as_secs_f64();
     let elementwise = (layer_time - products - attention).max(0.0);
