@@ -8,7 +8,7 @@
 //! the output's gradient and nothing else (the frozen weight's gradient is never formed).
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Storage, Tensor, D};
 
@@ -69,6 +69,7 @@ pub fn lora_product(
         scale: scale as f32,
         on_bf16_product: bf16_product::suits(x.elem_count() / k, w),
         output,
+        down: OnceLock::new(),
     };
     let x_in = readable_as_matrix(widen(x)?)?;
     let y = x_in.apply_op3_arc(a, b, Arc::new(Box::new(op)))?;
@@ -83,6 +84,9 @@ struct LoraProduct {
     /// bfloat16 (as a bfloat16 model's activations and gradients are).
     on_bf16_product: bool,
     output: Output,
+    /// `x aᵀ` as the forward computed it, for the backward (`m × r`, 16 KB for 512 rows at rank
+    /// 8); absent when the forward handed on other values.
+    down: OnceLock<Vec<f32>>,
 }
 
 /// The frozen weight's values in float32.
@@ -93,9 +97,8 @@ fn weight_values(storage: &Storage) -> Result<Cow<'_, [f32]>> {
     }
 }
 
-/// `x aᵀ`, `[m, r]`: the adapter's narrow middle, recomputed in backward (it costs `r / n` of
-/// the frozen product). On the calling thread: a product this narrow ran faster there than
-/// shared.
+/// `x aᵀ`, `[m, r]`: the adapter's narrow middle. On the calling thread: a product this narrow
+/// ran faster there than shared.
 fn down_projection(x: Operand, a: Operand, m: usize, r: usize, k: usize) -> Vec<f32> {
     // SAFETY: x is m × k and a is r × k as their views say; the product writes all m × r.
     unsafe {
@@ -196,9 +199,9 @@ impl CustomOp3 for LoraProduct {
         let x_op = Operand::matrix(x_values, x_layout)?;
         let a = Operand::matrix(a.as_slice()?, a_layout)?;
         let b = Operand::matrix(b.as_slice()?, b_layout)?;
-        let xa = down_projection(x_op, a, m, r, k);
+        let xa = self.down.get_or_init(|| down_projection(x_op, a, m, r, k));
         // y = x Wᵀ + s · (x Aᵀ) Bᵀ
-        let y = self.frozen_plus_adapter((x_values, x_layout), true, (m, n, k, r), &xa, b.t())?;
+        let y = self.frozen_plus_adapter((x_values, x_layout), true, (m, n, k, r), xa, b.t())?;
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -223,7 +226,12 @@ impl CustomOp3 for LoraProduct {
         let dy_values = cpu_values(&dy_storage)?;
         let dy = Operand::matrix(dy_values, dy_layout)?;
         let s = self.scale;
-        let xa = down_projection(x_op, a_op, m, r, k);
+        // The backward's own small products ran at a fraction of the frozen product's speed:
+        // the forward's `x Aᵀ` spares one of them.
+        let xa = match self.down.get() {
+            Some(xa) => Cow::Borrowed(xa.as_slice()),
+            None => Cow::Owned(down_projection(x_op, a_op, m, r, k)),
+        };
         // SAFETY: every operand is read through its own layout; each product writes all of the
         // row-major result it fills.
         let (dy_b, da, db) = unsafe {
