@@ -258,8 +258,8 @@ impl Checkpointing {
     /// optimizer's side of training holds anyway (a float32 weight, its gradient and two AdamW
     /// moments, 16 bytes a trained parameter, when they live in memory on this rank), attention's
     /// first, layer by layer from the top, then the MLP's. Full fine-tuning of SmolLM2-135M at
-    /// 4 × 256 tokens keeps attention's results in all 30 layers (260 MB) and the MLP's in 23
-    /// (290 MB) beside its 2.2 GB; LoRA, offloaded or sharded state, or long batches leave little
+    /// 4 × 256 tokens keeps attention's results in all 30 layers (260 MB) and the MLP's in 22
+    /// (277 MB) beside its 2.2 GB; LoRA, offloaded or sharded state, or long batches leave little
     /// room, and their layers are recomputed whole.
     pub fn for_step(
         gradient_checkpointing: bool,
