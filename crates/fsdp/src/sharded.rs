@@ -12,12 +12,12 @@ use ff_dist::ProcessGroup;
 use ff_model::quant::{QuantFormat, QuantizedWeight, RawBuffer};
 use ff_model::CausalLm;
 
+use crate::comm_thread::CommThread;
 use crate::error::{FsdpError, FsdpResult};
 use crate::gathered::{FrozenSource, Gathered, Shard};
 use crate::layout::{Entry, Piece, UnitLayout};
 use crate::peer_shards::PeerShards;
 use crate::plan::plan_units;
-use crate::prefetch::Prefetcher;
 use crate::slots::{slots_of, Part};
 use crate::{BackwardExtent, Pass, Residency, Walk};
 
@@ -79,8 +79,8 @@ pub struct Accounting {
     pub quantized_shard_bytes: usize,
     /// The whole model's quantized weight bytes.
     pub quantized_full_bytes: usize,
-    /// Time spent blocked on the engine's collectives: gathers the prefetch thread had not
-    /// finished, and reduce-scatters of gradients.
+    /// Time spent blocked on the engine's collectives: gathers not prefetched or not finished
+    /// yet, and, at the walk's end, reduce-scatters of gradients not finished yet.
     pub comm_wait: Duration,
 }
 
@@ -93,7 +93,8 @@ pub struct Sharded {
     strategy: ShardingStrategy,
     forward_prefetch: bool,
     backward_prefetch: BackwardPrefetch,
-    prefetcher: Option<Prefetcher>,
+    /// Prefetched gathers and the gradients' reduce-scatters, off the walk's thread.
+    comm: CommThread,
     /// Every unit's frozen shards, where the shard group's ranks share this machine.
     published: Option<Arc<PeerShards>>,
     device: Device,
@@ -137,16 +138,8 @@ impl Sharded {
             let all: Vec<usize> = (0..global.world_size()).collect();
             (global.subgroup("fsdp-shard", &all)?, None)
         };
-        let prefetcher = if config.forward_prefetch
-            || config.backward_prefetch != BackwardPrefetch::NoPrefetch
-        {
-            let members: Vec<usize> = (0..shard_group.world_size()).collect();
-            Some(Prefetcher::new(
-                shard_group.subgroup("fsdp-prefetch", &members)?,
-            ))
-        } else {
-            None
-        };
+        let members: Vec<usize> = (0..shard_group.world_size()).collect();
+        let comm = CommThread::new(shard_group.subgroup("fsdp-comm", &members)?);
         let plan = plan_units(
             &model.config,
             config.auto_wrap_policy,
@@ -164,7 +157,7 @@ impl Sharded {
             strategy: config.sharding_strategy,
             forward_prefetch: config.forward_prefetch,
             backward_prefetch: config.backward_prefetch,
-            prefetcher,
+            comm,
             published: None,
             device: device.clone(),
             num_layers: model.layers.len(),
@@ -562,8 +555,8 @@ impl Sharded {
 
     fn gather(&mut self, model: &mut CausalLm, u: usize) -> FsdpResult<()> {
         let started = Instant::now();
-        let prefetched = match &mut self.prefetcher {
-            Some(p) if p.pending() == Some(u) => p.finish()?.map(|(_, gathered)| gathered),
+        let prefetched = match self.comm.pending_gather() {
+            Some(pending) if pending == u => self.comm.finish_gather()?.map(|(_, g)| g),
             _ => None,
         };
         let gathered = match prefetched {
@@ -576,10 +569,7 @@ impl Sharded {
 
     /// Starts gathering the first unit after event `k` that is not in the model yet.
     fn prefetch_after(&mut self, k: usize) -> FsdpResult<()> {
-        let Some(p) = &self.prefetcher else {
-            return Ok(());
-        };
-        if p.pending().is_some() {
+        if self.comm.pending_gather().is_some() {
             return Ok(());
         }
         let current = self.unit_of[&self.events[k].0];
@@ -590,18 +580,14 @@ impl Sharded {
         if let Some(v) = next {
             if self.units[v].installed.is_none() {
                 let shard = self.shard_of(v, true)?;
-                if let Some(p) = &mut self.prefetcher {
-                    p.start(v, shard);
-                }
+                self.comm.start_gather(v, shard)?;
             }
         }
         Ok(())
     }
 
     fn drain_prefetch(&mut self) -> FsdpResult<()> {
-        if let Some(p) = &mut self.prefetcher {
-            p.finish()?;
-        }
+        self.comm.finish_gather()?;
         Ok(())
     }
 
@@ -631,7 +617,8 @@ impl Sharded {
         Ok(())
     }
 
-    /// Reduce-scatters unit `u`'s summed gradient; each rank adds its shard to its pieces.
+    /// Starts reduce-scattering unit `u`'s summed gradient; [`Self::add_reduced_grads`] adds
+    /// this rank's shard of it to its pieces.
     fn reduce_grads(&mut self, u: usize) -> FsdpResult<()> {
         let world = self.shard_group.world_size();
         let unit = &mut self.units[u];
@@ -643,18 +630,26 @@ impl Sharded {
             .grad_sum
             .take()
             .unwrap_or_else(|| vec![0f32; unit.layout.trained_shard * world]);
-        let mut shard = vec![0f32; unit.layout.trained_shard];
+        self.comm
+            .start_reduce_scatter(u, sum, unit.layout.trained_shard)
+    }
+
+    /// Waits for the walk's reduce-scatters and adds each unit's shard to its pieces' gradients.
+    fn add_reduced_grads(&mut self) -> FsdpResult<()> {
         let started = Instant::now();
-        self.shard_group.reduce_scatter_sum(&sum, &mut shard)?;
+        let reduced = self.comm.finish_reductions()?;
         self.accounting.comm_wait += started.elapsed();
-        for (i, piece) in unit.pieces.iter().enumerate() {
-            let values = &shard[piece.in_shard.clone()];
-            let g = Tensor::from_slice(values, values.len(), &self.device)?;
-            let slot = &mut self.grads[unit.first_piece + i];
-            *slot = Some(match slot.take() {
-                Some(acc) => (acc + g)?,
-                None => g,
-            });
+        for (u, shard) in reduced {
+            let unit = &self.units[u];
+            for (i, piece) in unit.pieces.iter().enumerate() {
+                let values = &shard[piece.in_shard.clone()];
+                let g = Tensor::from_slice(values, values.len(), &self.device)?;
+                let slot = &mut self.grads[unit.first_piece + i];
+                *slot = Some(match slot.take() {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                });
+            }
         }
         Ok(())
     }
@@ -757,6 +752,7 @@ impl Residency for Sharded {
 
     fn end(&mut self, model: &mut CausalLm) -> FsdpResult<()> {
         self.drain_prefetch()?;
+        self.add_reduced_grads()?;
         for u in 0..self.units.len() {
             self.units[u].grad_sum = None;
             self.release(model, u)?;

@@ -1,0 +1,172 @@
+//! Collectives on a background thread, so that communication overlaps computation: gathers of
+//! the next unit (prefetch) and the reduce-scatters of the gradients of units whose backward is
+//! done, which the walk no longer waits for.
+//!
+//! The thread has its own communicator (a second Gloo context over the same ranks), so its
+//! collectives run while the main thread's use the other. It runs its requests one at a time in
+//! the order they came, and every rank makes the same requests in the same order (the walk's),
+//! so the background collectives always match up.
+//!
+//! Waiting for every reduce-scatter at each unit's end had made each layer's backward a
+//! barrier: a rank a little ahead in one layer waited there for the other, however the ranks'
+//! times evened out over the step.
+
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::thread::JoinHandle;
+
+use ff_dist::{DistError, ProcessGroup};
+
+use crate::error::FsdpResult;
+use crate::gathered::{Gathered, Shard};
+
+enum Request {
+    Gather(usize, Shard),
+    /// A unit's summed gradient, to be reduce-scattered into a shard of `.2` values.
+    ReduceScatter(usize, Vec<f32>, usize),
+}
+
+enum Reply {
+    Gathered(usize, FsdpResult<Gathered>),
+    Reduced(usize, FsdpResult<Vec<f32>>),
+}
+
+pub struct CommThread {
+    requests: Option<Sender<Request>>,
+    replies: Receiver<Reply>,
+    /// The unit whose gather is in flight, if any.
+    pending_gather: Option<usize>,
+    /// A gather that arrived while reduce-scatters were waited for.
+    early_gather: Option<(usize, FsdpResult<Gathered>)>,
+    /// How many reduce-scatters are in flight.
+    pending_reductions: usize,
+    /// Reduce-scatters done, in the order requested.
+    reduced: Vec<(usize, FsdpResult<Vec<f32>>)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CommThread {
+    pub fn new(group: Box<dyn ProcessGroup>) -> Self {
+        let (requests, inbox) = channel::<Request>();
+        let (outbox, replies) = channel();
+        let thread = std::thread::Builder::new()
+            .name("fsdp-comm".into())
+            .spawn(move || {
+                for request in inbox {
+                    let reply = match request {
+                        Request::Gather(unit, shard) => {
+                            Reply::Gathered(unit, shard.gather(group.as_ref()))
+                        }
+                        Request::ReduceScatter(unit, sum, shard_len) => {
+                            let mut shard = vec![0f32; shard_len];
+                            let result = group.reduce_scatter_sum(&sum, &mut shard);
+                            Reply::Reduced(unit, result.map(|()| shard).map_err(Into::into))
+                        }
+                    };
+                    if outbox.send(reply).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawning the FSDP communication thread");
+        Self {
+            requests: Some(requests),
+            replies,
+            pending_gather: None,
+            early_gather: None,
+            pending_reductions: 0,
+            reduced: Vec::new(),
+            thread: Some(thread),
+        }
+    }
+
+    /// The unit whose gather is in flight, if any.
+    pub fn pending_gather(&self) -> Option<usize> {
+        self.pending_gather
+    }
+
+    /// Starts gathering `unit` from this rank's `shard`; at most one gather is in flight.
+    pub fn start_gather(&mut self, unit: usize, shard: Shard) -> FsdpResult<()> {
+        debug_assert!(self.pending_gather.is_none());
+        self.send(Request::Gather(unit, shard), "all_gather")?;
+        self.pending_gather = Some(unit);
+        Ok(())
+    }
+
+    /// Waits for the gather in flight and returns its unit and what was gathered.
+    pub fn finish_gather(&mut self) -> FsdpResult<Option<(usize, Gathered)>> {
+        if self.pending_gather.take().is_none() {
+            return Ok(None);
+        }
+        if let Some((unit, gathered)) = self.early_gather.take() {
+            return Ok(Some((unit, gathered?)));
+        }
+        loop {
+            match self.replies.recv().map_err(|_| stopped("all_gather"))? {
+                Reply::Gathered(unit, gathered) => return Ok(Some((unit, gathered?))),
+                Reply::Reduced(unit, shard) => self.reduced_one(unit, shard),
+            }
+        }
+    }
+
+    /// Starts reduce-scattering unit `unit`'s summed gradient `sum` into a shard of
+    /// `shard_len` values.
+    pub fn start_reduce_scatter(
+        &mut self,
+        unit: usize,
+        sum: Vec<f32>,
+        shard_len: usize,
+    ) -> FsdpResult<()> {
+        self.send(
+            Request::ReduceScatter(unit, sum, shard_len),
+            "reduce_scatter",
+        )?;
+        self.pending_reductions += 1;
+        Ok(())
+    }
+
+    /// Waits for every reduce-scatter requested and returns each unit's shard of the summed
+    /// gradient, in the order requested.
+    pub fn finish_reductions(&mut self) -> FsdpResult<Vec<(usize, Vec<f32>)>> {
+        while self.pending_reductions > 0 {
+            match self.replies.recv().map_err(|_| stopped("reduce_scatter"))? {
+                Reply::Reduced(unit, shard) => self.reduced_one(unit, shard),
+                Reply::Gathered(unit, gathered) => self.early_gather = Some((unit, gathered)),
+            }
+        }
+        std::mem::take(&mut self.reduced)
+            .into_iter()
+            .map(|(unit, shard)| Ok((unit, shard?)))
+            .collect()
+    }
+
+    fn reduced_one(&mut self, unit: usize, shard: FsdpResult<Vec<f32>>) {
+        self.pending_reductions -= 1;
+        self.reduced.push((unit, shard));
+    }
+
+    fn send(&self, request: Request, op: &'static str) -> FsdpResult<()> {
+        match &self.requests {
+            Some(tx) if tx.send(request).is_ok() => Ok(()),
+            _ => Err(stopped(op)),
+        }
+    }
+}
+
+fn stopped(op: &'static str) -> crate::error::FsdpError {
+    DistError::Broken {
+        op,
+        group: "fsdp-comm".into(),
+        failed_op: op,
+        message: "the FSDP communication thread stopped".into(),
+    }
+    .into()
+}
+
+impl Drop for CommThread {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
