@@ -40,7 +40,7 @@ pub struct CommThread {
     /// How many reduce-scatters are in flight.
     pending_reductions: usize,
     /// Reduce-scatters done, in the order requested.
-    reduced: Vec<(usize, FsdpResult<Vec<f32>>)>,
+    reduced: Vec<(usize, Vec<f32>)>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -103,7 +103,7 @@ impl CommThread {
         loop {
             match self.replies.recv().map_err(|_| stopped("all_gather"))? {
                 Reply::Gathered(unit, gathered) => return Ok(Some((unit, gathered?))),
-                Reply::Reduced(unit, shard) => self.reduced_one(unit, shard),
+                Reply::Reduced(unit, shard) => self.reduced_one(unit, shard)?,
             }
         }
     }
@@ -129,19 +129,18 @@ impl CommThread {
     pub fn finish_reductions(&mut self) -> FsdpResult<Vec<(usize, Vec<f32>)>> {
         while self.pending_reductions > 0 {
             match self.replies.recv().map_err(|_| stopped("reduce_scatter"))? {
-                Reply::Reduced(unit, shard) => self.reduced_one(unit, shard),
+                Reply::Reduced(unit, shard) => self.reduced_one(unit, shard)?,
                 Reply::Gathered(unit, gathered) => self.early_gather = Some((unit, gathered)),
             }
         }
-        std::mem::take(&mut self.reduced)
-            .into_iter()
-            .map(|(unit, shard)| Ok((unit, shard?)))
-            .collect()
+        Ok(std::mem::take(&mut self.reduced))
     }
 
-    fn reduced_one(&mut self, unit: usize, shard: FsdpResult<Vec<f32>>) {
+    /// Keeps a finished reduce-scatter's shard; a failed one fails whatever was waited for.
+    fn reduced_one(&mut self, unit: usize, shard: FsdpResult<Vec<f32>>) -> FsdpResult<()> {
         self.pending_reductions -= 1;
-        self.reduced.push((unit, shard));
+        self.reduced.push((unit, shard?));
+        Ok(())
     }
 
     fn send(&self, request: Request, op: &'static str) -> FsdpResult<()> {
@@ -168,5 +167,56 @@ impl Drop for CommThread {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ff_dist::SingleProcessGroup;
+
+    fn shard(values: &[f32]) -> Shard {
+        Shard {
+            trained: values.to_vec(),
+            frozen: None,
+        }
+    }
+
+    /// Replies come in the order requested, whichever kind is waited for: a gather behind a
+    /// reduce-scatter, and a gather between two reduce-scatters.
+    #[test]
+    fn each_wait_takes_its_replies_and_keeps_the_others() {
+        let mut comm = CommThread::new(Box::new(SingleProcessGroup));
+        comm.start_reduce_scatter(1, vec![1.0, 2.0], 2).unwrap();
+        comm.start_gather(2, shard(&[3.0])).unwrap();
+        let (unit, gathered) = comm.finish_gather().unwrap().unwrap();
+        assert_eq!((unit, gathered.trained), (2, vec![3.0]));
+        comm.start_reduce_scatter(3, vec![4.0], 1).unwrap();
+        comm.start_gather(4, shard(&[5.0])).unwrap();
+        comm.start_reduce_scatter(5, vec![6.0], 1).unwrap();
+        let reduced = comm.finish_reductions().unwrap();
+        assert_eq!(
+            reduced,
+            [(1, vec![1.0, 2.0]), (3, vec![4.0]), (5, vec![6.0])]
+        );
+        assert_eq!(comm.pending_gather(), Some(4));
+        let (unit, gathered) = comm.finish_gather().unwrap().unwrap();
+        assert_eq!((unit, gathered.trained), (4, vec![5.0]));
+        assert!(comm.finish_gather().unwrap().is_none());
+        assert!(comm.finish_reductions().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_failed_reduce_scatter_fails_the_gather_waited_for_behind_it() {
+        let mut comm = CommThread::new(Box::new(SingleProcessGroup));
+        // Three values do not reduce-scatter into a shard of two on a world of one.
+        comm.start_reduce_scatter(1, vec![1.0, 2.0, 3.0], 2)
+            .unwrap();
+        comm.start_gather(2, shard(&[3.0])).unwrap();
+        let err = comm
+            .finish_gather()
+            .err()
+            .expect("the reduce-scatter failed");
+        assert!(err.to_string().contains("reduce_scatter"), "{err}");
     }
 }
