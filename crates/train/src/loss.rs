@@ -13,17 +13,50 @@ use ff_model::CausalLm;
 use crate::backward::backward_from;
 use crate::batch::{Batch, IGNORE_INDEX};
 use crate::cross_entropy::nll_and_grad;
+use crate::engine::Engine;
 
 /// Upper bound on logits held at once (rows × vocabulary) by one walk: row groups running side
 /// by side each hold a chunk, so a larger bound (tried at 1 << 23) cost their sum in peak memory.
 const CHUNK_ELEMENTS: usize = 1 << 22;
 
-/// The bound when the head trains: every chunk then also reads and writes the head's whole
-/// gradient (`vocab × width`, 113 MB for SmolLM2), and twice the rows halve those passes. Full
-/// fine-tuning's peak comes later, with every gradient and the optimizer's moments, so the
-/// larger chunk left its peak where it was (2.9–3.0 GB); its step took 5% less time by the
-/// median of nine rounds alternating with the smaller chunk (SmolLM2, `bench step`).
-const TRAINED_HEAD_CHUNK_ELEMENTS: usize = 1 << 23;
+/// The bound for [`LossChunks::Long`].
+const LONG_CHUNK_ELEMENTS: usize = 1 << 23;
+
+/// How many logits a chunk of the loss's rows holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossChunks {
+    /// At most `CHUNK_ELEMENTS`.
+    Short,
+    /// Twice as many, when the head trains and every gradient and AdamW moment of the step is
+    /// in memory. Every chunk then also reads and writes the head's whole gradient (`vocab ×
+    /// width`, 113 MB for SmolLM2), and twice the rows halve those passes; the step's peak comes
+    /// later, with every gradient and both moments, so the larger chunk left full fine-tuning's
+    /// peak where it was (2.9–3.0 GB), and its step took 5% less time by the median of nine
+    /// rounds alternating with short chunks (SmolLM2, `bench step`). With the optimizer
+    /// offloaded the head is the peak (it rose 0.85 → 0.87–0.90 GB), and so with LoRA (20–30 MB
+    /// more).
+    Long,
+}
+
+impl LossChunks {
+    pub fn for_step(model: &CausalLm, engine: &Engine) -> Self {
+        let state_in_memory = matches!(engine, Engine::Replicated(t) if t.offloaded.is_none());
+        if state_in_memory && model.lm_head_weight().is_trainable() {
+            Self::Long
+        } else {
+            Self::Short
+        }
+    }
+
+    /// Rows of `vocab` logits a chunk holds.
+    fn rows(self, vocab: usize) -> usize {
+        let elements = match self {
+            Self::Short => CHUNK_ELEMENTS,
+            Self::Long => LONG_CHUNK_ELEMENTS,
+        };
+        (elements / vocab).max(1)
+    }
+}
 
 /// Positions `b * seq + t` whose prediction is scored, and the token each must predict.
 pub struct LabelPositions {
@@ -65,14 +98,10 @@ pub fn head_forward_backward(
     hidden: &Tensor,
     positions: &LabelPositions,
     loss_denominator: f64,
+    chunks: LossChunks,
     on_grads: &mut dyn FnMut(&GradStore) -> Result<()>,
 ) -> Result<HeadOutput> {
-    let elements = if model.lm_head_weight().is_trainable() {
-        TRAINED_HEAD_CHUNK_ELEMENTS
-    } else {
-        CHUNK_ELEMENTS
-    };
-    let chunk = (elements / model.config.vocab_size).max(1);
+    let chunk = chunks.rows(model.config.vocab_size);
     head_in_chunks(model, hidden, positions, loss_denominator, chunk, on_grads)
 }
 
@@ -174,7 +203,7 @@ pub fn head_nll(model: &CausalLm, hidden: &Tensor, positions: &LabelPositions) -
         .reshape((batch * seq, width))?
         .index_select(&rows, 0)?;
     let head = model.lm_head_weight().in_dtype(model.dtype)?.detach();
-    let chunk = (CHUNK_ELEMENTS / model.config.vocab_size).max(1);
+    let chunk = LossChunks::Short.rows(model.config.vocab_size);
     let mut nll_sum = 0.0;
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
@@ -255,6 +284,18 @@ mod tests {
             worst <= 1e-5 * scale,
             "{what}: {worst} apart at scale {scale}"
         );
+    }
+
+    #[test]
+    fn long_chunks_only_where_the_head_trains_beside_state_in_memory() {
+        for (trained, expected) in [(true, LossChunks::Long), (false, LossChunks::Short)] {
+            let mut model = tiny_model(trained);
+            let engine = Engine::Replicated(crate::Trainables::of(&mut model));
+            assert_eq!(LossChunks::for_step(&model, &engine), expected);
+        }
+        assert_eq!(LossChunks::Short.rows(49152), 85);
+        assert_eq!(LossChunks::Long.rows(49152), 170);
+        assert_eq!(LossChunks::Long.rows(usize::MAX), 1);
     }
 
     /// Chunks change only the order of sums: 3 positions a chunk (the last one short) give what

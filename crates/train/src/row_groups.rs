@@ -26,6 +26,7 @@ use ff_model::CausalLm;
 use crate::batch::Batch;
 use crate::engine::Engine;
 use crate::error::{TrainError, TrainResult};
+use crate::loss::LossChunks;
 use crate::step::{forward_backward_timed, Checkpointing, StepPhases, Trainables};
 
 /// One thread per core, each with a rayon pool of its own thread alone.
@@ -87,6 +88,7 @@ pub(crate) struct RowGroups<'a> {
     pub groups: usize,
     pub loss_denominator: f64,
     pub checkpointing: Checkpointing,
+    pub loss_chunks: LossChunks,
     pub dropout_seed: u64,
 }
 
@@ -121,6 +123,7 @@ impl RowGroups<'_> {
                         &batch,
                         self.loss_denominator,
                         self.checkpointing,
+                        self.loss_chunks,
                         crate::seed_for(self.dropout_seed, g as u64),
                         &mut phases,
                     )?;

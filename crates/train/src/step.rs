@@ -23,7 +23,7 @@ use crate::backward::{backward_from, store_of};
 use crate::batch::Batch;
 use crate::engine::Engine;
 use crate::error::TrainResult;
-use crate::loss::{head_forward_backward, LabelPositions};
+use crate::loss::{head_forward_backward, LabelPositions, LossChunks};
 use crate::offload::{OffloadedGrads, UpdateProgress};
 use crate::optim::{with_float32_values, AdamW, AdamWConfig};
 use crate::row_groups::{row_groups, RowGroups};
@@ -317,6 +317,7 @@ pub fn forward_backward(
     batch: &Batch,
     loss_denominator: f64,
     checkpointing: Checkpointing,
+    loss_chunks: LossChunks,
     dropout_seed: u64,
 ) -> TrainResult<f64> {
     let mut phases = StepPhases::default();
@@ -326,18 +327,21 @@ pub fn forward_backward(
         batch,
         loss_denominator,
         checkpointing,
+        loss_chunks,
         dropout_seed,
         &mut phases,
     )
 }
 
 /// [`forward_backward`] that adds the time of its phases to `phases`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_backward_timed(
     model: &mut CausalLm,
     params: &mut dyn Residency,
     batch: &Batch,
     loss_denominator: f64,
     checkpointing: Checkpointing,
+    loss_chunks: LossChunks,
     dropout_seed: u64,
     phases: &mut StepPhases,
 ) -> TrainResult<f64> {
@@ -374,7 +378,14 @@ pub(crate) fn forward_backward_timed(
         }
         phases.layers_forward += lap(&mut clock);
         let top = saved.pop().expect("holds the last layer's output");
-        let head = head_backward(model, params, &top, &positions, loss_denominator)?;
+        let head = head_backward(
+            model,
+            params,
+            &top,
+            &positions,
+            loss_denominator,
+            loss_chunks,
+        )?;
         phases.head += lap(&mut clock);
         let mut grad = head.grad_hidden;
         let lowest = if extent.embedding {
@@ -430,7 +441,14 @@ pub(crate) fn forward_backward_timed(
             params.leave(model, Part::Layer(i), Pass::Forward)?;
         }
         phases.layers_forward += lap(&mut clock);
-        let head = head_backward(model, params, &x.detach(), &positions, loss_denominator)?;
+        let head = head_backward(
+            model,
+            params,
+            &x.detach(),
+            &positions,
+            loss_denominator,
+            loss_chunks,
+        )?;
         phases.head += lap(&mut clock);
         let store = backward_from(&x, &head.grad_hidden)?;
         params.add_grads(Part::Layer(0), &store)?;
@@ -448,15 +466,23 @@ fn head_backward(
     top: &Tensor,
     positions: &LabelPositions,
     loss_denominator: f64,
+    loss_chunks: LossChunks,
 ) -> TrainResult<crate::loss::HeadOutput> {
     params.enter(model, Part::Head, Pass::Backward)?;
     let mut failed = None;
-    let head = head_forward_backward(model, top, positions, loss_denominator, &mut |g| {
-        if let Err(e) = params.add_grads(Part::Head, g) {
-            failed = Some(e);
-        }
-        Ok(())
-    })?;
+    let head = head_forward_backward(
+        model,
+        top,
+        positions,
+        loss_denominator,
+        loss_chunks,
+        &mut |g| {
+            if let Err(e) = params.add_grads(Part::Head, g) {
+                failed = Some(e);
+            }
+            Ok(())
+        },
+    )?;
     if let Some(e) = failed {
         return Err(e.into());
     }
@@ -571,6 +597,7 @@ pub fn train_step(
             engine,
             batch.num_tokens(),
         );
+        let loss_chunks = LossChunks::for_step(model, engine);
         let groups = row_groups(model, engine, batch.len());
         nll_sum += match engine {
             Engine::Replicated(trainables) if groups > 1 => {
@@ -580,6 +607,7 @@ pub fn train_step(
                     groups,
                     loss_denominator: denominator,
                     checkpointing,
+                    loss_chunks,
                     dropout_seed: seed,
                 };
                 groups.forward_backward(trainables, &mut phases)?
@@ -590,6 +618,7 @@ pub fn train_step(
                 batch,
                 denominator,
                 checkpointing,
+                loss_chunks,
                 seed,
                 &mut phases,
             )?,
