@@ -15,8 +15,9 @@ use crate::batch::{Batch, IGNORE_INDEX};
 use crate::cross_entropy::nll_and_grad;
 use crate::engine::Engine;
 
-/// Upper bound on logits held at once (rows × vocabulary) by one walk: row groups running side
-/// by side each hold a chunk, so a larger bound (tried at 1 << 23) cost their sum in peak memory.
+/// The bound for [`LossChunks::Short`] on logits held at once (rows × vocabulary) by one walk:
+/// row groups running side by side each hold a chunk, so where the head is the step's peak a
+/// larger bound (tried at 1 << 23) cost their sum in peak memory.
 const CHUNK_ELEMENTS: usize = 1 << 22;
 
 /// The bound for [`LossChunks::Long`].
@@ -32,13 +33,14 @@ pub enum LossChunks {
     /// width`, 113 MB for SmolLM2), and twice the rows halve those passes; the step's peak comes
     /// later, with every gradient and both moments, so the larger chunk left full fine-tuning's
     /// peak where it was (2.9–3.0 GB), and its step took 5% less time by the median of nine
-    /// rounds alternating with short chunks (SmolLM2, `bench step`). With the optimizer
-    /// offloaded the head is the peak (it rose 0.85 → 0.87–0.90 GB), and so with LoRA (20–30 MB
-    /// more).
+    /// rounds alternating with short chunks (SmolLM2, `bench step`). Elsewhere the head is the
+    /// peak: long chunks raised offloaded full fine-tuning's 0.85 → 0.87–0.90 GB, and LoRA's by
+    /// 20–30 MB.
     Long,
 }
 
 impl LossChunks {
+    /// The chunks a step of `model` takes with `engine`'s trained tensors.
     pub fn for_step(model: &CausalLm, engine: &Engine) -> Self {
         let state_in_memory = matches!(engine, Engine::Replicated(t) if t.offloaded.is_none());
         if state_in_memory && model.lm_head_weight().is_trainable() {
