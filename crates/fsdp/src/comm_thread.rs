@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 
 use ff_dist::{DistError, ProcessGroup};
 
-use crate::error::FsdpResult;
+use crate::error::{FsdpError, FsdpResult};
 use crate::gathered::{Gathered, Shard};
 
 enum Request {
@@ -151,7 +151,7 @@ impl CommThread {
     }
 }
 
-fn stopped(op: &'static str) -> crate::error::FsdpError {
+fn stopped(op: &'static str) -> FsdpError {
     DistError::Broken {
         op,
         group: "fsdp-comm".into(),
