@@ -555,9 +555,10 @@ impl Sharded {
 
     fn gather(&mut self, model: &mut CausalLm, u: usize) -> FsdpResult<()> {
         let started = Instant::now();
-        let prefetched = match self.comm.pending_gather() {
-            Some(pending) if pending == u => self.comm.finish_gather()?.map(|(_, g)| g),
-            _ => None,
+        let prefetched = if self.comm.pending_gather() == Some(u) {
+            self.comm.finish_gather()?.map(|(_, gathered)| gathered)
+        } else {
+            None
         };
         let gathered = match prefetched {
             Some(gathered) => gathered,

@@ -35,6 +35,16 @@ impl Engine {
         }
     }
 
+    /// The trained tensors when this rank holds all of them in memory with their gradients and
+    /// AdamW moments: replicated, nothing offloaded. Their state then outweighs a step's
+    /// working memory, which may grow into it.
+    pub fn trainables_in_memory(&self) -> Option<&Trainables> {
+        match self {
+            Engine::Replicated(t) if t.offloaded.is_none() => Some(t),
+            _ => None,
+        }
+    }
+
     pub fn vars(&self) -> &[Var] {
         match self {
             Engine::Replicated(t) => &t.vars,

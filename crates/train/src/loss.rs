@@ -42,8 +42,7 @@ pub enum LossChunks {
 impl LossChunks {
     /// The chunks a step of `model` takes with `engine`'s trained tensors.
     pub fn for_step(model: &CausalLm, engine: &Engine) -> Self {
-        let state_in_memory = matches!(engine, Engine::Replicated(t) if t.offloaded.is_none());
-        if state_in_memory && model.lm_head_weight().is_trainable() {
+        if engine.trainables_in_memory().is_some() && model.lm_head_weight().is_trainable() {
             Self::Long
         } else {
             Self::Short

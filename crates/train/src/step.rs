@@ -270,10 +270,9 @@ impl Checkpointing {
         if !gradient_checkpointing {
             return Checkpointing::Off;
         }
-        let state_bytes = match engine {
-            Engine::Replicated(t) if t.offloaded.is_none() => 16 * t.num_elements(),
-            _ => 0,
-        };
+        let state_bytes = engine
+            .trainables_in_memory()
+            .map_or(0, |t| 16 * t.num_elements());
         let mut budget = state_bytes / 4;
         let mut keeping_from_top = |keep: Keep| {
             model
