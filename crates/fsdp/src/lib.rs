@@ -27,6 +27,9 @@ pub use sharded::{Accounting, Sharded, ShardedSetup};
 pub use slots::Part;
 
 use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use ff_model::table_grad::TableGrad;
+use ff_model::weight_grads::store_of;
 use ff_model::CausalLm;
 
 /// Which half of the walk a part is used in. The head's forward and backward run together and
@@ -67,6 +70,15 @@ pub trait Residency {
 
     /// Gradients of `part`'s tensors from one backward (the head may give several).
     fn add_grads(&mut self, part: Part, grads: &GradStore) -> FsdpResult<()>;
+
+    /// The gradient of `table` from `part`'s backward as dense values and rows (a tied head's
+    /// gradient with the embedding's rows). This adds the rows to the dense values and hands
+    /// the sum to [`Self::add_grads`]; an engine that sums gradients in memory adds the dense
+    /// values first and the rows after, the bits of adding them in two hand-overs.
+    fn add_table_grad(&mut self, part: Part, table: &Var, grad: TableGrad) -> FsdpResult<()> {
+        let grad = Tensor::from_vec(grad.into_values()?, table.shape(), table.device())?;
+        self.add_grads(part, &store_of(table.as_tensor(), grad)?)
+    }
 
     /// Called after `part` computed (and, in backward, after its gradients were added).
     fn leave(&mut self, model: &mut CausalLm, part: Part, pass: Pass) -> FsdpResult<()>;

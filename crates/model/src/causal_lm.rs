@@ -6,6 +6,7 @@ use crate::config::ModelConfig;
 use crate::layers::{DecoderLayer, ForwardCtx, RmsNorm};
 use crate::narrow::widen;
 use crate::param::Param;
+use crate::table_grad::RowSums;
 
 #[derive(Clone, Debug)]
 pub struct CausalLm {
@@ -54,33 +55,35 @@ impl CausalLm {
         input_ids: &Tensor,
         grad: &Tensor,
     ) -> Result<Option<Tensor>> {
-        if self.dtype != DType::F32 || self.embed_tokens.var().is_none() {
+        if !self.embedding_grad_in_rows() {
             return Ok(None);
         }
         let (vocab, hidden) = (self.config.vocab_size, self.config.hidden_size);
-        let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;
-        let grad = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        if grad.len() != ids.len() * hidden {
-            candle_core::bail!(
-                "the embedding's gradient has {} values for {} tokens",
-                grad.len(),
-                ids.len()
-            );
-        }
         let mut table = vec![0f32; vocab * hidden];
-        for (&id, row_grad) in ids.iter().zip(grad.chunks_exact(hidden)) {
-            if Some(id) == self.config.pad_token_id {
-                continue;
-            }
-            if id as usize >= vocab {
-                candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
-            }
-            let row = &mut table[id as usize * hidden..][..hidden];
-            for (sum, &g) in row.iter_mut().zip(row_grad) {
-                *sum += g;
-            }
-        }
+        self.embedding_row_sums(input_ids, grad)?
+            .add_to(&mut table)?;
         Tensor::from_vec(table, (vocab, hidden), &self.device).map(Some)
+    }
+
+    /// Whether [`Self::embedding_row_sums`] is the trained embedding table's gradient: a
+    /// float32 table looked up in float32.
+    pub fn embedding_grad_in_rows(&self) -> bool {
+        self.dtype == DType::F32 && self.embed_tokens.var().is_some()
+    }
+
+    /// The rows of [`Self::embedding_table_grad`] alone, summed by token.
+    pub fn embedding_row_sums(&self, input_ids: &Tensor, grad: &Tensor) -> Result<RowSums> {
+        let vocab = self.config.vocab_size;
+        let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;
+        let pad = self.config.pad_token_id;
+        if let Some(id) = ids
+            .iter()
+            .find(|&&id| id as usize >= vocab && Some(id) != pad)
+        {
+            candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
+        }
+        let grad = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        RowSums::of(&ids, &grad, self.config.hidden_size, pad)
     }
 
     /// The `[vocab, hidden]` matrix that maps normed hidden states to logits.

@@ -29,6 +29,7 @@ pub mod rope_heads;
 pub mod safetensors_io;
 pub mod strided_product;
 pub mod swiglu;
+pub mod table_grad;
 pub mod trained_product;
 pub mod weight_grads;
 

@@ -217,24 +217,53 @@ pub(crate) fn float32_values(storage: &CpuStorage) -> Result<Cow<'_, [f32]>> {
     })
 }
 
+/// `aᵀ · b` for `a` `[rows, n]` and `b` `[rows, k]`, row-major `[n, k]`: the first chunk's
+/// share of a weight's gradient summed over chunks of rows (see [`add_transposed_product`]),
+/// written into a new buffer without zeroing it first.
+pub fn transposed_product(a: &Tensor, b: &Tensor) -> Result<Vec<f32>> {
+    let (n, k) = (a.dim(1)?, b.dim(1)?);
+    let mut values = Vec::with_capacity(n * k);
+    // SAFETY: the product writes all n × k values when it succeeds; on failure nothing is read.
+    unsafe {
+        transposed_product_to(values.as_mut_ptr(), n * k, false, a, b)?;
+        values.set_len(n * k);
+    }
+    Ok(values)
+}
+
 /// `sum += aᵀ · b` for `a` `[rows, n]` and `b` `[rows, k]`, `sum` row-major `[n, k]`: a weight's
 /// gradient summed over chunks of rows in one buffer, instead of a `[n, k]` product per chunk
 /// and an add.
 pub fn add_transposed_product(sum: &mut [f32], a: &Tensor, b: &Tensor) -> Result<()> {
+    // SAFETY: sum holds sum.len() initialised values.
+    unsafe { transposed_product_to(sum.as_mut_ptr(), sum.len(), true, a, b) }
+}
+
+/// `dst (+)= aᵀ · b` into `len` values at `dst`, read first only when `accumulate`.
+///
+/// # Safety
+/// `dst` must be valid for writes of `len` values, and for reads when `accumulate`.
+unsafe fn transposed_product_to(
+    dst: *mut f32,
+    len: usize,
+    accumulate: bool,
+    a: &Tensor,
+    b: &Tensor,
+) -> Result<()> {
     let ((rows, n), (b_rows, k)) = (a.dims2()?, b.dims2()?);
-    if rows != b_rows || sum.len() != n * k {
+    if rows != b_rows || len != n * k {
         return Err(Error::Msg(format!(
-            "cannot add {:?}ᵀ · {:?} to a sum of {} values",
+            "cannot add {:?}ᵀ · {:?} to a sum of {len} values",
             a.shape(),
             b.shape(),
-            sum.len()
         )));
     }
     let on_kernel = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !on_kernel(a) || !on_kernel(b) {
         let product = a.t()?.matmul(b)?.to_dtype(DType::F32)?.flatten_all()?;
-        for (s, p) in sum.iter_mut().zip(product.to_vec1::<f32>()?) {
-            *s += p;
+        for (i, p) in product.to_vec1::<f32>()?.into_iter().enumerate() {
+            // SAFETY: i < n × k = len; dst is readable when accumulating.
+            unsafe { *dst.add(i) = if accumulate { *dst.add(i) + p } else { p } };
         }
         return Ok(());
     }
@@ -242,13 +271,13 @@ pub fn add_transposed_product(sum: &mut [f32], a: &Tensor, b: &Tensor) -> Result
     let (b_storage, b_layout) = b.storage_and_layout();
     let a = Operand::matrix(cpu_values(&a_storage)?, a_layout)?;
     let b = Operand::matrix(cpu_values(&b_storage)?, b_layout)?;
-    // SAFETY: a and b are read through their layouts; sum holds n × k values.
+    // SAFETY: a and b are read through their layouts; dst holds n × k values.
     unsafe {
         product(
             (n, k, rows),
-            sum.as_mut_ptr(),
+            dst,
             k,
-            true,
+            accumulate,
             a.t(),
             b,
             1.0,
@@ -282,6 +311,32 @@ mod tests {
             assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         }
         assert!(add_transposed_product(&mut sum, &a, &d).is_err());
+    }
+
+    #[test]
+    fn a_first_transposed_product_starts_the_sum() {
+        let a = normal((6, 4), 0.0, 1.0, 1);
+        let c = normal((4, 6), 0.0, 1.0, 3).t().unwrap();
+        let b = normal((6, 3), 0.0, 1.0, 2);
+        for a in [&a, &c] {
+            let first = transposed_product(a, &b).unwrap();
+            let mut sum = vec![0f32; 12];
+            add_transposed_product(&mut sum, a, &b).unwrap();
+            assert_eq!(first, sum);
+            let expected: Vec<f32> = a
+                .t()
+                .unwrap()
+                .matmul(&b)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (got, want) in first.iter().zip(&expected) {
+                assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+            }
+        }
+        assert!(transposed_product(&a, &normal((5, 3), 0.0, 1.0, 4)).is_err());
     }
 
     /// `overwritten` relies on a product that does not accumulate never reading its

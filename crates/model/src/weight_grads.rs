@@ -8,7 +8,8 @@
 
 use std::cell::RefCell;
 
-use candle_core::Tensor;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Result, Tensor};
 
 thread_local! {
     /// The gradients offered on this thread while [`collect`] runs; `None` otherwise.
@@ -35,6 +36,14 @@ pub(crate) fn offer(weight: &Tensor, grad: Tensor) -> Option<Tensor> {
         }
         None => Some(grad),
     })
+}
+
+/// A store that holds `grad` for `tensor` alone. candle has no public constructor for a store;
+/// the backward of a constant scalar gives one that holds only that scalar, unknown to anyone.
+pub fn store_of(tensor: &Tensor, grad: Tensor) -> Result<GradStore> {
+    let mut store = Tensor::zeros((), DType::F32, tensor.device())?.backward()?;
+    store.insert(tensor, grad);
+    Ok(store)
 }
 
 #[cfg(test)]

@@ -39,14 +39,6 @@ pub fn backward_from(output: &Tensor, grad: &Tensor) -> Result<GradStore> {
     Ok(store)
 }
 
-/// A store that holds `grad` for `tensor` alone. candle has no public constructor for a store;
-/// the backward of a constant scalar gives one that holds only that scalar, unknown to anyone.
-pub fn store_of(tensor: &Tensor, grad: Tensor) -> Result<GradStore> {
-    let mut store = Tensor::zeros((), candle_core::DType::F32, tensor.device())?.backward()?;
-    store.insert(tensor, grad);
-    Ok(store)
-}
-
 /// A scalar whose backward gives its input the gradient it holds.
 struct SeedGradient(Tensor);
 

@@ -8,6 +8,7 @@ use candle_core::backprop::GradStore;
 use candle_core::Var;
 use ff_dist::ProcessGroup;
 use ff_fsdp::{BackwardExtent, FsdpError, FsdpResult, Part, Pass, Residency, Sharded, Walk};
+use ff_model::table_grad::TableGrad;
 use ff_model::CausalLm;
 
 use crate::error::TrainResult;
@@ -156,6 +157,11 @@ impl Residency for Trainables {
 
     fn add_grads(&mut self, _part: Part, grads: &GradStore) -> FsdpResult<()> {
         self.accumulate(grads)
+            .map_err(|e| FsdpError::GradStorage(Box::new(e)))
+    }
+
+    fn add_table_grad(&mut self, _part: Part, table: &Var, grad: TableGrad) -> FsdpResult<()> {
+        self.accumulate_table(table.as_tensor().id(), grad)
             .map_err(|e| FsdpError::GradStorage(Box::new(e)))
     }
 

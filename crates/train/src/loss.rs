@@ -7,7 +7,7 @@
 use candle_core::{backprop::GradStore, DType, Result, Tensor, Var, D};
 use ff_model::bf16_product::{self, PackedWeight};
 use ff_model::frozen_product::{frozen_input_grad, matmul_frozen_t, matmul_frozen_t_values};
-use ff_model::strided_product::add_transposed_product;
+use ff_model::strided_product::{add_transposed_product, transposed_product};
 use ff_model::CausalLm;
 
 use crate::backward::backward_from;
@@ -15,45 +15,51 @@ use crate::batch::{Batch, IGNORE_INDEX};
 use crate::cross_entropy::nll_and_grad;
 use crate::engine::Engine;
 
-/// The bound for [`LossChunks::Short`] on logits held at once (rows × vocabulary) by one walk:
+/// The bound for [`HeadMemory::Peak`] on logits held at once (rows × vocabulary) by one walk:
 /// row groups running side by side each hold a chunk, so where the head is the step's peak a
 /// larger bound (tried at 1 << 23) cost their sum in peak memory.
 const CHUNK_ELEMENTS: usize = 1 << 22;
 
-/// The bound for [`LossChunks::Long`].
+/// The bound for [`HeadMemory::BelowPeak`].
 const LONG_CHUNK_ELEMENTS: usize = 1 << 23;
 
-/// How many logits a chunk of the loss's rows holds.
+/// Whether the head's backward is the step's peak in memory, which decides what it may hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LossChunks {
-    /// At most `CHUNK_ELEMENTS`.
-    Short,
-    /// Twice as many, when the head trains and every gradient and AdamW moment of the step is
-    /// in memory. Every chunk then also reads and writes the head's whole gradient (`vocab ×
-    /// width`, 113 MB for SmolLM2), and twice the rows halve those passes; the step's peak comes
-    /// later, with every gradient and both moments, so the larger chunk left full fine-tuning's
-    /// peak where it was (2.9–3.0 GB), and its step took 5% less time by the median of nine
-    /// rounds alternating with short chunks (SmolLM2, `bench step`). Elsewhere the head is the
-    /// peak: long chunks raised offloaded full fine-tuning's 0.85 → 0.87–0.90 GB, and LoRA's by
-    /// 20–30 MB.
-    Long,
+pub enum HeadMemory {
+    /// Chunks of the loss's rows hold at most `CHUNK_ELEMENTS` logits, and a trained head's
+    /// gradient is handed on as soon as it is summed.
+    Peak,
+    /// The head trains and every gradient and AdamW moment of the step is in memory: the
+    /// step's peak comes later, with every gradient and both moments. So:
+    ///
+    /// - Chunks hold twice the logits. Every chunk also reads and writes the head's whole
+    ///   gradient (`vocab × width`, 113 MB for SmolLM2), and twice the rows halve those
+    ///   passes: full fine-tuning's peak stayed where it was (2.9–3.0 GB), and its step took
+    ///   5% less time by the median of nine rounds alternating with short chunks (SmolLM2,
+    ///   `bench step`). Where the head is the peak, long chunks raised offloaded full
+    ///   fine-tuning's 0.85 → 0.87–0.90 GB, and LoRA's by 20–30 MB.
+    /// - A head tied to the embedding keeps its gradient through the layers' backward and
+    ///   hands it on with the embedding's rows (`ff_model::table_grad`), instead of a table of
+    ///   the rows alone, zeroed, filled and added whole, beside the head's (offloaded, the kept
+    ///   gradient raised the peak by its 113 MB).
+    BelowPeak,
 }
 
-impl LossChunks {
-    /// The chunks a step of `model` takes with `engine`'s trained tensors.
+impl HeadMemory {
+    /// Where the head of a step of `model` with `engine`'s trained tensors stands.
     pub fn for_step(model: &CausalLm, engine: &Engine) -> Self {
         if engine.trainables_in_memory().is_some() && model.lm_head_weight().is_trainable() {
-            Self::Long
+            Self::BelowPeak
         } else {
-            Self::Short
+            Self::Peak
         }
     }
 
-    /// Rows of `vocab` logits a chunk holds.
+    /// Rows of `vocab` logits a chunk of the loss holds.
     fn rows(self, vocab: usize) -> usize {
         let elements = match self {
-            Self::Short => CHUNK_ELEMENTS,
-            Self::Long => LONG_CHUNK_ELEMENTS,
+            Self::Peak => CHUNK_ELEMENTS,
+            Self::BelowPeak => LONG_CHUNK_ELEMENTS,
         };
         (elements / vocab).max(1)
     }
@@ -89,20 +95,23 @@ pub struct HeadOutput {
     pub nll_sum: f64,
     /// Gradient of the step loss with respect to the last layer's output, `[batch, seq, hidden]`.
     pub grad_hidden: Tensor,
+    /// The trained head's gradient, `[vocab, hidden]` row-major, for the caller to hand on
+    /// (a tied head's may wait for the embedding's rows).
+    pub head_grad: Option<Vec<f32>>,
 }
 
 /// Runs final norm, LM head and cross-entropy on `hidden` (the last decoder layer's output,
-/// `[batch, seq, hidden]`), and back-propagates `nll_sum / loss_denominator` into `hidden` and
-/// into the norm and head weights when they train (added to `on_grads`).
+/// `[batch, seq, hidden]`), and back-propagates `nll_sum / loss_denominator` into `hidden`, the
+/// norm's weight when it trains (added to `on_grads`) and the head's (returned).
 pub fn head_forward_backward(
     model: &CausalLm,
     hidden: &Tensor,
     positions: &LabelPositions,
     loss_denominator: f64,
-    chunks: LossChunks,
+    memory: HeadMemory,
     on_grads: &mut dyn FnMut(&GradStore) -> Result<()>,
 ) -> Result<HeadOutput> {
-    let chunk = chunks.rows(model.config.vocab_size);
+    let chunk = memory.rows(model.config.vocab_size);
     head_in_chunks(model, hidden, positions, loss_denominator, chunk, on_grads)
 }
 
@@ -123,6 +132,7 @@ fn head_in_chunks(
         return Ok(HeadOutput {
             nll_sum: 0.0,
             grad_hidden: hidden.zeros_like()?,
+            head_grad: None,
         });
     }
     let rows = Tensor::new(positions.rows.as_slice(), device)?;
@@ -132,9 +142,9 @@ fn head_in_chunks(
     let vocab = model.config.vocab_size;
     let mut nll_sum = 0.0;
     let mut grad_chunks = Vec::with_capacity(n.div_ceil(chunk));
-    // The trained head's gradient, summed over chunks in float32 in one buffer and handed on
-    // with the last chunk's.
-    let mut head_grad = head_trains.then(|| vec![0f32; vocab * width]);
+    // The trained head's gradient, summed over chunks in float32 in one buffer that the first
+    // chunk's product fills.
+    let mut head_grad: Option<Vec<f32>> = None;
     // A bfloat16 head is packed once for the bf16 product of every chunk, when there are rows
     // enough to pay for it.
     let packed_head = if !head_trains && bf16_product::suits(n, &head) {
@@ -156,23 +166,19 @@ fn head_in_chunks(
         };
         let (nll, grad_logits) = nll_and_grad(logits, vocab, targets, loss_denominator, device)?;
         nll_sum += nll;
-        if let Some(sum) = head_grad.as_mut() {
-            add_transposed_product(sum, &grad_logits, &normed.detach().to_dtype(DType::F32)?)?;
+        if head_trains {
+            let normed = normed.detach().to_dtype(DType::F32)?;
+            match head_grad.as_mut() {
+                Some(sum) => add_transposed_product(sum, &grad_logits, &normed)?,
+                None => head_grad = Some(transposed_product(&grad_logits, &normed)?),
+            }
         }
         let grad_normed = match &packed_head {
             Some(packed) => packed.times(&grad_logits)?,
             None => frozen_input_grad(&grad_logits, &head)?,
         }
         .to_dtype(normed.dtype())?;
-        let mut grads = backward_from(&normed, &grad_normed)?;
-        if start + len == n {
-            if let (Some(sum), Some(var)) = (head_grad.take(), model.lm_head_weight().var()) {
-                grads.insert(
-                    var.as_tensor(),
-                    Tensor::from_vec(sum, (vocab, width), device)?,
-                );
-            }
-        }
+        let grads = backward_from(&normed, &grad_normed)?;
         on_grads(&grads)?;
         let gx = grads
             .get(x.as_tensor())
@@ -188,6 +194,7 @@ fn head_in_chunks(
     Ok(HeadOutput {
         nll_sum,
         grad_hidden,
+        head_grad,
     })
 }
 
@@ -204,7 +211,7 @@ pub fn head_nll(model: &CausalLm, hidden: &Tensor, positions: &LabelPositions) -
         .reshape((batch * seq, width))?
         .index_select(&rows, 0)?;
     let head = model.lm_head_weight().in_dtype(model.dtype)?.detach();
-    let chunk = LossChunks::Short.rows(model.config.vocab_size);
+    let chunk = HeadMemory::Peak.rows(model.config.vocab_size);
     let mut nll_sum = 0.0;
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
@@ -243,18 +250,15 @@ mod tests {
         model
     }
 
-    /// The loss, the hidden states' gradient and the gradients of the trained `vars`, each
-    /// summed over the stores the head hands on.
+    /// The loss, the hidden states' gradient and the trained weights' gradients: the norm's
+    /// summed over the stores the head hands on, then the head's.
     fn head_results(
         model: &CausalLm,
         hidden: &Tensor,
         positions: &LabelPositions,
         chunk: usize,
     ) -> (f64, Vec<f32>, Vec<Vec<f32>>) {
-        let vars: Vec<&Var> = [&model.norm.weight, model.lm_head_weight()]
-            .into_iter()
-            .filter_map(|p| p.var())
-            .collect();
+        let vars: Vec<&Var> = model.norm.weight.var().into_iter().collect();
         let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
         let output = head_in_chunks(model, hidden, positions, 7.0, chunk, &mut |grads| {
             for (sum, var) in sums.iter_mut().zip(&vars) {
@@ -269,7 +273,8 @@ mod tests {
         })
         .unwrap();
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let grads = sums.iter().map(|s| flat(s.as_ref().unwrap())).collect();
+        let mut grads: Vec<Vec<f32>> = sums.iter().map(|s| flat(s.as_ref().unwrap())).collect();
+        grads.extend(output.head_grad);
         (output.nll_sum, flat(&output.grad_hidden), grads)
     }
 
@@ -288,15 +293,15 @@ mod tests {
     }
 
     #[test]
-    fn long_chunks_only_where_the_head_trains_beside_state_in_memory() {
-        for (trained, expected) in [(true, LossChunks::Long), (false, LossChunks::Short)] {
+    fn the_head_is_below_the_peak_only_where_it_trains_beside_state_in_memory() {
+        for (trained, expected) in [(true, HeadMemory::BelowPeak), (false, HeadMemory::Peak)] {
             let mut model = tiny_model(trained);
             let engine = Engine::Replicated(crate::Trainables::of(&mut model));
-            assert_eq!(LossChunks::for_step(&model, &engine), expected);
+            assert_eq!(HeadMemory::for_step(&model, &engine), expected);
         }
-        assert_eq!(LossChunks::Short.rows(49152), 85);
-        assert_eq!(LossChunks::Long.rows(49152), 170);
-        assert_eq!(LossChunks::Long.rows(usize::MAX), 1);
+        assert_eq!(HeadMemory::Peak.rows(49152), 85);
+        assert_eq!(HeadMemory::BelowPeak.rows(49152), 170);
+        assert_eq!(HeadMemory::BelowPeak.rows(usize::MAX), 1);
     }
 
     /// Chunks change only the order of sums: 3 positions a chunk (the last one short) give what

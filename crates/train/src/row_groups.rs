@@ -19,14 +19,15 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, TensorId};
+use candle_core::{DType, Tensor, TensorId, Var};
 use ff_fsdp::{BackwardExtent, FsdpError, FsdpResult, Part, Pass, Residency, Walk};
+use ff_model::table_grad::TableGrad;
 use ff_model::CausalLm;
 
 use crate::batch::Batch;
 use crate::engine::Engine;
 use crate::error::{TrainError, TrainResult};
-use crate::loss::LossChunks;
+use crate::loss::HeadMemory;
 use crate::step::{forward_backward_timed, Checkpointing, StepPhases, Trainables};
 
 /// One thread per core, each with a rayon pool of its own thread alone.
@@ -85,7 +86,7 @@ pub(crate) struct RowGroups<'a> {
     pub groups: usize,
     pub loss_denominator: f64,
     pub checkpointing: Checkpointing,
-    pub loss_chunks: LossChunks,
+    pub head_memory: HeadMemory,
     pub dropout_seed: u64,
 }
 
@@ -109,7 +110,7 @@ impl RowGroups<'_> {
                     sum: &sum,
                     group: g,
                     handed_over: 0,
-                    part: Vec::new(),
+                    part: HandOver::default(),
                     extent,
                 };
                 move || -> TrainResult<(f64, StepPhases)> {
@@ -120,7 +121,7 @@ impl RowGroups<'_> {
                         &batch,
                         self.loss_denominator,
                         self.checkpointing,
-                        self.loss_chunks,
+                        self.head_memory,
                         crate::seed_for(self.dropout_seed, g as u64),
                         &mut phases,
                     )?;
@@ -155,8 +156,16 @@ struct SumState<'t> {
     trainables: &'t mut Trainables,
     /// Turns added so far: the next is this one.
     turns: usize,
-    /// Hand-overs ahead of their turn, by turn: the trained tensors' gradients.
-    queued: BTreeMap<usize, Vec<(TensorId, Tensor)>>,
+    /// Hand-overs ahead of their turn, by turn.
+    queued: BTreeMap<usize, HandOver>,
+}
+
+/// The trained tensors' gradients from one part of one group's walk.
+#[derive(Default)]
+struct HandOver {
+    grads: Vec<(TensorId, Tensor)>,
+    /// Added after `grads`.
+    tables: Vec<(TensorId, TableGrad)>,
 }
 
 impl<'t> TurnTakingSum<'t> {
@@ -183,19 +192,15 @@ impl<'t> TurnTakingSum<'t> {
     }
 
     /// Hand-over `handed_over` of `group`: added now if its turn is due, else queued.
-    fn add(
-        &self,
-        group: usize,
-        handed_over: usize,
-        grads: Vec<(TensorId, Tensor)>,
-    ) -> TrainResult<()> {
+    fn add(&self, group: usize, handed_over: usize, part: HandOver) -> TrainResult<()> {
         let mut state = self.lock();
         let state = &mut *state;
-        state
-            .queued
-            .insert(handed_over * self.groups + group, grads);
-        while let Some(grads) = state.queued.remove(&state.turns) {
-            state.trainables.accumulate_grads(grads)?;
+        state.queued.insert(handed_over * self.groups + group, part);
+        while let Some(part) = state.queued.remove(&state.turns) {
+            state.trainables.accumulate_grads(part.grads)?;
+            for (id, table) in part.tables {
+                state.trainables.accumulate_table(id, table)?;
+            }
             state.turns += 1;
         }
         Ok(())
@@ -225,7 +230,7 @@ struct GroupGrads<'s, 't> {
     group: usize,
     handed_over: usize,
     /// The trained tensors' gradients from the part being walked, summed until it is left.
-    part: Vec<(TensorId, Tensor)>,
+    part: HandOver,
     extent: BackwardExtent,
 }
 
@@ -259,11 +264,16 @@ impl Residency for GroupGrads<'_, '_> {
 
     fn add_grads(&mut self, _part: Part, grads: &GradStore) -> FsdpResult<()> {
         for (id, grad) in self.sum.trained_grads(grads) {
-            match self.part.iter_mut().find(|(held, _)| *held == id) {
+            match self.part.grads.iter_mut().find(|(held, _)| *held == id) {
                 Some((_, sum)) => *sum = (&*sum + grad).map_err(storage_error)?,
-                None => self.part.push((id, grad)),
+                None => self.part.grads.push((id, grad)),
             }
         }
+        Ok(())
+    }
+
+    fn add_table_grad(&mut self, _part: Part, table: &Var, grad: TableGrad) -> FsdpResult<()> {
+        self.part.tables.push((table.as_tensor().id(), grad));
         Ok(())
     }
 
@@ -284,9 +294,10 @@ impl Residency for GroupGrads<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backward::store_of;
     use candle_core::{Device, Tensor};
     use ff_model::load::load_model_dir;
+    use ff_model::table_grad::RowSums;
+    use ff_model::weight_grads::store_of;
 
     fn tiny_trainables() -> (CausalLm, Trainables) {
         let dir =
@@ -314,6 +325,55 @@ mod tests {
         assert!(grad.iter().all(|&g| g == value), "{:?}", &grad[..4]);
     }
 
+    fn grads_only(grads: Vec<(TensorId, Tensor)>) -> HandOver {
+        HandOver {
+            grads,
+            tables: Vec::new(),
+        }
+    }
+
+    /// A table's gradient adds its dense values to the sum before its rows: (1e8 + -1e8) + 1
+    /// is 1 in row 0, where adding the row to the dense values first gives 0.
+    #[test]
+    fn a_table_hand_over_adds_its_dense_values_then_its_rows() {
+        let (_model, mut trainables) = tiny_trainables();
+        assert_eq!(trainables.names[0], "model.embed_tokens.weight");
+        let dense = ones_for(&trainables, 0, 1e8);
+        let table = trainables.vars[0].clone();
+        let (len, width) = (table.elem_count(), table.dim(1).unwrap());
+        let rows = RowSums::of(&[0], &vec![1.0; width], width, None).unwrap();
+        let sum = TurnTakingSum::new(&mut trainables, 2);
+        let mut second = GroupGrads {
+            sum: &sum,
+            group: 1,
+            handed_over: 0,
+            part: HandOver::default(),
+            extent: BackwardExtent {
+                lowest_layer: 0,
+                embedding: true,
+            },
+        };
+        let grad = TableGrad {
+            dense: vec![-1e8; len],
+            rows,
+        };
+        second.add_table_grad(Part::Embed, &table, grad).unwrap();
+        second.hand_over().unwrap();
+        sum.add(0, 0, grads_only(sum.trained_grads(&dense)))
+            .unwrap();
+        drop(second);
+        sum.finish().unwrap();
+        let grad: Vec<f32> = trainables.grads[0]
+            .as_ref()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(grad[..width].iter().all(|&g| g == 1.0), "{:?}", &grad[..4]);
+        assert!(grad[width..].iter().all(|&g| g == 0.0));
+    }
+
     /// The later groups hand over first, yet the sum is the groups' in order: (1e8 + -1e8)
     /// + 1 is 1 in float32, where any other order gives 0.
     #[test]
@@ -326,7 +386,8 @@ mod tests {
             .collect();
         let sum = TurnTakingSum::new(&mut trainables, 3);
         for (group, store) in stores.iter().enumerate().rev() {
-            sum.add(group, 0, sum.trained_grads(store)).unwrap();
+            sum.add(group, 0, grads_only(sum.trained_grads(store)))
+                .unwrap();
         }
         sum.finish().unwrap();
         assert_first_grad_is(&trainables, 1.0);
@@ -339,7 +400,7 @@ mod tests {
         let (_model, mut trainables) = tiny_trainables();
         let grads = ones_for(&trainables, 0, 1.0);
         let sum = TurnTakingSum::new(&mut trainables, 2);
-        let trained = || sum.trained_grads(&grads);
+        let trained = || grads_only(sum.trained_grads(&grads));
         sum.add(0, 0, trained()).unwrap();
         sum.add(1, 0, trained()).unwrap();
         sum.add(1, 1, trained()).unwrap();
@@ -363,7 +424,7 @@ mod tests {
             sum: &sum,
             group: g,
             handed_over: 0,
-            part: Vec::new(),
+            part: HandOver::default(),
             extent,
         };
         let (mut first, mut second) = (group(0), group(1));

@@ -17,13 +17,15 @@ use candle_core::{backprop::GradStore, Tensor, TensorId, Var};
 use ff_dist::ProcessGroup;
 use ff_fsdp::{BackwardExtent, Part, Pass, Residency, Walk};
 use ff_model::layers::Keep;
+use ff_model::table_grad::TableGrad;
+use ff_model::weight_grads::store_of;
 use ff_model::{CausalLm, ForwardCtx};
 
-use crate::backward::{backward_from, store_of};
+use crate::backward::backward_from;
 use crate::batch::Batch;
 use crate::engine::Engine;
 use crate::error::TrainResult;
-use crate::loss::{head_forward_backward, LabelPositions, LossChunks};
+use crate::loss::{head_forward_backward, HeadMemory, LabelPositions};
 use crate::offload::{OffloadedGrads, UpdateProgress};
 use crate::optim::{with_float32_values, AdamW, AdamWConfig};
 use crate::row_groups::{row_groups, RowGroups};
@@ -150,6 +152,40 @@ impl Trainables {
                 None => g,
             });
         }
+        Ok(())
+    }
+
+    /// Adds a table's gradient given as dense values and rows: the dense values to the
+    /// accumulator, then the rows, in the dense values' own buffer.
+    pub(crate) fn accumulate_table(&mut self, id: TensorId, grad: TableGrad) -> TrainResult<()> {
+        let Some(&i) = self.index.get(&id) else {
+            return Ok(());
+        };
+        let var = &self.vars[i];
+        if grad.dense.len() != var.elem_count() {
+            return Err(candle_core::Error::Msg(format!(
+                "a gradient of {} values for a table of {}",
+                grad.dense.len(),
+                var.elem_count()
+            ))
+            .into());
+        }
+        if let Some(offload) = &mut self.offloaded {
+            offload.grads.add(i, &grad.dense)?;
+            let mut rows = vec![0f32; grad.dense.len()];
+            grad.rows.add_to(&mut rows)?;
+            return offload.grads.add(i, &rows);
+        }
+        let TableGrad { mut dense, rows } = grad;
+        if let Some(acc) = self.grads[i].take() {
+            with_float32_values(&acc, |acc| {
+                for (d, &a) in dense.iter_mut().zip(acc) {
+                    *d += a;
+                }
+            })?;
+        }
+        rows.add_to(&mut dense)?;
+        self.grads[i] = Some(Tensor::from_vec(dense, var.shape(), var.device())?);
         Ok(())
     }
 
@@ -316,7 +352,7 @@ pub fn forward_backward(
     batch: &Batch,
     loss_denominator: f64,
     checkpointing: Checkpointing,
-    loss_chunks: LossChunks,
+    head_memory: HeadMemory,
     dropout_seed: u64,
 ) -> TrainResult<f64> {
     let mut phases = StepPhases::default();
@@ -326,7 +362,7 @@ pub fn forward_backward(
         batch,
         loss_denominator,
         checkpointing,
-        loss_chunks,
+        head_memory,
         dropout_seed,
         &mut phases,
     )
@@ -340,7 +376,7 @@ pub(crate) fn forward_backward_timed(
     batch: &Batch,
     loss_denominator: f64,
     checkpointing: Checkpointing,
-    loss_chunks: LossChunks,
+    head_memory: HeadMemory,
     dropout_seed: u64,
     phases: &mut StepPhases,
 ) -> TrainResult<f64> {
@@ -377,16 +413,23 @@ pub(crate) fn forward_backward_timed(
         }
         phases.layers_forward += lap(&mut clock);
         let top = saved.pop().expect("holds the last layer's output");
+        // See HeadMemory::BelowPeak.
+        let tied_grad_waits = head_memory == HeadMemory::BelowPeak
+            && extent.embedding
+            && model.lm_head.is_none()
+            && model.embedding_grad_in_rows();
         let head = head_backward(
             model,
             params,
             &top,
             &positions,
             loss_denominator,
-            loss_chunks,
+            head_memory,
+            tied_grad_waits,
         )?;
         phases.head += lap(&mut clock);
         let mut grad = head.grad_hidden;
+        let mut tied_grad = head.head_grad;
         let lowest = if extent.embedding {
             0
         } else {
@@ -418,14 +461,19 @@ pub(crate) fn forward_backward_timed(
             // Recomputed like the layers: a sharded engine has put a fresh embedding table in
             // the model since the forward pass.
             params.enter(model, Part::Embed, Pass::Backward)?;
-            let store = match (
-                model.embedding_table_grad(&input_ids, &grad)?,
-                model.embed_tokens.var(),
-            ) {
-                (Some(table_grad), Some(table)) => store_of(table.as_tensor(), table_grad)?,
-                _ => backward_from(&model.embed(&input_ids)?, &grad)?,
-            };
-            params.add_grads(Part::Embed, &store)?;
+            if let (Some(dense), Some(table)) = (tied_grad.take(), model.embed_tokens.var()) {
+                let rows = model.embedding_row_sums(&input_ids, &grad)?;
+                params.add_table_grad(Part::Embed, table, TableGrad { dense, rows })?;
+            } else {
+                let store = match (
+                    model.embedding_table_grad(&input_ids, &grad)?,
+                    model.embed_tokens.var(),
+                ) {
+                    (Some(table_grad), Some(table)) => store_of(table.as_tensor(), table_grad)?,
+                    _ => backward_from(&model.embed(&input_ids)?, &grad)?,
+                };
+                params.add_grads(Part::Embed, &store)?;
+            }
             params.leave(model, Part::Embed, Pass::Backward)?;
             phases.embedding += lap(&mut clock);
         }
@@ -446,7 +494,8 @@ pub(crate) fn forward_backward_timed(
             &x.detach(),
             &positions,
             loss_denominator,
-            loss_chunks,
+            head_memory,
+            false,
         )?;
         phases.head += lap(&mut clock);
         let store = backward_from(&x, &head.grad_hidden)?;
@@ -458,23 +507,26 @@ pub(crate) fn forward_backward_timed(
     Ok(nll_sum)
 }
 
-/// The head's forward and backward, as one use of the head part.
+/// The head's forward and backward, as one use of the head part. The trained head's gradient
+/// is handed on with the part's, unless `keep_head_grad`: then it stays in the output for the
+/// embedding's rows.
 fn head_backward(
     model: &mut CausalLm,
     params: &mut dyn Residency,
     top: &Tensor,
     positions: &LabelPositions,
     loss_denominator: f64,
-    loss_chunks: LossChunks,
+    head_memory: HeadMemory,
+    keep_head_grad: bool,
 ) -> TrainResult<crate::loss::HeadOutput> {
     params.enter(model, Part::Head, Pass::Backward)?;
     let mut failed = None;
-    let head = head_forward_backward(
+    let mut head = head_forward_backward(
         model,
         top,
         positions,
         loss_denominator,
-        loss_chunks,
+        head_memory,
         &mut |g| {
             if let Err(e) = params.add_grads(Part::Head, g) {
                 failed = Some(e);
@@ -484,6 +536,12 @@ fn head_backward(
     )?;
     if let Some(e) = failed {
         return Err(e.into());
+    }
+    if !keep_head_grad {
+        if let (Some(grad), Some(var)) = (head.head_grad.take(), model.lm_head_weight().var()) {
+            let grad = Tensor::from_vec(grad, var.shape(), &model.device)?;
+            params.add_grads(Part::Head, &store_of(var.as_tensor(), grad)?)?;
+        }
     }
     params.leave(model, Part::Head, Pass::Backward)?;
     Ok(head)
@@ -596,7 +654,7 @@ pub fn train_step(
             engine,
             batch.num_tokens(),
         );
-        let loss_chunks = LossChunks::for_step(model, engine);
+        let head_memory = HeadMemory::for_step(model, engine);
         let groups = row_groups(model, engine, batch.len());
         nll_sum += match engine {
             Engine::Replicated(trainables) if groups > 1 => {
@@ -606,7 +664,7 @@ pub fn train_step(
                     groups,
                     loss_denominator: denominator,
                     checkpointing,
-                    loss_chunks,
+                    head_memory,
                     dropout_seed: seed,
                 };
                 groups.forward_backward(trainables, &mut phases)?
@@ -617,7 +675,7 @@ pub fn train_step(
                 batch,
                 denominator,
                 checkpointing,
-                loss_chunks,
+                head_memory,
                 seed,
                 &mut phases,
             )?,

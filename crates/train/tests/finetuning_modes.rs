@@ -5,7 +5,11 @@ use ff_model::finetune::{apply_freeze, make_all_trainable};
 use ff_model::load::load_model_dir;
 use ff_model::peft::load_adapter;
 use ff_model::CausalLm;
-use ff_train::{train_step, AdamW, AdamWConfig, Batch, Engine, StepOptions, Trainables};
+use ff_train::loss::HeadMemory;
+use ff_train::{
+    forward_backward, train_step, AdamW, AdamWConfig, Batch, Checkpointing, Engine, Keeping,
+    StepOptions, Trainables,
+};
 
 mod common;
 use common::{reference, testdata};
@@ -135,6 +139,48 @@ fn tied_embeddings_train_as_one_tensor() {
     assert!(!engine.names().iter().any(|n| n == "lm_head.weight"));
     let losses = steps(&mut m, &mut engine, 3, 1e-3);
     assert!(losses[2] < losses[0], "{losses:?}");
+}
+
+/// The checkpointed walk, below the head's memory peak, adds the embedding's rows into the tied
+/// head's gradient and hands the table on once; the whole graph's backward (checkpointing off)
+/// has autograd add them apart.
+#[test]
+fn a_tied_table_gets_the_same_gradient_with_checkpointing_and_without() {
+    let table_grad = |checkpointing: Checkpointing| -> Vec<f32> {
+        let mut m = model(DType::F32);
+        m.config.tie_word_embeddings = true;
+        m.lm_head = None;
+        make_all_trainable(&mut m).unwrap();
+        let mut trainables = Trainables::of(&mut m);
+        forward_backward(
+            &mut m,
+            &mut trainables,
+            &batch(),
+            10.0,
+            checkpointing,
+            HeadMemory::BelowPeak,
+            0,
+        )
+        .unwrap();
+        let i = trainables
+            .names
+            .iter()
+            .position(|n| n == "model.embed_tokens.weight")
+            .unwrap();
+        let grad = trainables.grads[i].as_ref().unwrap();
+        grad.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let walked = table_grad(Checkpointing::Layers(Keeping::default()));
+    let whole = table_grad(Checkpointing::Off);
+    let scale = whole.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = walked
+        .iter()
+        .zip(&whole)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        scale > 0.0 && worst <= 1e-5 * scale,
+        "{worst} at scale {scale}"
+    );
 }
 
 #[test]

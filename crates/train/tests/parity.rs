@@ -7,7 +7,7 @@ use ff_model::load::load_model_dir;
 use ff_model::peft::load_adapter;
 use ff_model::safetensors_io::SafetensorsFiles;
 use ff_model::{CausalLm, ForwardCtx};
-use ff_train::loss::LossChunks;
+use ff_train::loss::HeadMemory;
 use ff_train::{
     train_step, AdamW, AdamWConfig, Batch, Checkpointing, Engine, Keeping, StepOptions, Trainables,
 };
@@ -149,9 +149,9 @@ fn training_loss(
     let mut trainables = Trainables::of(model);
     let n = batch.num_label_tokens() as f64;
     // At this vocabulary of 512 either length is one chunk (loss.rs tests several).
-    let chunks = LossChunks::Long;
+    let memory = HeadMemory::BelowPeak;
     let nll =
-        ff_train::forward_backward(model, &mut trainables, batch, n, checkpointing, chunks, 0)
+        ff_train::forward_backward(model, &mut trainables, batch, n, checkpointing, memory, 0)
             .unwrap();
     let grads = trainables
         .grads
