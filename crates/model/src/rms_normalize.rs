@@ -6,13 +6,14 @@
 //! pass per row each way, rows in parallel, and the graph keeps no normalized copy before the
 //! weight.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use crate::lanes;
-use crate::strided_product::{contiguous, cpu_values};
+use crate::strided_product::{contiguous, cpu_values, written};
 
 /// `x` is float32 `[..., width]`, `weight` float32 `[width]`; `weight_trains` says whether the
 /// backward forms the weight's gradient.
@@ -62,15 +63,20 @@ impl CustomOp2 for RmsNormalize {
                 x_layout.shape()
             )));
         }
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(width)
-            .zip(x.par_chunks(width))
-            .for_each(|(y, x)| {
-                let r = inv_rms(x, self.eps);
-                for ((y, &x), &w) in y.iter_mut().zip(x).zip(weight) {
-                    *y = w * (x * r);
-                }
-            });
+        // SAFETY: y's rows cover it, x's are as long (x's length is a multiple of the width,
+        // its last dimension), and every value of each is written.
+        let y = unsafe {
+            written(x.len(), |y| {
+                y.par_chunks_mut(width)
+                    .zip(x.par_chunks(width))
+                    .for_each(|(y, x)| {
+                        let r = inv_rms(x, self.eps);
+                        for ((y, &x), &w) in y.iter_mut().zip(x).zip(weight) {
+                            y.write(w * (x * r));
+                        }
+                    })
+            })
+        };
         Ok((CpuStorage::F32(y), x_layout.shape().clone()))
     }
 
@@ -91,49 +97,66 @@ impl CustomOp2 for RmsNormalize {
         let w = contiguous(cpu_values(&w_storage)?, w_layout)?;
         let dy = contiguous(cpu_values(&dy_storage)?, dy_layout)?;
         let width = w.len();
-        let mut dx = vec![0f32; x_values.len()];
-        let row_grad = |dx: &mut [f32], x: &[f32], dy: &[f32]| -> f32 {
+        // Writes every value of a row of dx.
+        let row_grad = |dx: &mut [MaybeUninit<f32>], x: &[f32], dy: &[f32]| -> f32 {
             let r = inv_rms(x, self.eps);
             let mean_dot = r * lanes::dot3(x, w, dy) / width as f32;
             for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-                *dx = r * (w * g - x * r * mean_dot);
+                dx.write(r * (w * g - x * r * mean_dot));
             }
             r
         };
+        if dy.len() != x_values.len() || !x_values.len().is_multiple_of(width) {
+            return Err(Error::Msg(format!(
+                "rms normalize's gradient of {:?} for an input of {:?}",
+                dy_layout.shape(),
+                x_layout.shape()
+            )));
+        }
+        // The weight's gradient in fixed blocks of rows, each summed in order and then added in
+        // block order: it has the same bits however rayon schedules the blocks, which an
+        // adaptive fold and reduce does not give (a resumed run would drift from an
+        // uninterrupted one).
+        let block = ROWS_PER_PARTIAL_SUM * width;
+        let mut partials: Vec<Vec<f32>> = Vec::new();
+        // SAFETY: dx's rows cover it, x's and dy's are as long, and row_grad writes every value
+        // of each.
+        let dx = unsafe {
+            written(x_values.len(), |dx| {
+                if self.weight_trains {
+                    partials = dx
+                        .par_chunks_mut(block)
+                        .zip(x_values.par_chunks(block).zip(dy.par_chunks(block)))
+                        .map(|(dx, (x, dy))| {
+                            let mut sum = vec![0f32; width];
+                            for (dx, (x, dy)) in dx
+                                .chunks_mut(width)
+                                .zip(x.chunks(width).zip(dy.chunks(width)))
+                            {
+                                let r = row_grad(dx, x, dy);
+                                for ((s, &x), &g) in sum.iter_mut().zip(x).zip(dy) {
+                                    *s += g * (x * r);
+                                }
+                            }
+                            sum
+                        })
+                        .collect();
+                } else {
+                    dx.par_chunks_mut(width)
+                        .zip(x_values.par_chunks(width).zip(dy.par_chunks(width)))
+                        .for_each(|(dx, (x, dy))| {
+                            row_grad(dx, x, dy);
+                        });
+                }
+            })
+        };
         let grad_weight = if self.weight_trains {
-            // Fixed blocks of rows, each summed in order and then added in block order: the
-            // gradient has the same bits however rayon schedules the blocks, which an
-            // adaptive fold and reduce does not give (a resumed run would drift from an
-            // uninterrupted one).
-            let block = ROWS_PER_PARTIAL_SUM * width;
-            let partials: Vec<Vec<f32>> = dx
-                .par_chunks_mut(block)
-                .zip(x_values.par_chunks(block).zip(dy.par_chunks(block)))
-                .map(|(dx, (x, dy))| {
-                    let mut sum = vec![0f32; width];
-                    for (dx, (x, dy)) in dx
-                        .chunks_mut(width)
-                        .zip(x.chunks(width).zip(dy.chunks(width)))
-                    {
-                        let r = row_grad(dx, x, dy);
-                        for ((s, &x), &g) in sum.iter_mut().zip(x).zip(dy) {
-                            *s += g * (x * r);
-                        }
-                    }
-                    sum
-                })
-                .collect();
             let mut sum = vec![0f32; width];
             for partial in &partials {
                 sum.iter_mut().zip(partial).for_each(|(s, p)| *s += p);
             }
             Some(Tensor::from_vec(sum, width, weight.device())?)
         } else {
-            dx.par_chunks_mut(width)
-                .zip(x_values.par_chunks(width).zip(dy.par_chunks(width)))
-                .for_each(|(dx, (x, dy))| {
-                    row_grad(dx, x, dy);
-                });
             None
         };
         Ok((

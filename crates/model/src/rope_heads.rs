@@ -5,10 +5,11 @@
 //! concatenation, two broadcast products and a sum, each with a backward; here it is one pass
 //! forward and one backward.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use crate::narrow::{narrow, widen};
-use crate::strided_product::contiguous;
+use crate::strided_product::{contiguous, written};
 use candle_core::{CpuStorage, CustomOp3, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -74,12 +75,17 @@ impl CustomOp3 for RopeHeads {
         let x = contiguous(x.as_slice::<f32>()?, x_layout)?;
         let cos = contiguous(cos.as_slice::<f32>()?, cos_layout)?;
         let sin = contiguous(sin.as_slice::<f32>()?, sin_layout)?;
+        if d == 0 || !d.is_multiple_of(2) || x.len() != b * d1 * d2 * d {
+            return Err(Error::Msg(format!(
+                "rotary embedding of {:?} by angles of {d}",
+                x_layout.shape()
+            )));
+        }
         let half = d / 2;
         // The angle's sign: y1 = x1·c − x2·s, y2 = x2·c + x1·s; the inverse negates s.
         let sign = if self.inverse { -1.0f32 } else { 1.0 };
-        let mut out = vec![0f32; x.len()];
         // One output row (batch, axis 1, axis 2) of `d` values at a time.
-        out.par_chunks_mut(d).enumerate().for_each(|(row, y)| {
+        let rotate_row = |(row, y): (usize, &mut [MaybeUninit<f32>])| {
             // The output swaps input axes 1 and 2.
             let (bi, a1, a2) = (row / (d1 * d2), (row / d1) % d2, row % d1);
             // Output axes are (heads, seq) forward and (seq, heads) inverse.
@@ -93,10 +99,17 @@ impl CustomOp3 for RopeHeads {
             let (c, sn) = (&cos[s * d..(s + 1) * d], &sin[s * d..(s + 1) * d]);
             for i in 0..half {
                 let (x1, x2) = (xr[i], xr[i + half]);
-                y[i] = x1 * c[i] - sign * x2 * sn[i];
-                y[i + half] = x2 * c[i + half] + sign * x1 * sn[i + half];
+                y[i].write(x1 * c[i] - sign * x2 * sn[i]);
+                y[i + half].write(x2 * c[i + half] + sign * x1 * sn[i + half]);
             }
-        });
+        };
+        // SAFETY: the rows of d values cover out, and each row's loop writes its d = 2 · half
+        // values.
+        let out = unsafe {
+            written(x.len(), |out| {
+                out.par_chunks_mut(d).enumerate().for_each(rotate_row)
+            })
+        };
         let shape = if self.inverse {
             self.x_shape.clone()
         } else {

@@ -3,6 +3,7 @@
 //! and heads cost no copies and a product can add into a result already there.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Error, Layout, Result, Shape, Storage, Tensor};
@@ -161,8 +162,19 @@ pub(crate) fn with_width(shape: &Shape, width: usize) -> Shape {
 /// # Safety
 /// `fill` must write all `len` values.
 pub(crate) unsafe fn overwritten(len: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
+    // SAFETY: the caller's promise, passed on.
+    unsafe { written(len, |out| fill(out.as_mut_ptr().cast())) }
+}
+
+/// A buffer of `len` values that `fill` writes into the uninitialised slice it gets: the fused
+/// ops' outputs, each value computed once, which `vec![0.0; len]` would zero in a pass of its
+/// own first.
+///
+/// # Safety
+/// `fill` must write all `len` values.
+pub(crate) unsafe fn written(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
     let mut out = Vec::with_capacity(len);
-    fill(out.as_mut_ptr());
+    fill(&mut out.spare_capacity_mut()[..len]);
     // SAFETY: the caller's promise: every value is written.
     unsafe { out.set_len(len) };
     out

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::fast_exp::exp;
 use crate::narrow::{narrow, widen};
-use crate::strided_product::{contiguous, cpu_values};
+use crate::strided_product::{contiguous, cpu_values, written};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -25,6 +25,17 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let f32 = |t: &Tensor| widen(t)?.contiguous();
     let out = f32(gate)?.apply_op2_arc(&f32(up)?, Arc::new(Box::new(SwiGlu)))?;
     narrow(&out, gate.dtype())
+}
+
+/// Refuses inputs of different lengths, part of whose outputs would go unwritten.
+fn same_lengths(values: &[&[f32]]) -> Result<()> {
+    if values.iter().any(|v| v.len() != values[0].len()) {
+        let lengths: Vec<usize> = values.iter().map(|v| v.len()).collect();
+        return Err(candle_core::Error::Msg(format!(
+            "swiglu of inputs of different lengths {lengths:?}"
+        )));
+    }
+    Ok(())
 }
 
 #[inline(always)]
@@ -48,14 +59,20 @@ impl CustomOp2 for SwiGlu {
     ) -> Result<(CpuStorage, Shape)> {
         let g = contiguous(gate.as_slice::<f32>()?, gate_layout)?;
         let u = contiguous(up.as_slice::<f32>()?, up_layout)?;
-        let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(y, (g, u))| {
-                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g * sigmoid(g) * u;
-                }
-            });
+        same_lengths(&[g, u])?;
+        // SAFETY: y's chunks cover it, each as long as its g and u chunks, and every value of
+        // each is written.
+        let y = unsafe {
+            written(g.len(), |y| {
+                y.par_chunks_mut(CHUNK)
+                    .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+                    .for_each(|(y, (g, u))| {
+                        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                            y.write(g * sigmoid(g) * u);
+                        }
+                    })
+            })
+        };
         Ok((CpuStorage::F32(y), gate_layout.shape().clone()))
     }
 
@@ -75,23 +92,31 @@ impl CustomOp2 for SwiGlu {
         let g = contiguous(cpu_values(&g_storage)?, g_layout)?;
         let u = contiguous(cpu_values(&u_storage)?, u_layout)?;
         let dy = contiguous(cpu_values(&dy_storage)?, dy_layout)?;
-        let mut grad_gate = vec![0f32; g.len()];
-        let mut grad_up = vec![0f32; g.len()];
-        grad_gate
-            .par_chunks_mut(CHUNK)
-            .zip(grad_up.par_chunks_mut(CHUNK))
-            .zip(g.par_chunks(CHUNK))
-            .zip(u.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-            .for_each(|(((dg, du), g), (u, dy))| {
-                // Equal lengths up front, so the loop runs without bounds checks.
-                let n = g.len();
-                let (dg, du, u, dy) = (&mut dg[..n], &mut du[..n], &u[..n], &dy[..n]);
-                for i in 0..n {
-                    let s = sigmoid(g[i]);
-                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                    du[i] = dy[i] * g[i] * s;
-                }
-            });
+        same_lengths(&[g, u, dy])?;
+        let mut grad_up = Vec::new();
+        // SAFETY: the chunks of both gradients cover them, each as long as its g chunk, and
+        // every value of each is written.
+        let grad_gate = unsafe {
+            written(g.len(), |grad_gate| {
+                grad_up = written(g.len(), |grad_up| {
+                    grad_gate
+                        .par_chunks_mut(CHUNK)
+                        .zip(grad_up.par_chunks_mut(CHUNK))
+                        .zip(g.par_chunks(CHUNK))
+                        .zip(u.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+                        .for_each(|(((dg, du), g), (u, dy))| {
+                            // Equal lengths up front, so the loop runs without bounds checks.
+                            let n = g.len();
+                            let (dg, du, u, dy) = (&mut dg[..n], &mut du[..n], &u[..n], &dy[..n]);
+                            for i in 0..n {
+                                let s = sigmoid(g[i]);
+                                dg[i].write(dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s)));
+                                du[i].write(dy[i] * g[i] * s);
+                            }
+                        })
+                })
+            })
+        };
         Ok((
             Some(Tensor::from_vec(grad_gate, gate.shape(), gate.device())?),
             Some(Tensor::from_vec(grad_up, up.shape(), up.device())?),
