@@ -314,14 +314,13 @@ mod tests {
         store_of(var, grad).unwrap()
     }
 
+    fn first_grad(trainables: &Trainables) -> Vec<f32> {
+        let grad = trainables.grads[0].as_ref().unwrap();
+        grad.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     fn assert_first_grad_is(trainables: &Trainables, value: f32) {
-        let grad: Vec<f32> = trainables.grads[0]
-            .as_ref()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let grad = first_grad(trainables);
         assert!(grad.iter().all(|&g| g == value), "{:?}", &grad[..4]);
     }
 
@@ -363,13 +362,7 @@ mod tests {
             .unwrap();
         drop(second);
         sum.finish().unwrap();
-        let grad: Vec<f32> = trainables.grads[0]
-            .as_ref()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let grad = first_grad(&trainables);
         assert!(grad[..width].iter().all(|&g| g == 1.0), "{:?}", &grad[..4]);
         assert!(grad[width..].iter().all(|&g| g == 0.0));
     }
