@@ -1,7 +1,14 @@
 //! The direct-I/O files behind `offload_optimizer_dir`: lengths that are not whole blocks or
-//! chunks, and gradients summed on disk.
+//! chunks, and gradients summed on disk, a table's dense values and rows in memory's order.
 
+use candle_core::{DType, Device, Tensor};
+use ff_fsdp::{Part, Residency};
+use ff_model::finetune::make_all_trainable;
+use ff_model::load::load_model_dir;
+use ff_model::table_grad::{RowSums, TableGrad};
+use ff_model::weight_grads::store_of;
 use ff_train::offload::{chunk_ranges, Chunk, DirectFile, OffloadedGrads, CHUNK_FLOATS};
+use ff_train::{AdamWConfig, Trainables};
 
 /// A folder on the disk that holds the build (tmpfs is refused for offload files).
 fn offload_dir() -> tempfile::TempDir {
@@ -74,4 +81,54 @@ fn gradients_add_up_on_disk_with_their_norm() {
         grads.read(5, start, n, chunk).unwrap()
     });
     assert_eq!(got, first);
+}
+
+/// A table's gradient handed on as dense values and rows (a tied head's with the embedding's)
+/// adds the dense values first and the rows after, on disk as in memory: (1e8 + -1e8) + 1 is
+/// 1 in row 0, where adding the row to the dense values first gives 0.
+#[test]
+fn a_table_gradient_adds_its_rows_last_on_disk_as_in_memory() {
+    let dir = offload_dir();
+    let model_dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/tiny-llama");
+    // The embedding table's gradient and its width.
+    let first_grad = |offload: bool| -> (Vec<f32>, usize) {
+        let mut model = load_model_dir(&model_dir, DType::F32, &Device::Cpu).unwrap();
+        make_all_trainable(&mut model).unwrap();
+        let mut trainables = Trainables::of(&mut model);
+        if offload {
+            trainables
+                .offload_to(dir.path(), AdamWConfig::default())
+                .unwrap();
+        }
+        let table = trainables.vars[0].clone();
+        assert_eq!(trainables.names[0], "model.embed_tokens.weight");
+        let (len, width) = (table.elem_count(), table.dim(1).unwrap());
+        let earlier = Tensor::full(1e8f32, table.shape(), &Device::Cpu).unwrap();
+        trainables
+            .add_grads(Part::Embed, &store_of(table.as_tensor(), earlier).unwrap())
+            .unwrap();
+        let grad = TableGrad {
+            dense: vec![-1e8; len],
+            rows: RowSums::of(&[0], &vec![1.0; width], width, None).unwrap(),
+        };
+        trainables
+            .add_table_grad(Part::Embed, &table, grad)
+            .unwrap();
+        let grad = match &trainables.offloaded {
+            Some(offload) => read_back(len, |start, n, chunk| {
+                offload.grads.read(0, start, n, chunk).unwrap()
+            }),
+            None => {
+                let grad = trainables.grads[0].as_ref().unwrap();
+                grad.flatten_all().unwrap().to_vec1().unwrap()
+            }
+        };
+        (grad, width)
+    };
+    for offload in [false, true] {
+        let (grad, width) = first_grad(offload);
+        assert!(grad[..width].iter().all(|&g| g == 1.0), "offload {offload}");
+        assert!(grad[width..].iter().all(|&g| g == 0.0), "offload {offload}");
+    }
 }
