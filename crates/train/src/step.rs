@@ -429,7 +429,7 @@ pub(crate) fn forward_backward_timed(
         )?;
         phases.head += lap(&mut clock);
         let mut grad = head.grad_hidden;
-        let mut tied_grad = head.head_grad;
+        let tied_grad = head.head_grad;
         let lowest = if extent.embedding {
             0
         } else {
@@ -461,7 +461,7 @@ pub(crate) fn forward_backward_timed(
             // Recomputed like the layers: a sharded engine has put a fresh embedding table in
             // the model since the forward pass.
             params.enter(model, Part::Embed, Pass::Backward)?;
-            if let (Some(dense), Some(table)) = (tied_grad.take(), model.embed_tokens.var()) {
+            if let (Some(dense), Some(table)) = (tied_grad, model.embed_tokens.var()) {
                 let rows = model.embedding_row_sums(&input_ids, &grad)?;
                 params.add_table_grad(Part::Embed, table, TableGrad { dense, rows })?;
             } else {
