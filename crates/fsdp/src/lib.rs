@@ -71,12 +71,14 @@ pub trait Residency {
     /// Gradients of `part`'s tensors from one backward (the head may give several).
     fn add_grads(&mut self, part: Part, grads: &GradStore) -> FsdpResult<()>;
 
-    /// The gradient of `table` from `part`'s backward as dense values and rows (a tied head's
-    /// gradient with the embedding's rows). This adds the rows to the dense values and hands
-    /// the sum to [`Self::add_grads`]; an engine that sums gradients in memory adds the dense
-    /// values first and the rows after, the bits of adding them in two hand-overs.
+    /// The gradient of `table` from `part`'s backward as dense values and rows (the
+    /// embedding's rows, on a tied head's gradient or on none). This adds the rows to the dense
+    /// values and hands the sum to [`Self::add_grads`]; an engine that sums gradients in memory
+    /// adds the dense values first and the rows after, the bits of adding them in two
+    /// hand-overs.
     fn add_table_grad(&mut self, part: Part, table: &Var, grad: TableGrad) -> FsdpResult<()> {
-        let grad = Tensor::from_vec(grad.into_values()?, table.shape(), table.device())?;
+        let values = grad.into_values(table.elem_count())?;
+        let grad = Tensor::from_vec(values, table.shape(), table.device())?;
         self.add_grads(part, &store_of(table.as_tensor(), grad)?)
     }
 

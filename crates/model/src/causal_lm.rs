@@ -44,34 +44,17 @@ impl CausalLm {
         widen(&rows)?.reshape((batch, seq, self.config.hidden_size))
     }
 
-    /// The gradient of a trained float32 embedding table when `grad` (`[batch, seq, hidden]`)
-    /// reaches `embed(input_ids)`: each position's row added, in order, to its token's row, as
-    /// autograd's `index_add` adds them, and lookups of the padding token adding nothing. Built
-    /// in one buffer, where autograd would hold a table of zeros and the sum at once (for
-    /// SmolLM2 each is 113 MB). `None` when the table is frozen or looked up in another dtype;
-    /// autograd then does it.
-    pub fn embedding_table_grad(
-        &self,
-        input_ids: &Tensor,
-        grad: &Tensor,
-    ) -> Result<Option<Tensor>> {
-        if !self.embedding_grad_in_rows() {
-            return Ok(None);
-        }
-        let (vocab, hidden) = (self.config.vocab_size, self.config.hidden_size);
-        let mut table = vec![0f32; vocab * hidden];
-        self.embedding_row_sums(input_ids, grad)?
-            .add_to(&mut table)?;
-        Tensor::from_vec(table, (vocab, hidden), &self.device).map(Some)
-    }
-
-    /// Whether [`Self::embedding_row_sums`] is the trained embedding table's gradient: a
-    /// float32 table looked up in float32.
+    /// Whether [`Self::embedding_row_sums`] gives the trained embedding table's gradient: a
+    /// float32 table looked up in float32 (autograd does it otherwise).
     pub fn embedding_grad_in_rows(&self) -> bool {
         self.dtype == DType::F32 && self.embed_tokens.var().is_some()
     }
 
-    /// The rows of [`Self::embedding_table_grad`] alone, summed by token.
+    /// The rows of the embedding table's gradient when `grad` (`[batch, seq, hidden]`) reaches
+    /// `embed(input_ids)`: each position's row added, in order, to its token's sum, as
+    /// autograd's `index_add` adds them, and lookups of the padding token adding nothing. Only
+    /// the tokens' rows: autograd would hold a table of zeros and the sum at once (for SmolLM2
+    /// each is 113 MB).
     pub fn embedding_row_sums(&self, input_ids: &Tensor, grad: &Tensor) -> Result<RowSums> {
         let vocab = self.config.vocab_size;
         let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;

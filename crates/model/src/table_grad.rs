@@ -69,17 +69,24 @@ impl RowSums {
     }
 }
 
-/// A table's gradient: `dense`, all of the table's values, with `rows` added after them.
+/// A table's gradient: `dense`, all of the table's values (zeros when `None`), with `rows`
+/// added after them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TableGrad {
-    pub dense: Vec<f32>,
+    pub dense: Option<Vec<f32>>,
     pub rows: RowSums,
 }
 
 impl TableGrad {
-    /// The gradient's values: the rows added to the dense values.
-    pub fn into_values(self) -> Result<Vec<f32>> {
-        let mut values = self.dense;
+    /// The gradient's values for a table of `len` values: the rows added to the dense values.
+    pub fn into_values(self, len: usize) -> Result<Vec<f32>> {
+        let mut values = self.dense.unwrap_or_else(|| vec![0.0; len]);
+        if values.len() != len {
+            return Err(Error::Msg(format!(
+                "a gradient of {} values for a table of {len}",
+                values.len()
+            )));
+        }
         self.rows.add_to(&mut values)?;
         Ok(values)
     }
@@ -95,12 +102,21 @@ mod tests {
         let rows = [1.0, 2.0, 10.0, 20.0, 0.5, 0.25, 7.0, 7.0];
         let sums = RowSums::of(&[2, 0, 2, 1], &rows, 2, Some(1)).unwrap();
         let grad = TableGrad {
-            dense: vec![100.0; 6],
+            dense: Some(vec![100.0; 6]),
+            rows: sums.clone(),
+        };
+        assert!(grad.clone().into_values(4).is_err());
+        assert_eq!(
+            grad.into_values(6).unwrap(),
+            [110.0, 120.0, 100.0, 100.0, 101.5, 102.25]
+        );
+        let rows_alone = TableGrad {
+            dense: None,
             rows: sums.clone(),
         };
         assert_eq!(
-            grad.into_values().unwrap(),
-            [110.0, 120.0, 100.0, 100.0, 101.5, 102.25]
+            rows_alone.into_values(6).unwrap(),
+            [10.0, 20.0, 0.0, 0.0, 1.5, 2.25]
         );
         assert!(RowSums::of(&[0, 1], &rows, 2, None).is_err());
         assert!(sums.add_to(&mut [0.0; 4]).is_err());

@@ -353,7 +353,7 @@ mod tests {
             },
         };
         let grad = TableGrad {
-            dense: vec![-1e8; len],
+            dense: Some(vec![-1e8; len]),
             rows,
         };
         second.add_table_grad(Part::Embed, &table, grad).unwrap();

@@ -156,36 +156,43 @@ impl Trainables {
     }
 
     /// Adds a table's gradient given as dense values and rows: the dense values to the
-    /// accumulator, then the rows, in the dense values' own buffer.
+    /// accumulator, then the rows (in memory, in one buffer: the dense values' own, or a copy
+    /// of the accumulator when there are none).
     pub(crate) fn accumulate_table(&mut self, id: TensorId, grad: TableGrad) -> TrainResult<()> {
         let Some(&i) = self.index.get(&id) else {
             return Ok(());
         };
-        let var = &self.vars[i];
-        if grad.dense.len() != var.elem_count() {
+        let len = self.vars[i].elem_count();
+        let TableGrad { dense, rows } = grad;
+        if let Some(offload) = &mut self.offloaded {
+            if let Some(dense) = dense {
+                offload.grads.add(i, &dense)?;
+            }
+            let rows = TableGrad { dense: None, rows }.into_values(len)?;
+            return offload.grads.add(i, &rows);
+        }
+        let mut sum = match (dense, self.grads[i].take()) {
+            (Some(mut dense), Some(acc)) => {
+                with_float32_values(&acc, |acc| {
+                    for (d, &a) in dense.iter_mut().zip(acc) {
+                        *d += a;
+                    }
+                })?;
+                dense
+            }
+            (None, Some(acc)) => with_float32_values(&acc, <[f32]>::to_vec)?,
+            (dense, None) => dense.unwrap_or_else(|| vec![0.0; len]),
+        };
+        if sum.len() != len {
             return Err(candle_core::Error::Msg(format!(
-                "a gradient of {} values for a table of {}",
-                grad.dense.len(),
-                var.elem_count()
+                "a gradient of {} values for a table of {len}",
+                sum.len()
             ))
             .into());
         }
-        if let Some(offload) = &mut self.offloaded {
-            offload.grads.add(i, &grad.dense)?;
-            let mut rows = vec![0f32; grad.dense.len()];
-            grad.rows.add_to(&mut rows)?;
-            return offload.grads.add(i, &rows);
-        }
-        let TableGrad { mut dense, rows } = grad;
-        if let Some(acc) = self.grads[i].take() {
-            with_float32_values(&acc, |acc| {
-                for (d, &a) in dense.iter_mut().zip(acc) {
-                    *d += a;
-                }
-            })?;
-        }
-        rows.add_to(&mut dense)?;
-        self.grads[i] = Some(Tensor::from_vec(dense, var.shape(), var.device())?);
+        rows.add_to(&mut sum)?;
+        let var = &self.vars[i];
+        self.grads[i] = Some(Tensor::from_vec(sum, var.shape(), var.device())?);
         Ok(())
     }
 
@@ -461,18 +468,16 @@ pub(crate) fn forward_backward_timed(
             // Recomputed like the layers: a sharded engine has put a fresh embedding table in
             // the model since the forward pass.
             params.enter(model, Part::Embed, Pass::Backward)?;
-            if let (Some(dense), Some(table)) = (tied_grad, model.embed_tokens.var()) {
-                let rows = model.embedding_row_sums(&input_ids, &grad)?;
-                params.add_table_grad(Part::Embed, table, TableGrad { dense, rows })?;
-            } else {
-                let store = match (
-                    model.embedding_table_grad(&input_ids, &grad)?,
-                    model.embed_tokens.var(),
-                ) {
-                    (Some(table_grad), Some(table)) => store_of(table.as_tensor(), table_grad)?,
-                    _ => backward_from(&model.embed(&input_ids)?, &grad)?,
-                };
-                params.add_grads(Part::Embed, &store)?;
+            match model.embed_tokens.var() {
+                Some(table) if model.embedding_grad_in_rows() => {
+                    let rows = model.embedding_row_sums(&input_ids, &grad)?;
+                    let dense = tied_grad;
+                    params.add_table_grad(Part::Embed, table, TableGrad { dense, rows })?;
+                }
+                _ => {
+                    let store = backward_from(&model.embed(&input_ids)?, &grad)?;
+                    params.add_grads(Part::Embed, &store)?;
+                }
             }
             params.leave(model, Part::Embed, Pass::Backward)?;
             phases.embedding += lap(&mut clock);

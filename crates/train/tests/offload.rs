@@ -109,7 +109,7 @@ fn a_table_gradient_adds_its_rows_last_on_disk_as_in_memory() {
             .add_grads(Part::Embed, &store_of(table.as_tensor(), earlier).unwrap())
             .unwrap();
         let grad = TableGrad {
-            dense: vec![-1e8; len],
+            dense: Some(vec![-1e8; len]),
             rows: RowSums::of(&[0], &vec![1.0; width], width, None).unwrap(),
         };
         trainables
