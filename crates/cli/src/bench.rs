@@ -20,8 +20,8 @@ use ff_model::finetune::{apply_lora, make_all_trainable, LoraSpec};
 use ff_model::load::from_tensors;
 use ff_model::{CausalLm, ModelConfig};
 use ff_train::{
-    train_step, AdamW, AdamWConfig, Batch, Checkpointing, Engine, Keeping, StepOptions, StepPhases,
-    Trainables,
+    row_group_threads, train_step, AdamW, AdamWConfig, Batch, Checkpointing, Engine, Keeping,
+    MicroBatchPlan, PlanInputs, StepOptions, StepPhases, Trainables,
 };
 
 #[derive(Subcommand)]
@@ -291,12 +291,17 @@ fn step(args: StepArgs) -> Result<()> {
         max_grad_norm: Some(1.0),
         gradient_checkpointing: !args.no_gradient_checkpointing,
     };
-    let checkpointing = Checkpointing::for_step(
-        options.gradient_checkpointing,
-        &workload.model,
-        &workload.engine,
+    let plan = MicroBatchPlan::new(
+        &PlanInputs::of(
+            &workload.model,
+            workload.engine.trained_in_memory(),
+            options.gradient_checkpointing,
+            row_group_threads(),
+        ),
+        args.batch,
         args.batch * args.seq,
     );
+    let checkpointing = plan.checkpointing;
     let timings =
         workload.timed_steps(&batch, args.steps, options, &ff_dist::SingleProcessGroup)?;
     let measured = timings.seconds.len();
@@ -352,7 +357,7 @@ fn step(args: StepArgs) -> Result<()> {
         finetuning: args.finetuning,
         lora_rank: args.lora_rank,
         checkpointing,
-        row_groups: ff_train::row_groups(&workload.model, &workload.engine, args.batch),
+        row_groups: plan.row_groups,
     };
     profile::print(&shape, &timings.phases[median_step], median)
 }

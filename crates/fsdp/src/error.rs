@@ -12,12 +12,15 @@ pub enum FsdpError {
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 
-    /// The engine could not keep gradients where it stores them (an offload file).
-    #[error("{0}")]
-    GradStorage(Box<dyn std::error::Error + Send + Sync>),
-
     #[error("reading a peer's frozen shard from shared memory failed: {0}")]
     PeerShard(#[from] std::io::Error),
 }
 
 pub type FsdpResult<T> = std::result::Result<T, FsdpError>;
+
+/// The sharded engine's failures reach the walk whole.
+impl From<FsdpError> for ff_walk::WalkError {
+    fn from(error: FsdpError) -> Self {
+        ff_walk::WalkError::residency(error)
+    }
+}

@@ -4,7 +4,7 @@ use ff_config::AutoWrapPolicy;
 use ff_model::ModelConfig;
 
 use crate::error::FsdpError;
-use crate::slots::Part;
+use ff_model::Part;
 
 /// The decoder layer class transformers uses for `model_type`, the name
 /// `fsdp_transformer_layer_cls_to_wrap` refers to.

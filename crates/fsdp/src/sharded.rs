@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use ff_config::{BackwardPrefetch, FsdpConfig, ShardingStrategy};
 use ff_dist::ProcessGroup;
 use ff_model::quant::{QuantFormat, QuantizedWeight, RawBuffer};
-use ff_model::CausalLm;
+use ff_model::{CausalLm, Part};
+use ff_walk::{BackwardExtent, Pass, Residency, Walk, WalkResult};
 
 use crate::comm_thread::CommThread;
 use crate::error::{FsdpError, FsdpResult};
@@ -18,8 +19,7 @@ use crate::gathered::{FrozenSource, Gathered, Shard};
 use crate::layout::{Entry, Piece, UnitLayout};
 use crate::peer_shards::PeerShards;
 use crate::plan::plan_units;
-use crate::slots::{slots_of, Part};
-use crate::{BackwardExtent, Pass, Residency, Walk};
+use crate::slots::slots_of;
 
 /// What wrapping a model needs besides the settings.
 pub struct ShardedSetup<'a> {
@@ -161,10 +161,7 @@ impl Sharded {
             published: None,
             device: device.clone(),
             num_layers: model.layers.len(),
-            extent: BackwardExtent {
-                lowest_layer: model.layers.len(),
-                embedding: false,
-            },
+            extent: BackwardExtent::of_parts([], model.layers.len()),
             events: Vec::new(),
             cursor: 0,
             gathered_bytes: 0,
@@ -173,6 +170,7 @@ impl Sharded {
             vars: Vec::new(),
             grads: Vec::new(),
         };
+        let mut trained_parts = Vec::new();
         for (u, parts) in plan.into_iter().enumerate() {
             let mut meta = Vec::new();
             let mut slot_layouts = Vec::new();
@@ -199,13 +197,7 @@ impl Sharded {
                     slot_layouts.push(SlotLayout::Tensor(meta.len()));
                     let t = slot.tensor();
                     if slot.is_trainable() {
-                        match part {
-                            Part::Layer(i) => {
-                                engine.extent.lowest_layer = engine.extent.lowest_layer.min(i)
-                            }
-                            Part::Embed => engine.extent.embedding = true,
-                            Part::Head => {}
-                        }
+                        trained_parts.push(part);
                     }
                     meta.push((name, t.dims().to_vec(), t.dtype(), slot.is_trainable()));
                 }
@@ -279,6 +271,7 @@ impl Sharded {
             });
             engine.empty_slots(model, u)?;
         }
+        engine.extent = BackwardExtent::of_parts(trained_parts, engine.num_layers);
         if engine.shard_group.world_size() <= local {
             let shards: Vec<&[u8]> = engine.units.iter().map(|u| u.frozen.as_slice()).collect();
             engine.published =
@@ -678,7 +671,7 @@ impl Residency for Sharded {
         self.extent
     }
 
-    fn begin(&mut self, walk: Walk) -> FsdpResult<()> {
+    fn begin(&mut self, walk: Walk) -> WalkResult<()> {
         let layers = (0..self.num_layers).map(|i| (Part::Layer(i), Pass::Forward));
         let mut events = vec![(Part::Embed, Pass::Forward)];
         events.extend(layers);
@@ -706,7 +699,7 @@ impl Residency for Sharded {
         Ok(())
     }
 
-    fn enter(&mut self, model: &mut CausalLm, part: Part, pass: Pass) -> FsdpResult<()> {
+    fn enter(&mut self, model: &mut CausalLm, part: Part, pass: Pass) -> WalkResult<()> {
         let k = self.check_event(part, pass)?;
         let u = self.unit_of[&part];
         if self.units[u].installed.is_none() {
@@ -722,11 +715,11 @@ impl Residency for Sharded {
         Ok(())
     }
 
-    fn add_grads(&mut self, part: Part, grads: &GradStore) -> FsdpResult<()> {
-        self.add_unit_grads(self.unit_of[&part], grads)
+    fn add_grads(&mut self, part: Part, grads: &GradStore) -> WalkResult<()> {
+        Ok(self.add_unit_grads(self.unit_of[&part], grads)?)
     }
 
-    fn leave(&mut self, model: &mut CausalLm, part: Part, pass: Pass) -> FsdpResult<()> {
+    fn leave(&mut self, model: &mut CausalLm, part: Part, pass: Pass) -> WalkResult<()> {
         let k = self.check_event(part, pass)?;
         self.cursor += 1;
         let u = self.unit_of[&part];
@@ -751,7 +744,7 @@ impl Residency for Sharded {
         Ok(())
     }
 
-    fn end(&mut self, model: &mut CausalLm) -> FsdpResult<()> {
+    fn end(&mut self, model: &mut CausalLm) -> WalkResult<()> {
         self.drain_prefetch()?;
         self.add_reduced_grads()?;
         for u in 0..self.units.len() {

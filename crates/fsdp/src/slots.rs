@@ -5,16 +5,7 @@
 
 use candle_core::{Device, Result, Tensor, Var};
 use ff_model::quant::QuantizedWeight;
-use ff_model::{CausalLm, Param};
-
-/// Where a step of the forward/backward walk is: the embedding, a decoder layer, or the head
-/// (final norm and language-model head).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Part {
-    Embed,
-    Layer(usize),
-    Head,
-}
+use ff_model::{CausalLm, Param, Part};
 
 /// A tensor of the model that FSDP can empty and refill.
 pub enum Slot<'a> {

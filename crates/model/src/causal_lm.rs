@@ -6,6 +6,7 @@ use crate::config::ModelConfig;
 use crate::layers::{DecoderLayer, ForwardCtx, RmsNorm};
 use crate::narrow::widen;
 use crate::param::Param;
+use crate::part::Part;
 use crate::table_grad::RowSums;
 
 #[derive(Clone, Debug)]
@@ -91,17 +92,32 @@ impl CausalLm {
 
     /// Every base-model parameter under its Hugging Face name (`model.layers.0.mlp.up_proj.weight`).
     pub fn params_mut(&mut self) -> Vec<(String, &mut Param)> {
-        let mut out: Vec<(String, &mut Param)> =
-            vec![("model.embed_tokens.weight".into(), &mut self.embed_tokens)];
-        for layer in &mut self.layers {
+        self.params_with_parts_mut()
+            .into_iter()
+            .map(|(_, name, p)| (name, p))
+            .collect()
+    }
+
+    /// [`Self::params_mut`], each with the part of the model it belongs to.
+    pub fn params_with_parts_mut(&mut self) -> Vec<(Part, String, &mut Param)> {
+        let mut out: Vec<(Part, String, &mut Param)> = vec![(
+            Part::Embed,
+            "model.embed_tokens.weight".into(),
+            &mut self.embed_tokens,
+        )];
+        for (position, layer) in self.layers.iter_mut().enumerate() {
             let prefix = format!("model.layers.{}.", layer.index);
             for (name, p) in layer.params_mut() {
-                out.push((format!("{prefix}{name}"), p));
+                out.push((Part::Layer(position), format!("{prefix}{name}"), p));
             }
         }
-        out.push(("model.norm.weight".into(), &mut self.norm.weight));
+        out.push((
+            Part::Head,
+            "model.norm.weight".into(),
+            &mut self.norm.weight,
+        ));
         if let Some(head) = &mut self.lm_head {
-            out.push(("lm_head.weight".into(), head));
+            out.push((Part::Head, "lm_head.weight".into(), head));
         }
         out
     }
@@ -109,17 +125,26 @@ impl CausalLm {
     /// Every trained tensor: base parameters under their Hugging Face names, adapters under PEFT's
     /// names without the `base_model.model.` prefix (`model.layers.0.self_attn.q_proj.lora_A.weight`).
     pub fn trainable_params(&mut self) -> Vec<(String, Var)> {
-        let mut out: Vec<(String, Var)> = self
-            .params_mut()
+        self.trainable_params_with_parts()
             .into_iter()
-            .filter_map(|(name, p)| p.var().map(|v| (name, v.clone())))
+            .map(|(_, name, var)| (name, var))
+            .collect()
+    }
+
+    /// [`Self::trainable_params`], each with the part of the model it belongs to.
+    pub fn trainable_params_with_parts(&mut self) -> Vec<(Part, String, Var)> {
+        let mut out: Vec<(Part, String, Var)> = self
+            .params_with_parts_mut()
+            .into_iter()
+            .filter_map(|(part, name, p)| p.var().map(|v| (part, name, v.clone())))
             .collect();
-        for layer in &self.layers {
+        for (position, layer) in self.layers.iter().enumerate() {
             for (module, linear) in layer.linears() {
                 if let Some(lora) = &linear.lora {
                     let prefix = format!("model.layers.{}.{module}", layer.index);
-                    out.push((format!("{prefix}.lora_A.weight"), lora.a.clone()));
-                    out.push((format!("{prefix}.lora_B.weight"), lora.b.clone()));
+                    let part = Part::Layer(position);
+                    out.push((part, format!("{prefix}.lora_A.weight"), lora.a.clone()));
+                    out.push((part, format!("{prefix}.lora_B.weight"), lora.b.clone()));
                 }
             }
         }

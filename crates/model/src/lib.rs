@@ -22,6 +22,7 @@ pub mod load;
 pub mod lora_product;
 pub mod narrow;
 pub mod param;
+pub mod part;
 pub mod peft;
 pub mod quant;
 pub mod rms_normalize;
@@ -39,6 +40,7 @@ pub use error::{ModelError, Result};
 pub use finetune::LoraSpec;
 pub use layers::{DecoderLayer, ForwardCtx};
 pub use param::Param;
+pub use part::Part;
 
 #[cfg(test)]
 mod test_util;

@@ -23,6 +23,9 @@ pub enum TrainError {
     #[error(transparent)]
     Fsdp(#[from] ff_fsdp::FsdpError),
 
+    #[error(transparent)]
+    Walk(#[from] ff_walk::WalkError),
+
     #[error("{0}")]
     Config(String),
 

@@ -13,7 +13,6 @@ use ff_model::CausalLm;
 use crate::backward::backward_from;
 use crate::batch::{Batch, IGNORE_INDEX};
 use crate::cross_entropy::nll_and_grad;
-use crate::engine::Engine;
 
 /// The bound for [`HeadMemory::Peak`] on logits held at once (rows × vocabulary) by one walk:
 /// row groups running side by side each hold a chunk, so where the head is the step's peak a
@@ -33,28 +32,16 @@ pub enum HeadMemory {
     /// step's peak comes later, with every gradient and both moments. So:
     ///
     /// - Chunks hold twice the logits. Every chunk also reads and writes the head's whole
-    ///   gradient (`vocab × width`, 113 MB for SmolLM2), and twice the rows halve those
-    ///   passes: full fine-tuning's peak stayed where it was (2.9–3.0 GB), and its step took
-    ///   5% less time by the median of nine rounds alternating with short chunks (SmolLM2,
-    ///   `bench step`). Where the head is the peak, long chunks raised offloaded full
-    ///   fine-tuning's 0.85 → 0.87–0.90 GB, and LoRA's by 20–30 MB.
+    ///   gradient (`vocab × width`), and twice the rows halve those passes without moving the
+    ///   step's peak; where the head is the peak, long chunks would raise it.
     /// - A head tied to the embedding keeps its gradient through the layers' backward and
     ///   hands it on with the embedding's rows (`ff_model::table_grad`), instead of a table of
-    ///   the rows alone, zeroed, filled and added whole, beside the head's (offloaded, the kept
-    ///   gradient raised the peak by its 113 MB).
+    ///   the rows alone, zeroed, filled and added whole, beside the head's (where the head is
+    ///   the peak, the kept gradient would raise it by its size).
     BelowPeak,
 }
 
 impl HeadMemory {
-    /// Where the head of a step of `model` with `engine`'s trained tensors stands.
-    pub fn for_step(model: &CausalLm, engine: &Engine) -> Self {
-        if engine.trainables_in_memory().is_some() && model.lm_head_weight().is_trainable() {
-            Self::BelowPeak
-        } else {
-            Self::Peak
-        }
-    }
-
     /// Rows of `vocab` logits a chunk of the loss holds.
     fn rows(self, vocab: usize) -> usize {
         let elements = match self {
@@ -293,12 +280,7 @@ mod tests {
     }
 
     #[test]
-    fn the_head_is_below_the_peak_only_where_it_trains_beside_state_in_memory() {
-        for (trained, expected) in [(true, HeadMemory::BelowPeak), (false, HeadMemory::Peak)] {
-            let mut model = tiny_model(trained);
-            let engine = Engine::Replicated(crate::Trainables::of(&mut model));
-            assert_eq!(HeadMemory::for_step(&model, &engine), expected);
-        }
+    fn long_chunks_hold_twice_the_rows() {
         assert_eq!(HeadMemory::Peak.rows(49152), 85);
         assert_eq!(HeadMemory::BelowPeak.rows(49152), 170);
         assert_eq!(HeadMemory::BelowPeak.rows(usize::MAX), 1);

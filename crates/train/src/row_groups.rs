@@ -1,83 +1,35 @@
 //! A micro-batch's rows split into groups that run forward and backward side by side, one per
 //! core, each on a thread whose products and fused ops run on that thread alone.
 //!
-//! On 2 cores, products shared between threads ran at 1.3–1.6× their one-thread speed, and the
-//! calling thread summed candle's gradients while the other waited: two processes of one
-//! thread each (`bench dp`) took a LoRA step 1.36× faster than one process of two threads.
-//! Groups of rows have nothing to wait on each other for (LoRA step 8.9–9.9 → 5.6–6.8 s; full
-//! fine-tuning 11.0–12.6 → 7.9–10.5 s).
+//! Products shared between threads run well below their threads' sum, and the calling thread
+//! sums candle's gradients while the others wait; groups of rows have nothing to wait on each
+//! other for (bench/RESULTS.md has the measurements).
 //!
 //! The groups add into the step's one set of gradients, taking turns: every backward hands its
 //! gradients over once per part as it leaves the part (the head, each layer, the embedding),
 //! and once at its end, so every group hands over as many times, in the same order, however
 //! many pieces a part gave (the head gives one per chunk of its group's label tokens), and a
 //! group's k-th hand-over is added after the k-th of the groups before it.
-//! The sum is then the same whichever group runs ahead. A copy of the gradients per group,
-//! added at the end, had cost full fine-tuning 1 GB; turns cost it 0.1–0.6 GB.
+//! The sum is then the same whichever group runs ahead. Turns cost a fraction of the memory a
+//! copy of the gradients per group, added at the end, would.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, TensorId, Var};
-use ff_fsdp::{BackwardExtent, FsdpError, FsdpResult, Part, Pass, Residency, Walk};
+use candle_core::{Tensor, TensorId, Var};
 use ff_model::table_grad::TableGrad;
 use ff_model::CausalLm;
+use ff_walk::{BackwardExtent, Part, Pass, Residency, Walk, WalkError, WalkResult};
 
 use crate::batch::Batch;
-use crate::engine::Engine;
+use crate::engine::Trainables;
 use crate::error::{TrainError, TrainResult};
 use crate::loss::HeadMemory;
-use crate::step::{forward_backward_timed, Checkpointing, StepPhases, Trainables};
-
-/// One thread per core, each with a rayon pool of its own thread alone.
-fn row_group_pools() -> &'static [rayon::ThreadPool] {
-    static POOLS: OnceLock<Vec<rayon::ThreadPool>> = OnceLock::new();
-    POOLS.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (0..cores)
-            .map_while(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build().ok())
-            .collect()
-    })
-}
-
-/// How many row groups the calling thread's rayon pool allows (one per thread it has).
-fn row_group_count() -> usize {
-    rayon::current_num_threads().min(row_group_pools().len())
-}
-
-/// Runs `jobs` at the same time, each on a row group's thread, whose rayon pool is that thread
-/// alone, and returns their results in order (jobs past the number of cores wait their turn).
-pub fn on_row_group_threads<T: Send, F: FnOnce() -> T + Send>(jobs: Vec<F>) -> Vec<T> {
-    let pools = row_group_pools();
-    std::thread::scope(|scope| {
-        let running: Vec<_> = jobs
-            .into_iter()
-            .zip(pools.iter().cycle())
-            .map(|(job, pool)| scope.spawn(move || pool.install(job)))
-            .collect();
-        running
-            .into_iter()
-            .map(|job| job.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
-    })
-}
-
-/// How many row groups [`crate::train_step`] runs a micro-batch of `rows` rows in, called from
-/// the thread that would run the step: one per thread of its rayon pool, for a float32 model
-/// on the CPU with its gradients in memory; 1 otherwise. A bf16 LoRA step's peak rose from
-/// 0.52 to 0.58 GB in groups, past a quarter of PyTorch's, where it already ran at twice
-/// PyTorch's speed without them.
-pub fn row_groups(model: &CausalLm, engine: &Engine, rows: usize) -> usize {
-    let splits = model.device.is_cpu()
-        && model.dtype == DType::F32
-        && engine.trainables_in_memory().is_some();
-    if !splits || rows < 2 {
-        return 1;
-    }
-    let per_group = rows.div_ceil(row_group_count().min(rows));
-    rows.div_ceil(per_group)
-}
+use crate::phases::StepPhases;
+use crate::plan::Checkpointing;
+use crate::row_threads::on_row_group_threads;
+use crate::walk::forward_backward_timed;
 
 /// A micro-batch's forward and backward in `groups` groups of its rows.
 pub(crate) struct RowGroups<'a> {
@@ -235,7 +187,7 @@ struct GroupGrads<'s, 't> {
 }
 
 impl GroupGrads<'_, '_> {
-    fn hand_over(&mut self) -> FsdpResult<()> {
+    fn hand_over(&mut self) -> WalkResult<()> {
         let grads = std::mem::take(&mut self.part);
         self.sum
             .add(self.group, self.handed_over, grads)
@@ -245,8 +197,8 @@ impl GroupGrads<'_, '_> {
     }
 }
 
-fn storage_error(e: impl Into<TrainError>) -> FsdpError {
-    FsdpError::GradStorage(Box::new(e.into()))
+fn storage_error(e: impl Into<TrainError>) -> WalkError {
+    WalkError::residency(e.into())
 }
 
 impl Residency for GroupGrads<'_, '_> {
@@ -254,15 +206,15 @@ impl Residency for GroupGrads<'_, '_> {
         self.extent
     }
 
-    fn begin(&mut self, _walk: Walk) -> FsdpResult<()> {
+    fn begin(&mut self, _walk: Walk) -> WalkResult<()> {
         Ok(())
     }
 
-    fn enter(&mut self, _model: &mut CausalLm, _part: Part, _pass: Pass) -> FsdpResult<()> {
+    fn enter(&mut self, _model: &mut CausalLm, _part: Part, _pass: Pass) -> WalkResult<()> {
         Ok(())
     }
 
-    fn add_grads(&mut self, _part: Part, grads: &GradStore) -> FsdpResult<()> {
+    fn add_grads(&mut self, _part: Part, grads: &GradStore) -> WalkResult<()> {
         for (id, grad) in self.sum.trained_grads(grads) {
             match self.part.grads.iter_mut().find(|(held, _)| *held == id) {
                 Some((_, sum)) => *sum = (&*sum + grad).map_err(storage_error)?,
@@ -272,12 +224,12 @@ impl Residency for GroupGrads<'_, '_> {
         Ok(())
     }
 
-    fn add_table_grad(&mut self, _part: Part, table: &Var, grad: TableGrad) -> FsdpResult<()> {
+    fn add_table_grad(&mut self, _part: Part, table: &Var, grad: TableGrad) -> WalkResult<()> {
         self.part.tables.push((table.as_tensor().id(), grad));
         Ok(())
     }
 
-    fn leave(&mut self, _model: &mut CausalLm, _part: Part, pass: Pass) -> FsdpResult<()> {
+    fn leave(&mut self, _model: &mut CausalLm, _part: Part, pass: Pass) -> WalkResult<()> {
         match pass {
             Pass::Backward => self.hand_over(),
             Pass::Forward => Ok(()),
@@ -286,7 +238,7 @@ impl Residency for GroupGrads<'_, '_> {
 
     /// Without checkpointing, the layers' gradients come from one backward with no part left
     /// after it.
-    fn end(&mut self, _model: &mut CausalLm) -> FsdpResult<()> {
+    fn end(&mut self, _model: &mut CausalLm) -> WalkResult<()> {
         self.hand_over()
     }
 }
@@ -294,7 +246,7 @@ impl Residency for GroupGrads<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
     use ff_model::load::load_model_dir;
     use ff_model::table_grad::RowSums;
     use ff_model::weight_grads::store_of;

@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use ff_config::{FsdpConfig, ShardingStrategy, StateDictType, TrainArgs};
 use ff_dist::ProcessGroup;
-use ff_fsdp::{Residency, Sharded, ShardedSetup};
+use ff_fsdp::{Sharded, ShardedSetup};
 use ff_model::dropout::derive_seed;
 use ff_model::peft::write_adapter_config;
 use ff_model::CausalLm;
+use ff_walk::Residency;
 use serde_json::{json, Map, Value};
 
 use crate::batch::{collate, label_tokens, Example};
@@ -22,13 +23,14 @@ use crate::checkpoint::{
     write_run_hash, SavedWeights, TrainerState, OPTIMIZER_FILE, RUN_FILE, SHARDED_MARKER,
     TRAINER_STATE,
 };
-use crate::engine::Engine;
+use crate::engine::{Engine, Trainables};
 use crate::error::{TrainError, TrainResult};
 use crate::offload::check_offload_dir;
 use crate::optim::{AdamW, AdamWConfig, AdamWState, MomentSource, Moments};
 use crate::sampler::{epoch_order, rank_slice, EpochPlan};
 use crate::schedule::{warmup_steps, Schedule, ScheduleKind};
-use crate::step::{eval_nll, train_step, StepOptions, Trainables};
+use crate::step::{train_step, StepOptions};
+use crate::walk::eval_nll;
 
 pub const TRAINER_LOG: &str = "trainer_log.jsonl";
 

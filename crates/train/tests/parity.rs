@@ -9,7 +9,8 @@ use ff_model::safetensors_io::SafetensorsFiles;
 use ff_model::{CausalLm, ForwardCtx};
 use ff_train::loss::HeadMemory;
 use ff_train::{
-    train_step, AdamW, AdamWConfig, Batch, Checkpointing, Engine, Keeping, StepOptions, Trainables,
+    row_group_threads, train_step, AdamW, AdamWConfig, Batch, Checkpointing, Engine, Keeping,
+    MicroBatchPlan, PlanInputs, StepOptions, Trainables,
 };
 use serde_json::Value;
 
@@ -303,7 +304,13 @@ fn check_row_groups_equal_one_thread(setup: fn(&mut CausalLm), spec: &Value) {
             setup(&mut model);
             let mut engine = Engine::Replicated(Trainables::of(&mut model));
             let cores = std::thread::available_parallelism().unwrap().get();
-            let groups = ff_train::row_groups(&model, &engine, batch.len());
+            let inputs = PlanInputs::of(
+                &model,
+                engine.trained_in_memory(),
+                true,
+                row_group_threads(),
+            );
+            let groups = MicroBatchPlan::new(&inputs, batch.len(), batch.num_tokens()).row_groups;
             assert_eq!(groups, threads.min(cores));
             run_steps(
                 &mut model,
@@ -434,7 +441,10 @@ fn full_finetuning_keeps_results_while_they_fit_a_quarter_of_the_state() {
     let bytes = |attention, mlp| 4 * model.layers[0].kept_values_per_token(Keep { attention, mlp });
     let (a, m) = (bytes(true, false), bytes(false, true));
     assert!(a > 0 && m > a, "attention {a}, MLP {m}");
-    let policy = |on, tokens| Checkpointing::for_step(on, &model, &engine, tokens);
+    let policy = |on, tokens| {
+        let inputs = PlanInputs::of(&model, engine.trained_in_memory(), on, 1);
+        MicroBatchPlan::new(&inputs, 1, tokens).checkpointing
+    };
     let keeping = |attention_layers, mlp_layers| {
         Checkpointing::Layers(Keeping {
             attention_layers,
@@ -455,7 +465,12 @@ fn full_finetuning_keeps_results_while_they_fit_a_quarter_of_the_state() {
     load_adapter(&mut lora, &testdata().join("tiny-llama-lora-init")).unwrap();
     let engine = Engine::Replicated(Trainables::of(&mut lora));
     assert_eq!(
-        Checkpointing::for_step(true, &lora, &engine, 64),
+        MicroBatchPlan::new(
+            &PlanInputs::of(&lora, engine.trained_in_memory(), true, 1),
+            1,
+            64
+        )
+        .checkpointing,
         keeping(0, 0)
     );
 }

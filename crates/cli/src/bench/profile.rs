@@ -32,7 +32,7 @@ pub struct StepShape<'a> {
     pub finetuning: Finetuning,
     pub lora_rank: usize,
     pub checkpointing: Checkpointing,
-    /// Groups of rows the step runs side by side, one per thread (see `ff_train::row_groups`).
+    /// Groups of rows the step runs side by side, one per thread (`ff_train::MicroBatchPlan::row_groups`).
     pub row_groups: usize,
 }
 

@@ -2,18 +2,18 @@
 //! parallelism, which is FSDP's NO_SHARD) or sharded across ranks (FSDP's other strategies).
 //! The step and the trainer talk to this enum; neither knows how a strategy works inside.
 
-use std::time::Instant;
+mod replicated;
 
-use candle_core::backprop::GradStore;
+pub use replicated::{GradOffload, Trainables};
+
 use candle_core::Var;
 use ff_dist::ProcessGroup;
-use ff_fsdp::{BackwardExtent, FsdpError, FsdpResult, Part, Pass, Residency, Sharded, Walk};
-use ff_model::table_grad::TableGrad;
-use ff_model::CausalLm;
+use ff_fsdp::Sharded;
+use ff_walk::Residency;
 
 use crate::error::TrainResult;
 use crate::optim::{grad_sq_norm, AdamW};
-use crate::step::{StepPhases, Trainables};
+use crate::phases::StepPhases;
 
 pub enum Engine {
     Replicated(Trainables),
@@ -36,12 +36,12 @@ impl Engine {
         }
     }
 
-    /// The trained tensors when this rank holds all of them in memory with their gradients and
-    /// AdamW moments: replicated, nothing offloaded. Their state then outweighs a step's
-    /// working memory, which may grow into it.
-    pub fn trainables_in_memory(&self) -> Option<&Trainables> {
+    /// How many trained parameters this rank holds in memory with their gradients and AdamW
+    /// moments, when it holds all of them there (replicated, nothing offloaded): their state
+    /// then outweighs a step's working memory, which may grow into it.
+    pub fn trained_in_memory(&self) -> Option<usize> {
         match self {
-            Engine::Replicated(t) if t.offloaded.is_none() => Some(t),
+            Engine::Replicated(t) if t.offloaded.is_none() => Some(t.num_elements()),
             _ => None,
         }
     }
@@ -117,59 +117,5 @@ impl Engine {
                 total[0].sqrt()
             }
         })
-    }
-}
-
-/// Replicated tensors are always in the model; backward only adds gradients.
-impl Residency for Trainables {
-    fn backward_extent(&self) -> BackwardExtent {
-        self.extent
-    }
-
-    fn begin(&mut self, _walk: Walk) -> FsdpResult<()> {
-        Ok(())
-    }
-
-    /// Waits, when the last step's update is still running, for the part's parameters.
-    fn enter(&mut self, _model: &mut CausalLm, part: Part, _pass: Pass) -> FsdpResult<()> {
-        let pending = |t: &Self| t.offloaded.as_ref()?.pending_update.clone();
-        let Some(progress) = pending(self) else {
-            return Ok(());
-        };
-        let needed = self.params_needed_by(part);
-        let start = Instant::now();
-        progress
-            .wait_for(needed)
-            .map_err(|e| FsdpError::GradStorage(Box::new(e)))?;
-        let waited = start.elapsed();
-        let offload = self.offloaded.as_mut().expect("it has a pending update");
-        let waits = &mut offload.update_waits;
-        *match part {
-            Part::Embed => &mut waits.embedding,
-            Part::Layer(_) => &mut waits.layers_forward,
-            Part::Head => &mut waits.head,
-        } += waited;
-        if part == Part::Head {
-            offload.pending_update = None;
-        }
-        Ok(())
-    }
-
-    fn add_grads(&mut self, _part: Part, grads: &GradStore) -> FsdpResult<()> {
-        self.accumulate(grads)
-            .map_err(|e| FsdpError::GradStorage(Box::new(e)))
-    }
-
-    fn add_table_grad(&mut self, _part: Part, table: &Var, grad: TableGrad) -> FsdpResult<()> {
-        self.accumulate_table(table.as_tensor().id(), grad)
-            .map_err(|e| FsdpError::GradStorage(Box::new(e)))
-    }
-
-    fn leave(&mut self, _model: &mut CausalLm, _part: Part, _pass: Pass) -> FsdpResult<()> {
-        Ok(())
-    }
-
-    fn end(&mut self, _model: &mut CausalLm) -> FsdpResult<()> {
-        Ok(())
     }
 }
