@@ -160,13 +160,18 @@ pub fn part_bits(model: &mut CausalLm, part: Part) -> Outcome<Vec<(String, Bits)
         .collect()
 }
 
-/// Every tensor of the model, by name.
-pub fn snapshot(model: &mut CausalLm) -> Outcome<HashMap<String, Bits>> {
-    let mut all = HashMap::new();
+/// Every tensor of the model in its slots, part by part.
+pub fn all_bits(model: &mut CausalLm) -> Outcome<Vec<(String, Bits)>> {
+    let mut all = Vec::new();
     for part in parts() {
         all.extend(part_bits(model, part)?);
     }
     Ok(all)
+}
+
+/// Every tensor of the model, by name.
+pub fn snapshot(model: &mut CausalLm) -> Outcome<HashMap<String, Bits>> {
+    Ok(all_bits(model)?.into_iter().collect())
 }
 
 /// The names of `part`'s trained tensors and the [`candle_core::Var`]s the slots hold now.

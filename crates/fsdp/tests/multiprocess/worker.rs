@@ -19,7 +19,7 @@ use ff_model::weight_grads::store_of;
 use ff_model::CausalLm;
 
 use crate::model::{
-    build, fnv, part_bits, parts, snapshot, trained_slots, Bits, Kind, Outcome, Weights, LAYERS,
+    all_bits, build, fnv, part_bits, snapshot, trained_slots, Bits, Kind, Outcome, Weights, LAYERS,
 };
 use crate::recording::{Call, Log, Op, Recording};
 
@@ -244,9 +244,12 @@ fn expect_unsharded(
                     "{:?} {:?}, expected {:?} {:?}",
                     bits.dtype, bits.shape, want.dtype, want.shape
                 )
-            } else {
+            } else if bits.dtype == DType::F32 {
                 first_difference(&bits.f32s(), &want.f32s())
                     .unwrap_or_else(|| "its bits differ".into())
+            } else {
+                let byte = bits.bytes.iter().zip(&want.bytes).position(|(g, w)| g != w);
+                format!("byte {byte:?} differs")
             };
             return Err(
                 format!("{what}: `{name}` differs from the unsharded model's: {detail}").into(),
@@ -263,36 +266,19 @@ fn expect_empty(what: &str, seen: &[(String, Bits)]) -> Outcome {
     }
 }
 
-fn all_bits(model: &mut CausalLm) -> Outcome<Vec<(String, Bits)>> {
-    let mut all = Vec::new();
-    for part in parts() {
-        all.extend(part_bits(model, part)?);
-    }
-    Ok(all)
-}
-
-/// Each unit's trained elements and frozen bytes, unsharded.
-fn unit_sizes(model: &mut CausalLm) -> Outcome<Vec<(usize, usize)>> {
+/// Each unit's trained elements, unsharded.
+fn trained_unit_sizes(model: &mut CausalLm) -> Outcome<Vec<usize>> {
     let units = plan_units(&model.config, AutoWrapPolicy::TransformerBased, &[], 0)?;
-    let mut sizes = Vec::new();
-    for unit in units {
-        let (mut trained, mut frozen) = (0, 0);
-        for part in unit {
-            let trained_names: Vec<String> = trained_slots(model, part)
+    Ok(units
+        .into_iter()
+        .map(|parts| {
+            parts
                 .into_iter()
-                .map(|(n, _)| n)
-                .collect();
-            for (name, bits) in part_bits(model, part)? {
-                if trained_names.contains(&name) {
-                    trained += bits.shape.iter().product::<usize>();
-                } else {
-                    frozen += bits.bytes.len();
-                }
-            }
-        }
-        sizes.push((trained, frozen));
-    }
-    Ok(sizes)
+                .flat_map(|part| trained_slots(model, part))
+                .map(|(_, var)| var.elem_count())
+                .sum()
+        })
+        .collect())
 }
 
 /// Gathering: while a part is entered its slots hold exactly the unsharded model's tensors on
@@ -312,10 +298,10 @@ fn gather(group: &dyn ProcessGroup) -> Outcome {
         let case = format!("{kind:?} (local world {local_world_size}, sync {sync})");
         let mut unsharded = build(kind, Weights::Waves, LORA_SEED)?;
         let reference = snapshot(&mut unsharded)?;
-        let sizes = unit_sizes(&mut unsharded)?;
+        let sizes = trained_unit_sizes(&mut unsharded)?;
         let units = plan_units(&unsharded.config, AutoWrapPolicy::TransformerBased, &[], 0)?;
         let unit_of_part = |part: Part| units.iter().position(|parts| parts.contains(&part));
-        if kind == Kind::Full && sizes.iter().any(|(trained, _)| trained % world == 0) {
+        if kind == Kind::Full && sizes.iter().any(|trained| trained % world == 0) {
             return Err(
                 format!("{case}: a unit's {sizes:?} needs no padding on {world} ranks").into(),
             );
@@ -443,6 +429,7 @@ fn prefetch(group: &dyn ProcessGroup) -> Outcome {
     let unit_of_part = |part: Part| units.iter().position(|parts| parts.contains(&part));
     // The units a FULL_SHARD training walk gathers: each run of parts of one unit.
     let mut expected_gathers: Vec<usize> = Vec::new();
+    // Everything trains: backward goes down to the embedding.
     let extent = BackwardExtent {
         lowest_layer: 0,
         embedding: true,
@@ -453,7 +440,13 @@ fn prefetch(group: &dyn ProcessGroup) -> Outcome {
             expected_gathers.push(u);
         }
     }
-    let expected_reductions: Vec<usize> = (1..=LAYERS).rev().chain([0]).collect();
+    // Each unit once, as its backward ends: the layers from the last, then the root.
+    let expected_reductions: Vec<usize> = (0..LAYERS)
+        .rev()
+        .map(Part::Layer)
+        .chain([Part::Embed])
+        .map(|part| unit_of_part(part).ok_or("a part in no unit"))
+        .collect::<Result<_, _>>()?;
     // Which group issued each gather: S the engine's (on the walk's thread), C its
     // communication thread's (prefetched).
     let settings_and_issuers = [
