@@ -348,25 +348,28 @@ fn gather(group: &dyn ProcessGroup) -> Outcome {
 /// every rank handed in, summed over ranks (and over the stores a part handed in).
 fn reduce_scatter(group: &dyn ProcessGroup) -> Outcome {
     let (rank, world) = (group.rank(), group.world_size());
-    for kind in [Kind::Full, Kind::FullTied, Kind::Lora] {
-        let mut model = build(kind, Weights::Waves, LORA_SEED)?;
-        let reference = snapshot(&mut model)?;
-        let config = settings(
-            ShardingStrategy::FullShard,
-            false,
-            BackwardPrefetch::NoPrefetch,
-            false,
-        );
-        let mut engine = wrap(&mut model, &config, group, world)?;
-        for step in 0..2 {
-            let what = format!("{kind:?} step {step}");
-            let record = walk(&mut engine, &mut model, Walk::Train, rank)?;
-            engine.finish_grads()?;
-            for visit in &record.visits {
-                expect_unsharded(&what, &visit.inside, &reference)?;
+    // FULL_SHARD over every rank; HYBRID_SHARD with one rank per node, where each rank holds
+    // whole tensors and `finish_grads` sums them over the other nodes' replicas.
+    let strategies = [
+        (ShardingStrategy::FullShard, world),
+        (ShardingStrategy::HybridShard, 1),
+    ];
+    for (strategy, local_world_size) in strategies {
+        for kind in [Kind::Full, Kind::FullTied, Kind::Lora] {
+            let mut model = build(kind, Weights::Waves, LORA_SEED)?;
+            let reference = snapshot(&mut model)?;
+            let config = settings(strategy, false, BackwardPrefetch::NoPrefetch, false);
+            let mut engine = wrap(&mut model, &config, group, local_world_size)?;
+            for step in 0..2 {
+                let what = format!("{strategy:?} {kind:?} step {step}");
+                let record = walk(&mut engine, &mut model, Walk::Train, rank)?;
+                engine.finish_grads()?;
+                for visit in &record.visits {
+                    expect_unsharded(&what, &visit.inside, &reference)?;
+                }
+                expect_reduced(&what, &engine, &record.handed, rank, world)?;
+                engine.zero_grads();
             }
-            expect_reduced(&what, &engine, &record.handed, rank, world)?;
-            engine.zero_grads();
         }
     }
     Ok(())
