@@ -5,6 +5,8 @@
 //!   one from torchrun's variables ([`WorkerEnv`]).
 //! - [`launch`]: the torchrun-style launcher that starts and supervises the workers of a node
 //!   ([`LaunchSpec`] says what to run, [`LaunchError`] why it failed).
+//! - `testing` (feature `testing`): the harness of the tests that run real processes, shared
+//!   by this crate's tests and those of the crates built on it.
 
 mod duration_text;
 mod env;
@@ -12,6 +14,8 @@ mod gloo;
 mod launcher;
 mod process_group;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod wire;
 
 pub use env::{

@@ -2,31 +2,19 @@
 
 use std::time::Duration;
 
-use ff_dist::store::StoreServer;
+use ff_dist::testing::{assert_success, spawn_ranks, spawn_self, vars, Finished, SCENARIO_VAR};
 
-use crate::support::{assert_success, spawn_self, vars, Finished, SCENARIO_VAR};
 use crate::worker::TIMEOUT_MS_VAR;
 
 /// Starts `world` workers running `scenario` against a store hosted here, as the launcher
 /// would host it, and waits for all of them.
 fn run_workers(scenario: &str, world: usize, timeout_ms: u64, limit: Duration) -> Vec<Finished> {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = StoreServer::bind("127.0.0.1", 0).expect("host a store");
-    let workers: Vec<_> = (0..world)
-        .map(|rank| {
-            let env = vars(&[
-                (SCENARIO_VAR, scenario.to_string()),
-                (TIMEOUT_MS_VAR, timeout_ms.to_string()),
-                ("RANK", rank.to_string()),
-                ("WORLD_SIZE", world.to_string()),
-                ("MASTER_ADDR", "127.0.0.1".to_string()),
-                ("MASTER_PORT", store.port().to_string()),
-                (ff_dist::LAUNCHED_MARKER_VAR, "1".to_string()),
-            ]);
-            spawn_self(dir.path(), &format!("rank{rank}"), "worker_process", &env)
-        })
-        .collect();
-    workers.into_iter().map(|w| w.wait(limit)).collect()
+    let env = vars(&[
+        (SCENARIO_VAR, scenario.to_string()),
+        (TIMEOUT_MS_VAR, timeout_ms.to_string()),
+    ]);
+    spawn_ranks(dir.path(), "worker_process", world, &env).wait(limit)
 }
 
 /// Every worker of a `world`-process job checked every collective's result.
@@ -105,7 +93,7 @@ fn a_stalled_peer_fails_the_collective_within_the_timeout() {
 #[test]
 fn without_a_launcher_rank_zero_hosts_the_store() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let port = crate::support::free_port();
+    let port = ff_dist::testing::free_port();
     let workers: Vec<_> = (0..2)
         .map(|rank| {
             let env = vars(&[

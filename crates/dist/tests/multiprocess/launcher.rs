@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use ff_dist::{launch, LaunchError, LaunchSpec, WorkerExit};
 
-use crate::support::{
+use crate::worker::{FAILING_RANK_VAR, OUT_DIR_VAR, TIMEOUT_MS_VAR};
+use ff_dist::testing::{
     assert_success, free_port, self_args, spawn_self, test_binary, vars, wait_gone, Finished,
     Spawned, ROLE_VAR, SCENARIO_VAR,
 };
-use crate::worker::{FAILING_RANK_VAR, OUT_DIR_VAR, TIMEOUT_MS_VAR};
 
 const CONFIG_HASH_VAR: &str = "FF_DIST_TEST_CONFIG_HASH";
 

@@ -1,12 +1,17 @@
-//! Starting and reaping the processes the tests need. Every child is this test binary run
-//! again with a role (see `worker_process` and `launcher_process` in main.rs), its output
-//! goes to files (a pipe nobody reads could block it), and a guard kills it if a test fails
-//! before reaping it, so no test leaves a process behind.
+//! The multi-process test harness (feature `testing`): starting and reaping the processes a
+//! test needs. Every child is the test binary run again with a role: an ignored `#[test]`
+//! entry point of that binary (such as `worker_process`) that reads [`ROLE_VAR`] or
+//! [`SCENARIO_VAR`] and does its part, so no helper program is needed. A child's output goes
+//! to files (a pipe nobody reads could block it), and a guard kills it if a test fails before
+//! reaping it, so no test leaves a process behind. [`spawn_ranks`] starts the ranks of a Gloo
+//! job that meet in a store the test hosts, as the launcher hosts it for its workers.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::store::StoreServer;
 
 /// Tells a child which role and scenario to run.
 pub const ROLE_VAR: &str = "FF_DIST_TEST_ROLE";
@@ -27,7 +32,7 @@ const LAUNCH_VARS: &[&str] = &[
     "GLOO_SOCKET_IFNAME",
     "OMP_NUM_THREADS",
     "RAYON_NUM_THREADS",
-    ff_dist::LAUNCHED_MARKER_VAR,
+    crate::LAUNCHED_MARKER_VAR,
 ];
 
 /// The arguments that make this test binary run only the entry point `entry`.
@@ -185,4 +190,43 @@ pub fn vars(pairs: &[(&str, String)]) -> Vec<(String, String)> {
         .iter()
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect()
+}
+
+/// The ranks of one job, started by [`spawn_ranks`], and the store they meet in.
+pub struct Ranks {
+    workers: Vec<Spawned>,
+    /// Kept until every rank is reaped: the ranks reach each other through it.
+    _store: StoreServer,
+}
+
+/// Starts `world` ranks of this test binary's `entry` with `env`, logging into
+/// `dir/rank<r>.{out,err}`. They meet in a store hosted here, as a launcher hosts it, so
+/// `ff_dist::init_from_env` in each gives the job's Gloo process group.
+pub fn spawn_ranks(dir: &Path, entry: &str, world: usize, env: &[(String, String)]) -> Ranks {
+    let store = StoreServer::bind("127.0.0.1", 0).expect("host a store");
+    let workers = (0..world)
+        .map(|rank| {
+            let mut env = env.to_vec();
+            env.extend(vars(&[
+                ("RANK", rank.to_string()),
+                ("WORLD_SIZE", world.to_string()),
+                ("MASTER_ADDR", "127.0.0.1".to_string()),
+                ("MASTER_PORT", store.port().to_string()),
+                (crate::LAUNCHED_MARKER_VAR, "1".to_string()),
+            ]));
+            spawn_self(dir, &format!("rank{rank}"), entry, &env)
+        })
+        .collect();
+    Ranks {
+        workers,
+        _store: store,
+    }
+}
+
+impl Ranks {
+    /// Waits for every rank, in rank order; each one past `limit` fails the test.
+    pub fn wait(self, limit: Duration) -> Vec<Finished> {
+        let Ranks { workers, _store } = self;
+        workers.into_iter().map(|w| w.wait(limit)).collect()
+    }
 }
