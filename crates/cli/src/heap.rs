@@ -2,16 +2,15 @@
 //! bound only as far as the largest block freed so far), so a training step, which allocates and
 //! frees the same activation-sized buffers layer after layer, paid a page fault for every 4 KiB
 //! page of every buffer again each time. Keeping freed memory in the process for reuse instead
-//! cut a bf16 LoRA step's page faults about sixfold and its elementwise time about in half
-//! (SmolLM2-135M, 2 cores, `bench step`), and peak resident memory stayed the same: what is kept
-//! was in use at the peak anyway.
+//! cut a step's page faults and elementwise time by large factors, and peak resident memory
+//! stayed the same: what is kept was in use at the peak anyway.
 //!
 //! Those settings bind only glibc's main heap. Every other thread (a row group's, FSDP's
 //! prefetcher) allocates from an arena of its own, made of 64 MiB mappings that are unmapped as
-//! soon as they empty, and a block too large for one (a full fine-tuning group's 113 MB head
-//! gradient) is mapped and unmapped alone: full fine-tuning still took about 340 000 page
-//! faults a step, 1.4 GB of fresh pages. With one arena for all threads it takes about 26 000,
-//! and a step ran about an eighth faster (alternating runs, `bench step --finetuning full`).
+//! soon as they empty, and a block too large for one (a full fine-tuning group's head gradient)
+//! is mapped and unmapped alone, so full fine-tuning still faulted in fresh pages every step.
+//! One arena for all threads removed most of those faults and made the step measurably faster
+//! (figures in bench/RESULTS.md).
 
 /// Asks glibc to serve every thread from its one main heap, blocks up to 1 GiB included, and
 /// never to shrink it; call first in `main`. A C library without these settings (or one that
