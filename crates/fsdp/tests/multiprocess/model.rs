@@ -6,9 +6,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use ff_fsdp::slots::{slots_of, Slot};
-use ff_fsdp::Part;
 use ff_model::finetune::{apply_lora, make_all_trainable, LINEAR_MODULES};
 use ff_model::load::{from_tensors, TensorSource, Zeros};
+use ff_model::Part;
 use ff_model::{CausalLm, LoraSpec, ModelConfig};
 
 pub type Failure = Box<dyn std::error::Error>;

@@ -14,9 +14,10 @@ use candle_core::{DType, Tensor, Var};
 use ff_config::{AutoWrapPolicy, BackwardPrefetch, FsdpConfig, ShardingStrategy};
 use ff_dist::{init_from_env, ProcessGroup};
 use ff_fsdp::plan::plan_units;
-use ff_fsdp::{BackwardExtent, Part, Pass, Residency, Sharded, ShardedSetup, Walk};
+use ff_fsdp::{Sharded, ShardedSetup};
 use ff_model::weight_grads::store_of;
 use ff_model::CausalLm;
+use ff_walk::{BackwardExtent, Part, Pass, Residency, Walk};
 
 use crate::model::{
     all_bits, build, fnv, part_bits, snapshot, trained_slots, Bits, Kind, Outcome, Weights, LAYERS,
