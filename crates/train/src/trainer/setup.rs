@@ -160,10 +160,12 @@ pub(super) fn restore(
             }
             state
         }
-        (Engine::Replicated(_), Some(_)) => return Err(TrainError::Checkpoint(format!(
+        (Engine::Replicated(_), Some(_)) => {
+            return Err(TrainError::Checkpoint(format!(
             "{} was saved with SHARDED_STATE_DICT; resume it with the same FSDP launch settings",
             dir.display()
-        ))),
+        )))
+        }
         (engine, None) => {
             let optimizer_file = dir.join(OPTIMIZER_FILE);
             if !optimizer_file.exists() {
