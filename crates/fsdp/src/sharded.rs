@@ -124,20 +124,7 @@ impl Sharded {
                 "NO_SHARD is data parallelism; train it with the replicated engine".into(),
             ));
         }
-        let (shard_group, replicas) = if config.sharding_strategy == ShardingStrategy::HybridShard {
-            let node = global.rank() / local;
-            let local_rank = global.rank() % local;
-            let nodes = global.world_size() / local;
-            let intra: Vec<usize> = (node * local..(node + 1) * local).collect();
-            let inter: Vec<usize> = (0..nodes).map(|n| n * local + local_rank).collect();
-            (
-                global.subgroup(&format!("fsdp-shard-node{node}"), &intra)?,
-                Some(global.subgroup(&format!("fsdp-replicas-local{local_rank}"), &inter)?),
-            )
-        } else {
-            let all: Vec<usize> = (0..global.world_size()).collect();
-            (global.subgroup("fsdp-shard", &all)?, None)
-        };
+        let (shard_group, replicas) = shard_groups(config.sharding_strategy, global, local)?;
         let members: Vec<usize> = (0..shard_group.world_size()).collect();
         let comm = CommThread::new(shard_group.subgroup("fsdp-comm", &members)?);
         let plan = plan_units(
@@ -147,8 +134,6 @@ impl Sharded {
             config.min_num_params,
         )?;
         let sync = config.sync_module_states || config.cpu_ram_efficient_loading;
-        let (world, rank) = (shard_group.world_size(), shard_group.rank());
-        let device = model.device.clone();
         let mut engine = Self {
             units: Vec::with_capacity(plan.len()),
             unit_of: HashMap::new(),
@@ -159,7 +144,7 @@ impl Sharded {
             backward_prefetch: config.backward_prefetch,
             comm,
             published: None,
-            device: device.clone(),
+            device: model.device.clone(),
             num_layers: model.layers.len(),
             extent: BackwardExtent::of_parts([], model.layers.len()),
             events: Vec::new(),
@@ -172,119 +157,112 @@ impl Sharded {
         };
         let mut trained_parts = Vec::new();
         for (u, parts) in plan.into_iter().enumerate() {
-            let mut meta = Vec::new();
-            let mut slot_layouts = Vec::new();
+            let (meta, slot_layouts) = describe_unit(model, &parts, &mut trained_parts)?;
             for &part in &parts {
                 engine.unit_of.insert(part, u);
-                for (name, slot) in slots_of(model, part) {
-                    if let Some(q) = slot.quantized() {
-                        let mut buffers = Vec::new();
-                        for (buffer, raw) in q.buffers()? {
-                            let (len, dtype) = match &raw {
-                                RawBuffer::U8(v) => (v.len(), DType::U8),
-                                RawBuffer::F32(v) => (v.len(), DType::F32),
-                            };
-                            buffers.push((buffer.to_string(), meta.len()));
-                            meta.push((format!("{name}.{buffer}"), vec![len], dtype, false));
-                        }
-                        slot_layouts.push(SlotLayout::Quantized {
-                            format: q.format(),
-                            dims: q.dims(),
-                            buffers,
-                        });
-                        continue;
-                    }
-                    slot_layouts.push(SlotLayout::Tensor(meta.len()));
-                    let t = slot.tensor();
-                    if slot.is_trainable() {
-                        trained_parts.push(part);
-                    }
-                    meta.push((name, t.dims().to_vec(), t.dtype(), slot.is_trainable()));
-                }
             }
-            let layout = UnitLayout::new(meta, world);
-            let mut full = if !sync || global.rank() == 0 {
-                flatten_unit(model, &parts, &slot_layouts, &layout)?
-            } else {
-                vec![0u8; layout.trained_shard * world * 4 + layout.frozen_shard * world]
-            };
-            if sync {
-                global.broadcast_bytes(&mut full, 0)?;
-            }
-            let trained_bytes = layout.trained_shard * world * 4;
-            let (trained, frozen) = full.split_at(trained_bytes);
-            let trained: &[f32] = bytemuck::cast_slice(trained);
-            let pieces = layout.pieces(rank);
-            let first_piece = engine.vars.len();
-            for piece in &pieces {
-                let entry = &layout.entries[piece.entry];
-                let start = entry.offset + piece.in_entry.start;
-                let values = &trained[start..start + piece.in_entry.len()];
-                engine.names.push(entry.name.clone());
-                engine
-                    .vars
-                    .push(Var::from_slice(values, values.len(), &device)?);
-                engine.grads.push(None);
-            }
-            let frozen_range = rank * layout.frozen_shard..(rank + 1) * layout.frozen_shard;
-            engine.accounting.shard_bytes +=
-                layout.trained_range(rank).len() * 4 + layout.frozen_shard;
-            engine.accounting.full_bytes += layout.full_bytes();
-            let owned = layout.frozen_range(rank);
-            for slot in &slot_layouts {
-                if let SlotLayout::Quantized { buffers, .. } = slot {
-                    for (_, index) in buffers {
-                        let entry = &layout.entries[*index];
-                        let end = entry.offset + entry.num_bytes();
-                        engine.accounting.quantized_full_bytes += entry.num_bytes();
-                        engine.accounting.quantized_shard_bytes += end
-                            .min(owned.end)
-                            .saturating_sub(entry.offset.max(owned.start));
-                    }
-                }
-            }
-            engine.accounting.largest_unit_bytes = engine
-                .accounting
-                .largest_unit_bytes
-                .max(layout.full_bytes());
-            let quantized = slot_layouts
-                .iter()
-                .any(|s| matches!(s, SlotLayout::Quantized { .. }));
-            let mut frozen_dtypes = layout
-                .entries
-                .iter()
-                .filter(|e| !e.trainable)
-                .map(|e| e.dtype);
-            let first_dtype = frozen_dtypes.next();
-            let frozen_dtype =
-                first_dtype.filter(|&d| !quantized && frozen_dtypes.all(|other| other == d));
-            engine.units.push(Unit {
-                frozen: Arc::new(frozen[frozen_range].to_vec()),
-                frozen_dtype,
-                parts,
-                layout,
-                slots: slot_layouts,
-                pieces,
-                first_piece,
-                installed: None,
-                grad_sum: None,
-            });
+            engine.add_unit(model, parts, meta, slot_layouts, sync.then_some(global))?;
             engine.empty_slots(model, u)?;
         }
         engine.extent = BackwardExtent::of_parts(trained_parts, engine.num_layers);
         if engine.shard_group.world_size() <= local {
-            let shards: Vec<&[u8]> = engine.units.iter().map(|u| u.frozen.as_slice()).collect();
-            engine.published =
-                PeerShards::publish(engine.shard_group.as_ref(), &shards)?.map(Arc::new);
-            if engine.published.is_some() {
-                // The shared files hold them now.
-                for unit in &mut engine.units {
-                    unit.frozen = Arc::new(Vec::new());
-                }
-            }
+            engine.publish_frozen_shards()?;
         }
         return_freed_pages();
         Ok(engine)
+    }
+
+    /// Lays out a unit of `parts` whose tensors are `meta` and keeps this rank's shard of it:
+    /// its trained pieces as [`Var`]s, its frozen bytes. With `sync_from`, rank 0's values are
+    /// broadcast over that group first.
+    fn add_unit(
+        &mut self,
+        model: &mut CausalLm,
+        parts: Vec<Part>,
+        meta: Vec<EntryMeta>,
+        slot_layouts: Vec<SlotLayout>,
+        sync_from: Option<&dyn ProcessGroup>,
+    ) -> FsdpResult<()> {
+        let (world, rank) = (self.shard_group.world_size(), self.shard_group.rank());
+        let device = self.device.clone();
+        let layout = UnitLayout::new(meta, world);
+        let mut full = if sync_from.is_none_or(|global| global.rank() == 0) {
+            flatten_unit(model, &parts, &slot_layouts, &layout)?
+        } else {
+            vec![0u8; layout.trained_shard * world * 4 + layout.frozen_shard * world]
+        };
+        if let Some(global) = sync_from {
+            global.broadcast_bytes(&mut full, 0)?;
+        }
+        let trained_bytes = layout.trained_shard * world * 4;
+        let (trained, frozen) = full.split_at(trained_bytes);
+        let trained: &[f32] = bytemuck::cast_slice(trained);
+        let pieces = layout.pieces(rank);
+        let first_piece = self.vars.len();
+        for piece in &pieces {
+            let entry = &layout.entries[piece.entry];
+            let start = entry.offset + piece.in_entry.start;
+            let values = &trained[start..start + piece.in_entry.len()];
+            self.names.push(entry.name.clone());
+            self.vars
+                .push(Var::from_slice(values, values.len(), &device)?);
+            self.grads.push(None);
+        }
+        let frozen_range = rank * layout.frozen_shard..(rank + 1) * layout.frozen_shard;
+        self.accounting.shard_bytes += layout.trained_range(rank).len() * 4 + layout.frozen_shard;
+        self.accounting.full_bytes += layout.full_bytes();
+        let owned = layout.frozen_range(rank);
+        for slot in &slot_layouts {
+            if let SlotLayout::Quantized { buffers, .. } = slot {
+                for (_, index) in buffers {
+                    let entry = &layout.entries[*index];
+                    let end = entry.offset + entry.num_bytes();
+                    self.accounting.quantized_full_bytes += entry.num_bytes();
+                    self.accounting.quantized_shard_bytes += end
+                        .min(owned.end)
+                        .saturating_sub(entry.offset.max(owned.start));
+                }
+            }
+        }
+        self.accounting.largest_unit_bytes =
+            self.accounting.largest_unit_bytes.max(layout.full_bytes());
+        let quantized = slot_layouts
+            .iter()
+            .any(|s| matches!(s, SlotLayout::Quantized { .. }));
+        let mut frozen_dtypes = layout
+            .entries
+            .iter()
+            .filter(|e| !e.trainable)
+            .map(|e| e.dtype);
+        let first_dtype = frozen_dtypes.next();
+        let frozen_dtype =
+            first_dtype.filter(|&d| !quantized && frozen_dtypes.all(|other| other == d));
+        self.units.push(Unit {
+            frozen: Arc::new(frozen[frozen_range].to_vec()),
+            frozen_dtype,
+            parts,
+            layout,
+            slots: slot_layouts,
+            pieces,
+            first_piece,
+            installed: None,
+            grad_sum: None,
+        });
+        Ok(())
+    }
+
+    /// Puts every unit's frozen shard where the shard group's ranks on this machine read it,
+    /// and drops the private copies when that worked.
+    fn publish_frozen_shards(&mut self) -> FsdpResult<()> {
+        let shards: Vec<&[u8]> = self.units.iter().map(|u| u.frozen.as_slice()).collect();
+        self.published = PeerShards::publish(self.shard_group.as_ref(), &shards)?.map(Arc::new);
+        if self.published.is_some() {
+            // The shared files hold them now.
+            for unit in &mut self.units {
+                unit.frozen = Arc::new(Vec::new());
+            }
+        }
+        Ok(())
     }
 
     pub fn accounting(&self) -> Accounting {
@@ -755,6 +733,72 @@ impl Residency for Sharded {
         self.cursor = 0;
         Ok(())
     }
+}
+
+/// The group a rank shards with, and for HYBRID_SHARD the group of its replicas on other
+/// nodes (`local` ranks a node).
+#[allow(clippy::type_complexity)]
+fn shard_groups(
+    strategy: ShardingStrategy,
+    global: &dyn ProcessGroup,
+    local: usize,
+) -> FsdpResult<(Box<dyn ProcessGroup>, Option<Box<dyn ProcessGroup>>)> {
+    Ok(if strategy == ShardingStrategy::HybridShard {
+        let node = global.rank() / local;
+        let local_rank = global.rank() % local;
+        let nodes = global.world_size() / local;
+        let intra: Vec<usize> = (node * local..(node + 1) * local).collect();
+        let inter: Vec<usize> = (0..nodes).map(|n| n * local + local_rank).collect();
+        (
+            global.subgroup(&format!("fsdp-shard-node{node}"), &intra)?,
+            Some(global.subgroup(&format!("fsdp-replicas-local{local_rank}"), &inter)?),
+        )
+    } else {
+        let all: Vec<usize> = (0..global.world_size()).collect();
+        (global.subgroup("fsdp-shard", &all)?, None)
+    })
+}
+
+/// A tensor of a unit as its layout lists it: name, shape, dtype, whether it trains.
+type EntryMeta = (String, Vec<usize>, DType, bool);
+
+/// The entries and slot layouts of a unit of `parts`, adding to `trained_parts` each part with
+/// a trained tensor.
+fn describe_unit(
+    model: &mut CausalLm,
+    parts: &[Part],
+    trained_parts: &mut Vec<Part>,
+) -> FsdpResult<(Vec<EntryMeta>, Vec<SlotLayout>)> {
+    let mut meta = Vec::new();
+    let mut slot_layouts = Vec::new();
+    for &part in parts {
+        for (name, slot) in slots_of(model, part) {
+            if let Some(q) = slot.quantized() {
+                let mut buffers = Vec::new();
+                for (buffer, raw) in q.buffers()? {
+                    let (len, dtype) = match &raw {
+                        RawBuffer::U8(v) => (v.len(), DType::U8),
+                        RawBuffer::F32(v) => (v.len(), DType::F32),
+                    };
+                    buffers.push((buffer.to_string(), meta.len()));
+                    meta.push((format!("{name}.{buffer}"), vec![len], dtype, false));
+                }
+                slot_layouts.push(SlotLayout::Quantized {
+                    format: q.format(),
+                    dims: q.dims(),
+                    buffers,
+                });
+                continue;
+            }
+            slot_layouts.push(SlotLayout::Tensor(meta.len()));
+            let t = slot.tensor();
+            if slot.is_trainable() {
+                trained_parts.push(part);
+            }
+            meta.push((name, t.dims().to_vec(), t.dtype(), slot.is_trainable()));
+        }
+    }
+    Ok((meta, slot_layouts))
 }
 
 /// Hands the pages of what wrapping freed (the model's unsharded tensors, and the private
