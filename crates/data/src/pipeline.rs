@@ -346,8 +346,9 @@ pub fn cache_file(args: &DataArgs, tokenizer_dir: &Path, cache_dir: &Path) -> Re
     } else {
         Template::by_name(&args.template)?.tool_format
     };
+    let tool_format = args.tool_format.as_deref().and_then(ToolFormat::from_name);
     let llama3_tools =
-        args.tool_format.as_deref() == Some("llama3") || template_tools == ToolFormat::Llama3;
+        tool_format == Some(ToolFormat::Llama3) || template_tools == ToolFormat::Llama3;
     if llama3_tools {
         key.part("date", today().as_bytes());
     }

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use ff_config::{FsdpConfig, ShardingStrategy, StateDictType, TrainArgs};
+use ff_config::{
+    FsdpConfig, IntervalStrategy, LrSchedulerType, ShardingStrategy, StateDictType, TrainArgs,
+};
 use ff_dist::ProcessGroup;
 use ff_fsdp::{Residency, Sharded, ShardedSetup};
 use ff_model::dropout::derive_seed;
@@ -165,19 +167,19 @@ pub fn prepare_output_dir(args: &TrainArgs, output_dir: &Path) -> TrainResult<Op
 
 fn schedule_kind(args: &TrainArgs) -> TrainResult<ScheduleKind> {
     let kwarg = |key: &str| args.lr_scheduler_kwargs.get(key).and_then(|v| v.as_f64());
-    Ok(match args.lr_scheduler_type.as_str() {
-        "constant" => ScheduleKind::Constant,
-        "constant_with_warmup" => ScheduleKind::ConstantWithWarmup,
-        "linear" => ScheduleKind::Linear,
-        "cosine" => ScheduleKind::Cosine,
-        "cosine_with_restarts" => ScheduleKind::CosineWithRestarts {
+    Ok(match args.lr_scheduler_type {
+        LrSchedulerType::Constant => ScheduleKind::Constant,
+        LrSchedulerType::ConstantWithWarmup => ScheduleKind::ConstantWithWarmup,
+        LrSchedulerType::Linear => ScheduleKind::Linear,
+        LrSchedulerType::Cosine => ScheduleKind::Cosine,
+        LrSchedulerType::CosineWithRestarts => ScheduleKind::CosineWithRestarts {
             cycles: kwarg("num_cycles").unwrap_or(1.0) as u32,
         },
-        "polynomial" => ScheduleKind::Polynomial {
+        LrSchedulerType::Polynomial => ScheduleKind::Polynomial {
             lr_end: kwarg("lr_end").unwrap_or(1e-7),
             power: kwarg("power").unwrap_or(1.0),
         },
-        "cosine_with_min_lr" => {
+        LrSchedulerType::CosineWithMinLr => {
             let rate = match (kwarg("min_lr_rate"), kwarg("min_lr")) {
                 (Some(rate), _) => rate,
                 (None, Some(min_lr)) => min_lr / args.learning_rate,
@@ -188,11 +190,6 @@ fn schedule_kind(args: &TrainArgs) -> TrainResult<ScheduleKind> {
                 }
             };
             ScheduleKind::CosineWithMinLr { min_lr_rate: rate }
-        }
-        other => {
-            return Err(TrainError::Config(format!(
-                "lr_scheduler_type `{other}` is not supported"
-            )))
         }
     })
 }
@@ -496,7 +493,8 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
         gradient_checkpointing,
     };
-    let eval_enabled = !run.eval.is_empty() && (args.do_eval || args.eval_strategy != "no");
+    let eval_enabled =
+        !run.eval.is_empty() && (args.do_eval || args.eval_strategy != IntervalStrategy::No);
     let start = Instant::now();
     let first_step = state.global_step;
     let mut loss_since_log = 0.0;
@@ -580,10 +578,10 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         }
         let epoch_end = step.is_multiple_of(steps_per_epoch);
         let eval_now = eval_enabled
-            && match args.eval_strategy.as_str() {
-                "steps" => step.is_multiple_of(eval_every),
-                "epoch" => epoch_end,
-                _ => false,
+            && match args.eval_strategy {
+                IntervalStrategy::Steps => step.is_multiple_of(eval_every),
+                IntervalStrategy::Epoch => epoch_end,
+                IntervalStrategy::No => false,
             };
         let evaluation = if eval_now {
             evaluate_where_needed(model, &mut engine, &run)?
@@ -613,10 +611,10 @@ pub fn train(model: &mut CausalLm, run: Run<'_>) -> TrainResult<Summary> {
         let mut flag = [f32::from(u8::from(run.stop.load(Ordering::SeqCst)))];
         run.group.all_reduce_sum(&mut flag)?;
         let interrupted = flag[0] > 0.0;
-        let save_now = match args.save_strategy.as_str() {
-            "steps" => step.is_multiple_of(save_every),
-            "epoch" => epoch_end,
-            _ => false,
+        let save_now = match args.save_strategy {
+            IntervalStrategy::Steps => step.is_multiple_of(save_every),
+            IntervalStrategy::Epoch => epoch_end,
+            IntervalStrategy::No => false,
         };
         if (save_now || interrupted) && step < total_steps {
             optimizer.finish()?;
@@ -990,7 +988,7 @@ fn write_final_outputs(
     }
     release_after_saving(model, engine)?;
     // Hugging Face saves a last checkpoint at the end whatever the interval.
-    if args.save_strategy != "no" {
+    if args.save_strategy != IntervalStrategy::No {
         save_checkpoint(model, run, engine, optimizer, state, full_names)?;
     }
     let final_eval = if eval_enabled {
