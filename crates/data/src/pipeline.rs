@@ -4,6 +4,7 @@
 //! all cores) and drop the ones SFT cannot use.
 
 use std::collections::HashSet;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -381,7 +382,8 @@ pub fn prepare_cached(
         eval: prepared.eval,
         pad_token_id: prepared.pad_token_id,
     };
-    cache::write_atomically(&path, &cache::to_bytes(&data)).map_err(|e| DataError::io(&path, e))?;
+    std::fs::create_dir_all(cache_dir).map_err(|e| DataError::io(cache_dir, e))?;
+    ff_fsio::write_atomically(&path, |file| file.write_all(&cache::to_bytes(&data)))?;
     let prepared = Prepared {
         train: data.train,
         eval: data.eval,

@@ -11,6 +11,7 @@ use ff_config::{
 };
 use ff_dist::ProcessGroup;
 use ff_fsdp::{Residency, Sharded, ShardedSetup};
+use ff_fsio::{write_json, JsonEnding};
 use ff_model::dropout::derive_seed;
 use ff_model::peft::write_adapter_config;
 use ff_model::CausalLm;
@@ -20,9 +21,8 @@ use crate::batch::{collate, label_tokens, Example};
 use crate::checkpoint::{
     check_complete, check_same_finetuning, copy_files, list_checkpoints, load_optimizer,
     load_shard, load_weights, read_run_hash, read_trainer_state, rotate_checkpoints,
-    save_optimizer, save_shard, save_weights, shard_file, sharded_world_size, write_json,
-    write_run_hash, SavedWeights, TrainerState, OPTIMIZER_FILE, RUN_FILE, SHARDED_MARKER,
-    TRAINER_STATE,
+    save_optimizer, save_shard, save_weights, shard_file, sharded_world_size, write_run_hash,
+    SavedWeights, TrainerState, OPTIMIZER_FILE, RUN_FILE, SHARDED_MARKER, TRAINER_STATE,
 };
 use crate::engine::Engine;
 use crate::error::{TrainError, TrainResult};
@@ -912,6 +912,7 @@ fn save_checkpoint(
                     "state_dict_type": "SHARDED_STATE_DICT",
                     "tensors": tensors,
                 }),
+                JsonEnding::Bracket,
             )?;
             // The adapter's settings, so that the shards can be turned back into an adapter.
             if let SavedWeights::Lora(spec) = &run.weights {
@@ -936,7 +937,7 @@ fn save_checkpoint(
     }
     if main {
         copy_files(&run.tokenizer_files, &tmp)?;
-        write_json(&tmp.join(TRAINER_STATE), state)?;
+        write_json(&tmp.join(TRAINER_STATE), state, JsonEnding::Bracket)?;
         write_run_hash(&tmp, &state.run_hash)?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
@@ -1023,17 +1024,29 @@ fn write_final_outputs(
             "remaining_time": duration(0.0),
         }),
     )?;
-    write_json(&out.join(TRAINER_STATE), state)?;
-    write_json(&out.join("train_results.json"), &train_metrics)?;
+    write_json(&out.join(TRAINER_STATE), state, JsonEnding::Bracket)?;
+    write_json(
+        &out.join("train_results.json"),
+        &train_metrics,
+        JsonEnding::Bracket,
+    )?;
     let mut all = train_metrics.as_object().cloned().unwrap_or_default();
     if let Some(evaluation) = final_eval {
         let mut eval_metrics = evaluation.metrics(run);
         eval_metrics.insert("epoch".into(), json!(state.epoch));
-        write_json(&out.join("eval_results.json"), &eval_metrics)?;
+        write_json(
+            &out.join("eval_results.json"),
+            &eval_metrics,
+            JsonEnding::Bracket,
+        )?;
         all.extend(eval_metrics);
         eval_loss = Some(evaluation.loss);
     }
-    write_json(&out.join("all_results.json"), &Value::Object(all))?;
+    write_json(
+        &out.join("all_results.json"),
+        &Value::Object(all),
+        JsonEnding::Bracket,
+    )?;
     if args.plot_loss {
         crate::plot::plot_losses(out, &state.log_history)?;
     }
