@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
+use ff_fsio::{peak_rss_bytes, PeakOf};
 use ff_model::finetune::{apply_lora, LoraSpec};
 use ff_model::load::{from_tensors_quantized, RandomInit};
 use ff_model::quant::{FourBitType, QuantFormat};
@@ -128,18 +129,7 @@ fn main() -> Result<()> {
         frozen_linear_bytes as f64 / 1e6,
         dequantize_seconds,
         (batch * seq) as f64 / median,
-        peak_rss_mb()?
+        peak_rss_bytes(PeakOf::ThisProcess).context("no VmHWM in /proc/self/status")? as f64 / 1e6
     );
     Ok(())
-}
-
-/// The kernel's high-water mark of this process's resident memory.
-fn peak_rss_mb() -> Result<f64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc/self/status")?;
-    Ok(kib * 1024.0 / 1e6)
 }

@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Subcommand, ValueEnum};
 use ff_dist::ProcessGroup;
+use ff_fsio::{peak_rss_bytes, PeakOf};
 use ff_model::finetune::{apply_lora, make_all_trainable, LoraSpec};
 use ff_model::load::from_tensors;
 use ff_model::{CausalLm, ModelConfig};
@@ -364,6 +365,6 @@ fn step(args: StepArgs) -> Result<()> {
 
 /// Peak resident set size of this process, from the kernel's high-water mark.
 fn peak_rss() -> Result<String> {
-    let bytes = crate::peak_rss::peak_rss_bytes().context("no VmHWM in /proc/self/status")?;
+    let bytes = peak_rss_bytes(PeakOf::ThisProcess).context("no VmHWM in /proc/self/status")?;
     Ok(format!("{:.2} GB", bytes as f64 / 1e9))
 }

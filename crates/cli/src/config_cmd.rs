@@ -5,6 +5,7 @@
 mod prompt;
 mod questions;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -40,7 +41,7 @@ pub fn run(args: ConfigArgs) -> Result<()> {
     match args.action {
         None => {
             let config = questions::ask(&mut prompt::Asker::for_this_process())?;
-            write_atomically(&path, &config.to_yaml())?;
+            save_launch_file(&path, &config.to_yaml())?;
             println!("ferrofactory configuration saved at {}", path.display());
         }
         Some(ConfigAction::Default { mixed_precision }) => {
@@ -57,7 +58,7 @@ pub fn run(args: ConfigArgs) -> Result<()> {
                 "bf16" => MixedPrecision::Bf16,
                 _ => MixedPrecision::No,
             };
-            write_atomically(&path, &LaunchConfig::single_process(precision).to_yaml())?;
+            save_launch_file(&path, &LaunchConfig::single_process(precision).to_yaml())?;
             println!("ferrofactory configuration saved at {}", path.display());
         }
         Some(ConfigAction::Show) => {
@@ -90,26 +91,12 @@ pub(crate) fn default_file() -> Result<PathBuf> {
     }
 }
 
-/// Writes beside the target and renames, so an interrupted write never leaves half a file.
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} names no file", path.display()))?;
-    let temporary = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    std::fs::write(&temporary, text).with_context(|| format!("writing {}", temporary.display()))?;
-    if let Err(e) = std::fs::rename(&temporary, path) {
-        // Best effort: the rename's error is the one worth reporting.
-        std::fs::remove_file(&temporary).ok();
-        return Err(e).with_context(|| format!("moving the new launch file to {}", path.display()));
+/// Writes the launch file whole or not at all, creating its folder.
+fn save_launch_file(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    Ok(())
+    Ok(ff_fsio::write_atomically(path, |file| {
+        file.write_all(text.as_bytes())
+    })?)
 }

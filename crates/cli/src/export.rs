@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use ff_config::TrainArgs;
-use ff_model::hf_export::{
-    declared_dtype, generation_config, merge_lora, save_model_dir, write_json,
-};
+use ff_fsio::{write_json, JsonEnding};
+use ff_model::hf_export::{declared_dtype, generation_config, merge_lora, save_model_dir};
 use ff_model::peft::load_adapter;
 use ff_model::ModelConfig;
 use ff_train::checkpoint::copy_files;
@@ -60,6 +59,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
             write_json(
                 &tmp.join("generation_config.json"),
                 &generation_config(&raw),
+                JsonEnding::Bracket,
             )?;
         }
         if export_dir.exists() {

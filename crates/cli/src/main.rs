@@ -9,7 +9,6 @@ mod export;
 mod heap;
 mod launch_cmd;
 mod model_source;
-mod peak_rss;
 mod preprocess;
 mod progress;
 mod train;

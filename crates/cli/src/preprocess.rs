@@ -24,7 +24,7 @@ pub fn run(config: &Path, overrides: &[String], output: Option<&PathBuf>) -> Res
     let lines = ff_data::to_json_lines(&examples);
     match output {
         Some(path) => {
-            ff_model::safetensors_io::write_atomic(path, lines.as_bytes())
+            ff_fsio::write_atomically(path, |file| file.write_all(lines.as_bytes()))
                 .with_context(|| format!("writing --output {}", path.display()))?;
             eprintln!("wrote {} examples to {}", examples.len(), path.display());
         }

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::DType;
-use ff_config::TrainArgs;
+use ff_config::{FinetuningType, TrainArgs};
 use ff_model::finetune::{apply_freeze, apply_lora, make_all_trainable, LoraSpec};
 use ff_model::peft::load_adapter;
 use ff_model::CausalLm;
@@ -188,8 +188,8 @@ pub(crate) fn launch_workers(
 
 /// LoRA (fresh, or continued from `adapter_name_or_path`), full, or freeze tuning.
 fn apply_finetuning(model: &mut CausalLm, args: &TrainArgs) -> Result<SavedWeights> {
-    match args.finetuning_type.as_str() {
-        "lora" => {
+    match args.finetuning_type {
+        FinetuningType::Lora => {
             let spec = match &args.adapter_name_or_path {
                 Some(dir) if !args.create_new_adapter => load_adapter(model, Path::new(dir))
                     .with_context(|| format!("loading adapter_name_or_path {dir}"))?,
@@ -207,11 +207,11 @@ fn apply_finetuning(model: &mut CausalLm, args: &TrainArgs) -> Result<SavedWeigh
             };
             Ok(SavedWeights::Lora(spec))
         }
-        "full" => {
+        FinetuningType::Full => {
             make_all_trainable(model)?;
             Ok(SavedWeights::Full)
         }
-        "freeze" => {
+        FinetuningType::Freeze => {
             apply_freeze(
                 model,
                 args.freeze_trainable_layers,
@@ -220,7 +220,6 @@ fn apply_finetuning(model: &mut CausalLm, args: &TrainArgs) -> Result<SavedWeigh
             )?;
             Ok(SavedWeights::Full)
         }
-        other => bail!("finetuning_type `{other}` is not supported"),
     }
 }
 

@@ -14,6 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ff_config::{FsdpConfig, ShardingStrategy};
+use ff_fsio::{peak_rss_bytes, PeakOf};
 use support::{assert_success, Job};
 
 const HIDDEN: usize = 576;
@@ -102,14 +103,6 @@ fn write_model(dir: &Path) {
     }
 }
 
-/// Largest resident set of any waited-for child so far, in bytes.
-fn children_peak_rss() -> u64 {
-    // SAFETY: getrusage fills the struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
-    usage.ru_maxrss as u64 * 1024
-}
-
 #[test]
 fn full_shard_rank_1_peaks_at_one_process_less_its_unheld_half() {
     let dir = tempfile::tempdir().unwrap();
@@ -134,7 +127,7 @@ fn full_shard_rank_1_peaks_at_one_process_less_its_unheld_half() {
         .train("single", &config, &["output_dir=one", "max_steps=1"], &[])
         .wait_until(deadline);
     assert_success(&single);
-    let single_peak = children_peak_rss();
+    let single_peak = peak_rss_bytes(PeakOf::WaitedChildren).unwrap();
 
     let settings = FsdpConfig {
         sharding_strategy: ShardingStrategy::FullShard,

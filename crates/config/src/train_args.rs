@@ -4,6 +4,10 @@ use std::path::Path;
 
 use serde_yaml::{Mapping, Value};
 
+use crate::choices::{
+    ExportDevice, FinetuningType, IntervalStrategy, LrSchedulerType, MixStrategy, Optimizer,
+    QuantizationMethod, QuantizationType, ReportTo, Stage,
+};
 use crate::error::{closest, ConfigError};
 use crate::value::{read, render, CommaList};
 
@@ -46,10 +50,10 @@ train_args! {
     /// 4 or 8: quantize the frozen base for QLoRA (bitsandbytes' layouts).
     quantization_bit: Option<u64> = None,
     /// `nf4` or `fp4`, for 4 bits.
-    quantization_type: String = "nf4".into(),
+    quantization_type: QuantizationType = QuantizationType::Nf4,
     /// Quantize the 4-bit absmax statistics again (8 bits in blocks of 256).
     double_quantization: bool = true,
-    quantization_method: String = "bitsandbytes".into(),
+    quantization_method: QuantizationMethod = QuantizationMethod::Bitsandbytes,
     /// Keep the whole graph instead of recomputing each decoder layer in backward.
     disable_gradient_checkpointing: bool = false,
 
@@ -58,7 +62,7 @@ train_args! {
     export_dir: Option<String> = None,
     /// Shard size of the exported safetensors, in GB.
     export_size: u64 = 5,
-    export_device: String = "cpu".into(),
+    export_device: ExportDevice = ExportDevice::Cpu,
     export_legacy_format: bool = false,
     export_quantization_bit: Option<u64> = None,
     export_quantization_dataset: Option<String> = None,
@@ -67,9 +71,9 @@ train_args! {
     export_hub_model_id: Option<String> = None,
 
     // Method.
-    stage: String = "sft".into(),
+    stage: Stage = Stage::Sft,
     do_train: bool = true,
-    finetuning_type: String = "lora".into(),
+    finetuning_type: FinetuningType = FinetuningType::Lora,
     lora_rank: u64 = 8,
     /// Defaults to twice `lora_rank`.
     lora_alpha: Option<f64> = None,
@@ -102,19 +106,19 @@ train_args! {
     packing: Option<bool> = None,
     neat_packing: bool = false,
     streaming: bool = false,
-    mix_strategy: String = "concat".into(),
+    mix_strategy: MixStrategy = MixStrategy::Concat,
     tokenized_path: Option<String> = None,
 
     // Output.
     output_dir: Option<String> = None,
     overwrite_output_dir: bool = false,
     logging_steps: f64 = 500.0,
-    save_strategy: String = "steps".into(),
+    save_strategy: IntervalStrategy = IntervalStrategy::Steps,
     save_steps: f64 = 500.0,
     save_total_limit: Option<u64> = None,
     save_only_model: bool = false,
     plot_loss: bool = false,
-    report_to: CommaList = CommaList(vec!["none".into()]),
+    report_to: Vec<ReportTo> = vec![ReportTo::None],
 
     // Optimisation.
     per_device_train_batch_size: u64 = 8,
@@ -122,7 +126,7 @@ train_args! {
     learning_rate: f64 = 5e-5,
     num_train_epochs: f64 = 3.0,
     max_steps: i64 = -1,
-    lr_scheduler_type: String = "linear".into(),
+    lr_scheduler_type: LrSchedulerType = LrSchedulerType::Linear,
     lr_scheduler_kwargs: Value = Value::Null,
     warmup_ratio: f64 = 0.0,
     warmup_steps: u64 = 0,
@@ -131,7 +135,7 @@ train_args! {
     adam_beta2: f64 = 0.999,
     adam_epsilon: f64 = 1e-8,
     max_grad_norm: f64 = 1.0,
-    optim: String = "adamw_torch".into(),
+    optim: Optimizer = Optimizer::AdamwTorch,
     /// A folder on a local disk where gradients and AdamW moments live during training instead
     /// of memory, as DeepSpeed's NVMe offload keeps them (not with sharded FSDP; a ferrofactory
     /// key).
@@ -144,7 +148,7 @@ train_args! {
 
     // Evaluation.
     do_eval: bool = false,
-    eval_strategy: String = "no".into(),
+    eval_strategy: IntervalStrategy = IntervalStrategy::No,
     eval_steps: Option<f64> = None,
     per_device_eval_batch_size: u64 = 8,
 
@@ -301,17 +305,6 @@ impl TrainArgs {
                 })
             }
         };
-        if self.stage != "sft" {
-            return Err(ConfigError::Invalid(format!(
-                "stage `{}` is not supported; ferrofactory trains stage sft only",
-                self.stage
-            )));
-        }
-        one_of(
-            "finetuning_type",
-            &self.finetuning_type,
-            &["lora", "full", "freeze"],
-        )?;
         for (key, on) in [
             ("use_dora", self.use_dora),
             ("pissa_init", self.pissa_init),
@@ -347,7 +340,6 @@ impl TrainArgs {
             self.export_size >= 1,
             "at least 1 (GB)",
         )?;
-        one_of("mix_strategy", &self.mix_strategy, &["concat"])?;
         range(
             "lora_rank",
             self.lora_rank as f64,
@@ -451,42 +443,6 @@ impl TrainArgs {
             self.ddp_timeout >= 1,
             "at least 1 second",
         )?;
-        one_of(
-            "lr_scheduler_type",
-            &self.lr_scheduler_type,
-            &[
-                "linear",
-                "cosine",
-                "cosine_with_restarts",
-                "polynomial",
-                "constant",
-                "constant_with_warmup",
-                "cosine_with_min_lr",
-            ],
-        )?;
-        one_of(
-            "optim",
-            &self.optim,
-            &["adamw_torch", "adamw_torch_fused", "adamw_hf"],
-        )?;
-        one_of(
-            "save_strategy",
-            &self.save_strategy,
-            &["steps", "epoch", "no"],
-        )?;
-        one_of(
-            "eval_strategy",
-            &self.eval_strategy,
-            &["no", "steps", "epoch"],
-        )?;
-        one_of(
-            "quantization_type",
-            &self.quantization_type,
-            &["nf4", "fp4"],
-        )?;
-        for target in &self.report_to.0 {
-            one_of("report_to", target, &["none"])?;
-        }
         if self.bf16 && self.fp16 {
             return Err(ConfigError::Invalid(
                 "bf16 and fp16 are both true; choose one compute precision".into(),
@@ -501,17 +457,12 @@ impl TrainArgs {
         let Some(bits) = self.quantization_bit else {
             return Ok(());
         };
-        one_of(
-            "quantization_method",
-            &self.quantization_method,
-            &["bitsandbytes"],
-        )?;
         if bits != 4 && bits != 8 {
             return Err(ConfigError::Invalid(format!(
                 "quantization_bit is {bits}, but bitsandbytes quantization takes 4 or 8 bits"
             )));
         }
-        if self.finetuning_type != "lora" {
+        if self.finetuning_type != FinetuningType::Lora {
             return Err(ConfigError::Invalid(format!(
                 "quantization_bit works with finetuning_type lora only (QLoRA), not `{}`; quantized weights cannot be trained",
                 self.finetuning_type
@@ -561,8 +512,7 @@ impl TrainArgs {
                 });
             }
         }
-        one_of("export_device", &self.export_device, &["cpu", "auto"])?;
-        if self.finetuning_type != "lora" && self.adapter_name_or_path.is_some() {
+        if self.finetuning_type != FinetuningType::Lora && self.adapter_name_or_path.is_some() {
             return Err(ConfigError::Invalid(format!(
                 "adapter_name_or_path works with finetuning_type lora only, not `{}`",
                 self.finetuning_type
@@ -584,25 +534,15 @@ impl TrainArgs {
                 )));
             }
         }
-        if self.eval_strategy != "no" && self.val_size == 0.0 && self.eval_dataset.is_empty() {
+        if self.eval_strategy != IntervalStrategy::No
+            && self.val_size == 0.0
+            && self.eval_dataset.is_empty()
+        {
             return Err(ConfigError::Invalid(format!(
                 "eval_strategy is `{}` but there is nothing to evaluate on; set val_size or eval_dataset",
                 self.eval_strategy
             )));
         }
         Ok(())
-    }
-}
-
-/// `value` of `key` must be one of `allowed`.
-fn one_of(key: &str, value: &str, allowed: &[&str]) -> Result<(), ConfigError> {
-    if allowed.contains(&value) {
-        Ok(())
-    } else {
-        Err(ConfigError::OutOfRange {
-            key: key.into(),
-            got: format!("`{value}`"),
-            range: format!("one of {}", allowed.join(", ")),
-        })
     }
 }

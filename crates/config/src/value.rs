@@ -3,18 +3,28 @@
 
 use serde_yaml::Value;
 
+use crate::choices::Choice;
 use crate::error::ConfigError;
 
 pub trait FromYaml: Sized {
-    /// What a value must be, for the error message (`a number`, `true or false`, ...).
-    const EXPECTED: &'static str;
-    fn from_yaml(value: &Value) -> Option<Self>;
+    /// `key`'s value, or the one-sentence error that names the key and what it must be.
+    fn read(key: &str, value: &Value) -> Result<Self, ConfigError>;
 }
 
 pub fn read<T: FromYaml>(key: &str, value: &Value) -> Result<T, ConfigError> {
-    T::from_yaml(value).ok_or_else(|| ConfigError::BadValue {
+    T::read(key, value)
+}
+
+/// `parsed`, or the error saying that `key` must be `expected`.
+fn expect<T>(
+    key: &str,
+    value: &Value,
+    expected: &'static str,
+    parsed: Option<T>,
+) -> Result<T, ConfigError> {
+    parsed.ok_or_else(|| ConfigError::BadValue {
         key: key.to_string(),
-        expected: T::EXPECTED,
+        expected,
         got: render(value),
     })
 }
@@ -38,57 +48,58 @@ fn scalar_text(value: &Value) -> Option<String> {
 }
 
 impl FromYaml for String {
-    const EXPECTED: &'static str = "a string";
-    fn from_yaml(value: &Value) -> Option<Self> {
-        scalar_text(value)
+    fn read(key: &str, value: &Value) -> Result<Self, ConfigError> {
+        expect(key, value, "a string", scalar_text(value))
     }
 }
 
 impl FromYaml for f64 {
-    const EXPECTED: &'static str = "a number";
-    fn from_yaml(value: &Value) -> Option<Self> {
-        match value {
+    fn read(key: &str, value: &Value) -> Result<Self, ConfigError> {
+        let parsed = match value {
             Value::Number(n) => n.as_f64(),
             Value::String(s) => s.trim().parse().ok(),
             _ => None,
-        }
-        .filter(|v: &f64| v.is_finite())
+        };
+        expect(
+            key,
+            value,
+            "a number",
+            parsed.filter(|v: &f64| v.is_finite()),
+        )
     }
 }
 
 impl FromYaml for i64 {
-    const EXPECTED: &'static str = "an integer";
-    fn from_yaml(value: &Value) -> Option<Self> {
-        match value {
+    fn read(key: &str, value: &Value) -> Result<Self, ConfigError> {
+        let parsed = match value {
             Value::Number(n) => n.as_i64(),
             Value::String(s) => s.trim().parse().ok(),
             _ => None,
-        }
+        };
+        expect(key, value, "an integer", parsed)
     }
 }
 
 impl FromYaml for u64 {
-    const EXPECTED: &'static str = "a non-negative integer";
-    fn from_yaml(value: &Value) -> Option<Self> {
-        match value {
+    fn read(key: &str, value: &Value) -> Result<Self, ConfigError> {
+        let parsed = match value {
             Value::Number(n) => n.as_u64(),
             Value::String(s) => s.trim().parse().ok(),
             _ => None,
-        }
+        };
+        expect(key, value, "a non-negative integer", parsed)
     }
 }
 
 impl FromYaml for usize {
-    const EXPECTED: &'static str = "a non-negative integer";
-    fn from_yaml(value: &Value) -> Option<Self> {
-        u64::from_yaml(value).map(|v| v as usize)
+    fn read(key: &str, value: &Value) -> Result<Self, ConfigError> {
+        u64::read(key, value).map(|v| v as usize)
     }
 }
 
 impl FromYaml for bool {
-    const EXPECTED: &'static str = "true or false";
-    fn from_yaml(value: &Value) -> Option<Self> {
-        match value {
+    fn read(key: &str, value: &Value) -> Result<Self, ConfigError> {
+        let parsed = match value {
             Value::Bool(b) => Some(*b),
             Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
                 "true" => Some(true),
@@ -96,19 +107,19 @@ impl FromYaml for bool {
                 _ => None,
             },
             _ => None,
-        }
+        };
+        expect(key, value, "true or false", parsed)
     }
 }
 
 impl<T: FromYaml> FromYaml for Option<T> {
-    const EXPECTED: &'static str = T::EXPECTED;
-    fn from_yaml(value: &Value) -> Option<Self> {
+    fn read(key: &str, value: &Value) -> Result<Self, ConfigError> {
         match value {
-            Value::Null => Some(None),
+            Value::Null => Ok(None),
             Value::String(s) if s.trim().eq_ignore_ascii_case("null") || s.trim() == "None" => {
-                Some(None)
+                Ok(None)
             }
-            v => T::from_yaml(v).map(Some),
+            v => T::read(key, v).map(Some),
         }
     }
 }
@@ -128,17 +139,16 @@ impl CommaList {
 }
 
 impl FromYaml for CommaList {
-    const EXPECTED: &'static str = "a comma-separated list of names";
-    fn from_yaml(value: &Value) -> Option<Self> {
+    fn read(key: &str, value: &Value) -> Result<Self, ConfigError> {
         let items: Vec<String> = match value {
             Value::Null => Vec::new(),
             Value::Sequence(items) => items.iter().filter_map(scalar_text).collect(),
-            v => scalar_text(v)?
+            v => expect(key, v, "a comma-separated list of names", scalar_text(v))?
                 .split(',')
                 .map(|s| s.trim().to_string())
                 .collect(),
         };
-        Some(CommaList(
+        Ok(CommaList(
             items.into_iter().filter(|s| !s.is_empty()).collect(),
         ))
     }
@@ -146,8 +156,25 @@ impl FromYaml for CommaList {
 
 /// Any YAML value kept as it is (for keys such as `lr_scheduler_kwargs`).
 impl FromYaml for Value {
-    const EXPECTED: &'static str = "a value";
-    fn from_yaml(value: &Value) -> Option<Self> {
-        Some(value.clone())
+    fn read(_key: &str, value: &Value) -> Result<Self, ConfigError> {
+        Ok(value.clone())
+    }
+}
+
+impl<T: Choice> FromYaml for T {
+    fn read(key: &str, value: &Value) -> Result<Self, ConfigError> {
+        let name = String::read(key, value)?;
+        T::from_name(&name).ok_or_else(|| T::refuse(key, &name))
+    }
+}
+
+/// A comma list of choices, written as [`CommaList`] is.
+impl<T: Choice> FromYaml for Vec<T> {
+    fn read(key: &str, value: &Value) -> Result<Self, ConfigError> {
+        CommaList::read(key, value)?
+            .0
+            .iter()
+            .map(|name| T::from_name(name).ok_or_else(|| T::refuse(key, name)))
+            .collect()
     }
 }

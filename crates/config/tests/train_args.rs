@@ -1,4 +1,7 @@
-use ff_config::{ConfigError, TrainArgs};
+use ff_config::{
+    ConfigError, ExportDevice, FinetuningType, IntervalStrategy, LrSchedulerType, Optimizer,
+    ReportTo, TrainArgs,
+};
 
 fn parse(yaml: &str, overrides: &[&str]) -> Result<TrainArgs, ConfigError> {
     let dir = tempfile::tempdir().unwrap();
@@ -220,4 +223,45 @@ fn export_keys_parse_and_unsupported_ones_are_refused_with_a_reason() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("export_dir"), "{err}");
+}
+
+#[test]
+fn enumerated_keys_read_as_their_values_and_wrong_names_fail_when_read() {
+    let args = parse(
+        "finetuning_type: freeze\neval_strategy: epoch\nsave_strategy: 'no'\noptim: adamw_torch_fused\nreport_to: [none]\nexport_device: auto\n",
+        &["lr_scheduler_type=cosine_with_restarts"],
+    )
+    .unwrap();
+    assert_eq!(args.finetuning_type, FinetuningType::Freeze);
+    assert_eq!(args.eval_strategy, IntervalStrategy::Epoch);
+    assert_eq!(args.save_strategy, IntervalStrategy::No);
+    assert_eq!(args.optim, Optimizer::AdamwTorchFused);
+    assert_eq!(args.report_to, [ReportTo::None]);
+    assert_eq!(args.export_device, ExportDevice::Auto);
+    assert_eq!(args.lr_scheduler_type, LrSchedulerType::CosineWithRestarts);
+    for (yaml, message) in [
+        (
+            "save_strategy: best\n",
+            "`save_strategy` is `best` but must be one of no, steps, epoch",
+        ),
+        (
+            "finetuning_type: LoRA\n",
+            "`finetuning_type` is `LoRA` but must be one of lora, full, freeze",
+        ),
+        (
+            "report_to: none,wandb\n",
+            "`report_to` is `wandb` but must be one of none",
+        ),
+        (
+            "export_device: cuda\n",
+            "`export_device` is `cuda` but must be one of cpu, auto",
+        ),
+        (
+            "optim: [adamw_torch]\n",
+            "`optim` must be a string, got - adamw_torch",
+        ),
+    ] {
+        let error = parse(yaml, &[]).unwrap_err().to_string();
+        assert_eq!(error, message, "{yaml}");
+    }
 }

@@ -11,6 +11,9 @@ pub enum DataError {
         source: std::io::Error,
     },
 
+    #[error(transparent)]
+    Write(#[from] ff_fsio::WriteError),
+
     #[error("{} line {line} is not valid JSON ({message}); fix that line", path.display())]
     Json {
         path: PathBuf,

@@ -2,6 +2,7 @@
 //! `json.dumps` writes them (LLaMA-Factory's reference files use this layout).
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::Path;
 
 use crate::error::{DataError, Result};
@@ -34,8 +35,13 @@ pub fn to_json_lines(examples: &[Example]) -> String {
 /// Writes `examples` to `path` through a temporary file, so a partly written file never has
 /// the final name.
 pub fn write_json_lines(path: &Path, examples: &[Example]) -> Result<()> {
-    crate::cache::write_atomically(path, to_json_lines(examples).as_bytes())
-        .map_err(|e| DataError::io(path, e))
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    }
+    let lines = to_json_lines(examples);
+    Ok(ff_fsio::write_atomically(path, |file| {
+        file.write_all(lines.as_bytes())
+    })?)
 }
 
 #[cfg(test)]

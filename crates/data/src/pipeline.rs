@@ -4,6 +4,7 @@
 //! all cores) and drop the ones SFT cannot use.
 
 use std::collections::HashSet;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -346,8 +347,9 @@ pub fn cache_file(args: &DataArgs, tokenizer_dir: &Path, cache_dir: &Path) -> Re
     } else {
         Template::by_name(&args.template)?.tool_format
     };
+    let tool_format = args.tool_format.as_deref().and_then(ToolFormat::from_name);
     let llama3_tools =
-        args.tool_format.as_deref() == Some("llama3") || template_tools == ToolFormat::Llama3;
+        tool_format == Some(ToolFormat::Llama3) || template_tools == ToolFormat::Llama3;
     if llama3_tools {
         key.part("date", today().as_bytes());
     }
@@ -380,7 +382,8 @@ pub fn prepare_cached(
         eval: prepared.eval,
         pad_token_id: prepared.pad_token_id,
     };
-    cache::write_atomically(&path, &cache::to_bytes(&data)).map_err(|e| DataError::io(&path, e))?;
+    std::fs::create_dir_all(cache_dir).map_err(|e| DataError::io(cache_dir, e))?;
+    ff_fsio::write_atomically(&path, |file| file.write_all(&cache::to_bytes(&data)))?;
     let prepared = Prepared {
         train: data.train,
         eval: data.eval,

@@ -25,6 +25,9 @@ pub enum ModelError {
     #[error("{}: {message}", path.display())]
     File { path: PathBuf, message: String },
 
+    #[error(transparent)]
+    Write(#[from] ff_fsio::WriteError),
+
     #[error("{0}")]
     Unsupported(String),
 

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value as Meta};
 use candle_core::{DType, Device, Tensor};
+use ff_fsio::{write_json, JsonEnding};
 use memmap2::Mmap;
 use serde_json::{json, Map, Value};
 
@@ -21,7 +22,6 @@ use crate::causal_lm::CausalLm;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::load::{from_tensors, TensorSource};
-use crate::safetensors_io::write_atomic;
 
 /// `general.architecture` values whose tensors map onto the llama-family decoder. They are
 /// spelled as Hugging Face's `model_type` for the same models.
@@ -200,11 +200,12 @@ impl GgufModel {
         for (key, value) in self.special_token_ids()? {
             generation.insert(key.into(), json!(value));
         }
-        write_json(&dir.join("config.json"), &config)?;
-        write_json(
+        write_json(&dir.join("config.json"), &config, JsonEnding::Newline)?;
+        Ok(write_json(
             &dir.join("generation_config.json"),
             &Value::Object(generation),
-        )
+            JsonEnding::Newline,
+        )?)
     }
 
     /// Writes tokenizer.json and tokenizer_config.json into `dir`, each atomically, rebuilt from
@@ -213,8 +214,12 @@ impl GgufModel {
     pub fn write_tokenizer_files(&self, dir: &Path) -> Result<()> {
         let tokenizer = self.tokenizer_json()?;
         let config = self.tokenizer_config_json()?;
-        write_json(&dir.join("tokenizer.json"), &tokenizer)?;
-        write_json(&dir.join("tokenizer_config.json"), &config)
+        write_json(&dir.join("tokenizer.json"), &tokenizer, JsonEnding::Newline)?;
+        Ok(write_json(
+            &dir.join("tokenizer_config.json"),
+            &config,
+            JsonEnding::Newline,
+        )?)
     }
 
     fn tokenizer_json(&self) -> Result<Value> {
@@ -720,11 +725,4 @@ fn check_tensor_extents(path: &Path, content: &Content, file_len: u64) -> Result
         }
     }
     Ok(())
-}
-
-fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value)
-        .map_err(|e| ModelError::file(path, format!("could not be serialized ({e})")))?;
-    text.push('\n');
-    write_atomic(path, text.as_bytes())
 }

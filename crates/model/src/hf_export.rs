@@ -5,12 +5,13 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
+use ff_fsio::{write_json, JsonEnding};
 use serde_json::{json, Map, Value};
 
 use crate::causal_lm::CausalLm;
 use crate::error::{ModelError, Result};
 use crate::param::Param;
-use crate::safetensors_io::{save_atomic, write_atomic};
+use crate::safetensors_io::save_atomic;
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -112,7 +113,7 @@ pub fn save_model_dir(
             save_atomic(shard, metadata(), &dir.join(&file))?;
         }
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        write_json(&dir.join(INDEX_FILE), &index)?;
+        write_json(&dir.join(INDEX_FILE), &index, JsonEnding::Bracket)?;
     }
     let mut config = model.config.raw.clone();
     let dtype_name = match dtype {
@@ -126,7 +127,11 @@ pub fn save_model_dir(
         config.insert("dtype".into(), Value::String(dtype_name.into()));
     }
     config.remove("quantization_config");
-    write_json(&dir.join("config.json"), &Value::Object(config))
+    Ok(write_json(
+        &dir.join("config.json"),
+        &Value::Object(config),
+        JsonEnding::Bracket,
+    )?)
 }
 
 /// generation_config.json as transformers derives it from a model config (the token ids).
@@ -138,9 +143,4 @@ pub fn generation_config(config: &Map<String, Value>) -> Value {
         }
     }
     Value::Object(out)
-}
-
-pub fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
-    write_atomic(path, text.as_bytes())
 }

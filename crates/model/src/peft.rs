@@ -6,12 +6,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
+use ff_fsio::{write_json, JsonEnding};
 use serde_json::{json, Value};
 
 use crate::causal_lm::CausalLm;
 use crate::error::{ModelError, Result};
 use crate::finetune::{apply_lora, LoraSpec, LINEAR_MODULES};
-use crate::safetensors_io::{save_atomic, write_atomic, SafetensorsFiles};
+use crate::safetensors_io::{save_atomic, SafetensorsFiles};
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -183,6 +184,9 @@ pub fn write_adapter_config(
         "use_dora": false,
         "use_rslora": spec.use_rslora,
     });
-    let text = serde_json::to_string_pretty(&config).expect("a JSON value always serialises");
-    write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
+    Ok(write_json(
+        &dir.join(ADAPTER_CONFIG),
+        &config,
+        JsonEnding::Bracket,
+    )?)
 }

@@ -238,50 +238,8 @@ where
     S: AsRef<str> + Ord + std::fmt::Display,
     V: View,
 {
-    let tmp = tmp_path(path);
-    safetensors::serialize_to_file(views, metadata, &tmp)
-        .map_err(|e| ModelError::file(&tmp, format!("could not be written ({e})")))?;
-    give_usual_permissions(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
-}
-
-fn give_usual_permissions(path: &Path) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        // The umask can only be read by setting it; /proc tells it without a race.
-        let umask = std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|status| {
-                let line = status.lines().find(|l| l.starts_with("Umask:"))?;
-                u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
-            })
-            .unwrap_or(0o022);
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666 & !umask))
-            .map_err(|e| ModelError::io(path, e))?;
-    }
+    ff_fsio::write_atomically(path, |file| {
+        safetensors::serialize_to_file(views, metadata, file.path()).map_err(std::io::Error::other)
+    })?;
     Ok(())
-}
-
-/// Writes a file atomically (see [`save_atomic`]).
-pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .and_then(|mut file| std::io::Write::write_all(&mut file, contents))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if written.is_err() {
-        // The error worth reporting is the write's; the temporary file is ours to remove.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.map_err(|e| ModelError::io(path, e))
-}
-
-/// A hidden name beside `path` that carries the process id, so that it is never a file of the
-/// user's (writes create it new) nor another process's.
-fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }

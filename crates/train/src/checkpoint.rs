@@ -7,12 +7,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use ff_fsio::{write_json, JsonEnding};
 use ff_model::finetune::LoraSpec;
 use ff_model::peft::{
     load_adapter, read_adapter_config, save_adapter, save_adapter_weights, ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
 };
-use ff_model::safetensors_io::{save_atomic, save_views_atomic, write_atomic, SafetensorsFiles};
+use ff_model::safetensors_io::{save_atomic, save_views_atomic, SafetensorsFiles};
 use ff_model::CausalLm;
 use safetensors::tensor::View;
 use safetensors::Dtype;
@@ -86,8 +87,7 @@ pub fn save_weights(
             let mut config = model.config.raw.clone();
             config.insert("torch_dtype".into(), Value::String("float32".into()));
             config.insert("dtype".into(), Value::String("float32".into()));
-            let text = serde_json::to_string_pretty(&config).expect("JSON map serialises");
-            write_atomic(&dir.join("config.json"), text.as_bytes())?;
+            write_json(&dir.join("config.json"), &config, JsonEnding::Bracket)?;
         }
     }
     Ok(())
@@ -497,22 +497,17 @@ pub fn copy_files(files: &[PathBuf], dir: &Path) -> TrainResult<()> {
     Ok(())
 }
 
-pub fn write_json(path: &Path, value: &impl Serialize) -> TrainResult<()> {
-    let text = serde_json::to_string_pretty(value).expect("plain data serialises");
-    write_atomic(path, text.as_bytes())?;
-    Ok(())
-}
-
 /// Beside `trainer_state.json` in a checkpoint: the settings that decide the data order and
 /// step layout. Resuming under other settings would silently train on other data, so it is
 /// refused. A file of its own, because Hugging Face's `TrainerState` refuses unknown keys.
 pub const RUN_FILE: &str = "ferrofactory_run.json";
 
 pub fn write_run_hash(dir: &Path, hash: &str) -> TrainResult<()> {
-    write_json(
+    Ok(write_json(
         &dir.join(RUN_FILE),
         &serde_json::json!({ "run_hash": hash }),
-    )
+        JsonEnding::Bracket,
+    )?)
 }
 
 /// The run hash a checkpoint was written with: from [`RUN_FILE`], or from `trainer_state.json`

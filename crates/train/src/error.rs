@@ -14,6 +14,9 @@ pub enum TrainError {
         source: std::io::Error,
     },
 
+    #[error(transparent)]
+    Write(#[from] ff_fsio::WriteError),
+
     #[error("{0}")]
     Checkpoint(String),
 

@@ -75,7 +75,7 @@ pub fn report(rank: usize, memory: &MemoryReport) {
         memory.optimizer_bytes,
         memory.largest_unit_bytes,
         memory.peak_gathered_bytes,
-        crate::peak_rss::peak_rss_bytes().unwrap_or(0),
+        ff_fsio::peak_rss_bytes(ff_fsio::PeakOf::ThisProcess).unwrap_or(0),
         memory.quantized_bytes,
         memory.model_quantized_bytes,
     );

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
-use ff_config::{FsdpConfig, TrainArgs};
+use ff_config::{FsdpConfig, QuantizationType, TrainArgs};
 use ff_model::quant::{FourBitType, QuantFormat};
 use ff_model::ModelConfig;
 
@@ -14,10 +14,9 @@ pub fn quant_format(args: &TrainArgs) -> Option<QuantFormat> {
     match args.quantization_bit? {
         8 => Some(QuantFormat::Int8Rowwise),
         _ => Some(QuantFormat::FourBit {
-            kind: if args.quantization_type == "fp4" {
-                FourBitType::Fp4
-            } else {
-                FourBitType::Nf4
+            kind: match args.quantization_type {
+                QuantizationType::Nf4 => FourBitType::Nf4,
+                QuantizationType::Fp4 => FourBitType::Fp4,
             },
             double_quant: args.double_quantization,
         }),

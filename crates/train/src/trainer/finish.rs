@@ -1,9 +1,11 @@
 //! What a finished run leaves in `output_dir`, and what it reports.
 
+use ff_config::IntervalStrategy;
+use ff_fsio::{write_json, JsonEnding};
 use ff_model::CausalLm;
 use serde_json::{json, Value};
 
-use crate::checkpoint::{copy_files, save_weights, write_json, TrainerState, TRAINER_STATE};
+use crate::checkpoint::{copy_files, save_weights, TrainerState, TRAINER_STATE};
 use crate::engine::Engine;
 use crate::error::TrainResult;
 use crate::optim::{AdamW, AdamWState};
@@ -52,7 +54,7 @@ pub(super) fn write_final_outputs(
     }
     release_after_saving(model, engine)?;
     // Hugging Face saves a last checkpoint at the end whatever the interval.
-    if args.save_strategy != "no" {
+    if args.save_strategy != IntervalStrategy::No {
         save_checkpoint(model, run, engine, optimizer, state, full_names)?;
     }
     let final_eval = if eval_enabled {
@@ -85,17 +87,29 @@ pub(super) fn write_final_outputs(
         0.0,
     );
     append_log_line(out, &line)?;
-    write_json(&out.join(TRAINER_STATE), state)?;
-    write_json(&out.join("train_results.json"), &train_metrics)?;
+    write_json(&out.join(TRAINER_STATE), state, JsonEnding::Bracket)?;
+    write_json(
+        &out.join("train_results.json"),
+        &train_metrics,
+        JsonEnding::Bracket,
+    )?;
     let mut all = train_metrics.as_object().cloned().unwrap_or_default();
     if let Some(evaluation) = final_eval {
         let mut eval_metrics = evaluation.metrics(run);
         eval_metrics.insert("epoch".into(), json!(state.epoch));
-        write_json(&out.join("eval_results.json"), &eval_metrics)?;
+        write_json(
+            &out.join("eval_results.json"),
+            &eval_metrics,
+            JsonEnding::Bracket,
+        )?;
         all.extend(eval_metrics);
         eval_loss = Some(evaluation.loss);
     }
-    write_json(&out.join("all_results.json"), &Value::Object(all))?;
+    write_json(
+        &out.join("all_results.json"),
+        &Value::Object(all),
+        JsonEnding::Bracket,
+    )?;
     if args.plot_loss {
         crate::plot::plot_losses(out, &state.log_history)?;
     }

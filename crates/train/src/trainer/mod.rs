@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use ff_config::{FsdpConfig, TrainArgs};
+use ff_config::{FsdpConfig, IntervalStrategy, TrainArgs};
 use ff_dist::ProcessGroup;
 use ff_model::dropout::derive_seed;
 use ff_model::CausalLm;
@@ -172,7 +172,7 @@ fn check_training_set(run: &Run<'_>) -> TrainResult<()> {
 }
 
 fn eval_enabled(run: &Run<'_>) -> bool {
-    !run.eval.is_empty() && (run.args.do_eval || run.args.eval_strategy != "no")
+    !run.eval.is_empty() && (run.args.do_eval || run.args.eval_strategy != IntervalStrategy::No)
 }
 
 /// What the loop's steps came to.
@@ -242,10 +242,10 @@ fn train_loop(
         }
         let epoch_end = step.is_multiple_of(plan.steps_per_epoch);
         let eval_now = eval_enabled(run)
-            && match args.eval_strategy.as_str() {
-                "steps" => step.is_multiple_of(plan.eval_every),
-                "epoch" => epoch_end,
-                _ => false,
+            && match args.eval_strategy {
+                IntervalStrategy::Steps => step.is_multiple_of(plan.eval_every),
+                IntervalStrategy::Epoch => epoch_end,
+                IntervalStrategy::No => false,
             };
         if eval_now {
             evaluate_and_log(model, run, plan, setup, state, times)?;
@@ -254,10 +254,10 @@ fn train_loop(
         let mut flag = [f32::from(u8::from(run.stop.load(Ordering::SeqCst)))];
         run.group.all_reduce_sum(&mut flag)?;
         let interrupted = flag[0] > 0.0;
-        let save_now = match args.save_strategy.as_str() {
-            "steps" => step.is_multiple_of(plan.save_every),
-            "epoch" => epoch_end,
-            _ => false,
+        let save_now = match args.save_strategy {
+            IntervalStrategy::Steps => step.is_multiple_of(plan.save_every),
+            IntervalStrategy::Epoch => epoch_end,
+            IntervalStrategy::No => false,
         };
         if (save_now || interrupted) && step < plan.total_steps {
             setup.optimizer.finish()?;

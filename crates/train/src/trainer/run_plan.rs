@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use ff_config::TrainArgs;
+use ff_config::{LrSchedulerType, TrainArgs};
 use ff_model::CausalLm;
 
 use crate::batch::Example;
@@ -96,19 +96,19 @@ impl RunPlan {
 
 fn schedule_kind(args: &TrainArgs) -> TrainResult<ScheduleKind> {
     let kwarg = |key: &str| args.lr_scheduler_kwargs.get(key).and_then(|v| v.as_f64());
-    Ok(match args.lr_scheduler_type.as_str() {
-        "constant" => ScheduleKind::Constant,
-        "constant_with_warmup" => ScheduleKind::ConstantWithWarmup,
-        "linear" => ScheduleKind::Linear,
-        "cosine" => ScheduleKind::Cosine,
-        "cosine_with_restarts" => ScheduleKind::CosineWithRestarts {
+    Ok(match args.lr_scheduler_type {
+        LrSchedulerType::Constant => ScheduleKind::Constant,
+        LrSchedulerType::ConstantWithWarmup => ScheduleKind::ConstantWithWarmup,
+        LrSchedulerType::Linear => ScheduleKind::Linear,
+        LrSchedulerType::Cosine => ScheduleKind::Cosine,
+        LrSchedulerType::CosineWithRestarts => ScheduleKind::CosineWithRestarts {
             cycles: kwarg("num_cycles").unwrap_or(1.0) as u32,
         },
-        "polynomial" => ScheduleKind::Polynomial {
+        LrSchedulerType::Polynomial => ScheduleKind::Polynomial {
             lr_end: kwarg("lr_end").unwrap_or(1e-7),
             power: kwarg("power").unwrap_or(1.0),
         },
-        "cosine_with_min_lr" => {
+        LrSchedulerType::CosineWithMinLr => {
             let rate = match (kwarg("min_lr_rate"), kwarg("min_lr")) {
                 (Some(rate), _) => rate,
                 (None, Some(min_lr)) => min_lr / args.learning_rate,
@@ -119,11 +119,6 @@ fn schedule_kind(args: &TrainArgs) -> TrainResult<ScheduleKind> {
                 }
             };
             ScheduleKind::CosineWithMinLr { min_lr_rate: rate }
-        }
-        other => {
-            return Err(TrainError::Config(format!(
-                "lr_scheduler_type `{other}` is not supported"
-            )))
         }
     })
 }

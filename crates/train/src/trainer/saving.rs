@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use ff_config::StateDictType;
 use ff_fsdp::Sharded;
+use ff_fsio::{write_json, JsonEnding};
 use ff_model::peft::write_adapter_config;
 use ff_model::CausalLm;
 use ff_walk::Residency;
@@ -12,8 +13,7 @@ use serde_json::{json, Map, Value};
 
 use crate::checkpoint::{
     copy_files, rotate_checkpoints, save_optimizer, save_shard, save_weights, shard_file,
-    write_json, write_run_hash, SavedWeights, TrainerState, OPTIMIZER_FILE, SHARDED_MARKER,
-    TRAINER_STATE,
+    write_run_hash, SavedWeights, TrainerState, OPTIMIZER_FILE, SHARDED_MARKER, TRAINER_STATE,
 };
 use crate::engine::Engine;
 use crate::error::{TrainError, TrainResult};
@@ -74,6 +74,7 @@ pub(super) fn save_checkpoint(
                     "state_dict_type": "SHARDED_STATE_DICT",
                     "tensors": tensors,
                 }),
+                JsonEnding::Bracket,
             )?;
             // The adapter's settings, so that the shards can be turned back into an adapter.
             if let SavedWeights::Lora(spec) = &run.weights {
@@ -98,7 +99,7 @@ pub(super) fn save_checkpoint(
     }
     if main {
         copy_files(&run.tokenizer_files, &tmp)?;
-        write_json(&tmp.join(TRAINER_STATE), state)?;
+        write_json(&tmp.join(TRAINER_STATE), state, JsonEnding::Bracket)?;
         write_run_hash(&tmp, &state.run_hash)?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
