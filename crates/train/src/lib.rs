@@ -4,7 +4,6 @@
 mod backward;
 pub mod batch;
 pub mod checkpoint;
-mod cross_entropy;
 pub mod engine;
 pub mod error;
 pub mod loss;

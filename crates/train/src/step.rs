@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use candle_core::{backprop::GradStore, Tensor, TensorId, Var};
 use ff_dist::ProcessGroup;
 use ff_fsdp::{BackwardExtent, Part, Pass, Residency, Walk};
+use ff_kernels::weight_grads::store_of;
 use ff_model::layers::Keep;
 use ff_model::table_grad::TableGrad;
-use ff_model::weight_grads::store_of;
 use ff_model::{CausalLm, ForwardCtx};
 
 use crate::backward::backward_from;

@@ -3,10 +3,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use ff_fsdp::{Part, Residency};
+use ff_kernels::weight_grads::store_of;
 use ff_model::finetune::make_all_trainable;
 use ff_model::load::load_model_dir;
 use ff_model::table_grad::{RowSums, TableGrad};
-use ff_model::weight_grads::store_of;
 use ff_train::offload::{chunk_ranges, Chunk, DirectFile, OffloadedGrads, CHUNK_FLOATS};
 use ff_train::{AdamWConfig, Trainables};
 
