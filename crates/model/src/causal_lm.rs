@@ -1,10 +1,10 @@
 //! The whole decoder: embeddings, layers, final norm and language-model head.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
+use ff_kernels::cast::to_f32;
 
 use crate::config::ModelConfig;
 use crate::layers::{DecoderLayer, ForwardCtx, RmsNorm};
-use crate::narrow::widen;
 use crate::param::Param;
 use crate::part::Part;
 use crate::table_grad::RowSums;
@@ -42,7 +42,7 @@ impl CausalLm {
                 .where_cond(&rows.detach(), &rows)?,
             _ => rows,
         };
-        widen(&rows)?.reshape((batch, seq, self.config.hidden_size))
+        to_f32(&rows)?.reshape((batch, seq, self.config.hidden_size))
     }
 
     /// Whether [`Self::embedding_row_sums`] gives the trained embedding table's gradient: a

@@ -3,15 +3,17 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 
-use crate::causal_attention::{causal_attention, causal_attention_replayed, AttentionValues};
+use ff_kernels::cast::{to_dtype, to_f32};
+use ff_kernels::causal_attention::{causal_attention, causal_attention_replayed, AttentionValues};
+use ff_kernels::rms_normalize::rms_normalize;
+use ff_kernels::rope_heads::rope_heads;
+use ff_kernels::swiglu::swiglu;
+use ff_kernels::Output;
+
 use crate::config::{ModelConfig, RopeScaling};
 use crate::dropout::derive_seed;
-use crate::linear::{Linear, Output};
-use crate::narrow::{narrow, widen};
+use crate::linear::Linear;
 use crate::param::Param;
-use crate::rms_normalize::rms_normalize;
-use crate::rope_heads::rope_heads;
-use crate::swiglu::swiglu;
 
 /// RMSNorm computed in float32 (the model's activations are float32; a half-precision input is
 /// widened and the result cast back).
@@ -24,8 +26,8 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let weight = self.weight.in_dtype(DType::F32)?;
-        let normed = rms_normalize(&widen(x)?, &weight, self.eps, self.weight.is_trainable())?;
-        narrow(&normed, x.dtype())
+        let normed = rms_normalize(&to_f32(x)?, &weight, self.eps, self.weight.is_trainable())?;
+        to_dtype(&normed, x.dtype())
     }
 }
 

@@ -4,35 +4,22 @@
 //! The model knows nothing about training loops or distribution: it computes a forward pass
 //! layer by layer, and exposes its parameters by name so that others can train or shard them.
 
-pub mod bf16_product;
-pub mod causal_attention;
 pub mod causal_lm;
 pub mod config;
 pub mod dropout;
 pub mod error;
-pub mod fast_exp;
 pub mod finetune;
-pub mod frozen_product;
 pub mod gguf;
 pub mod hf_export;
-pub mod lanes;
 pub mod layers;
 pub mod linear;
 pub mod load;
-pub mod lora_product;
-pub mod narrow;
 pub mod param;
 pub mod part;
 pub mod peft;
 pub mod quant;
-pub mod rms_normalize;
-pub mod rope_heads;
 pub mod safetensors_io;
-pub mod strided_product;
-pub mod swiglu;
 pub mod table_grad;
-pub mod trained_product;
-pub mod weight_grads;
 
 pub use causal_lm::CausalLm;
 pub use config::ModelConfig;
@@ -41,6 +28,3 @@ pub use finetune::LoraSpec;
 pub use layers::{DecoderLayer, ForwardCtx};
 pub use param::Param;
 pub use part::Part;
-
-#[cfg(test)]
-mod test_util;

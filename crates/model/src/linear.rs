@@ -1,28 +1,14 @@
 //! Linear layers: dense or quantized, with or without a LoRA adapter on top.
 
 use candle_core::{DType, Result, Tensor, Var};
+use ff_kernels::frozen_product::matmul_frozen_t;
+use ff_kernels::lora_product::lora_product;
+use ff_kernels::quantized_product::quantized_matmul_t;
+use ff_kernels::trained_product::trained_product;
+use ff_kernels::Output;
 
 use crate::dropout::{derive_seed, dropout};
-use crate::frozen_product::matmul_frozen_t;
-use crate::lora_product::lora_product;
 use crate::param::Param;
-use crate::trained_product::trained_product;
-
-/// What a forward hands on besides its graph.
-#[derive(Clone, Debug)]
-pub enum Output {
-    /// The values.
-    Values,
-    /// Only the node: for a value that nothing reads, in a forward run for its gradients alone
-    /// (a checkpointed layer's recomputation). The fused products' backwards read their inputs
-    /// and the output's gradient, never the output, so they skip the product and hand on zeros;
-    /// the other kinds compute the values anyway.
-    Unread,
-    /// The values an earlier pass computed from the same input, handed on as they are: a
-    /// recomputation that kept them skips the product (fused products without a bias; the
-    /// other kinds compute the same values again).
-    Kept(Tensor),
-}
 
 /// `y = x Wᵀ + b`, plus `scale · B(A(dropout(x)))` when an adapter is attached.
 #[derive(Clone, Debug)]
@@ -82,7 +68,7 @@ impl Linear {
         let rows = x.elem_count() / self.in_features();
         let x2 = x.reshape((rows, self.in_features()))?;
         let mut y = match &self.weight {
-            Param::Quantized(q) => q.matmul_t(&x2)?,
+            Param::Quantized(q) => quantized_matmul_t(q, &x2)?,
             Param::Frozen(w) => matmul_frozen_t(&x2, w)?,
             Param::Trainable(w) => x2.matmul(&w.as_tensor().to_dtype(dtype)?.t()?)?,
         };

@@ -4,13 +4,13 @@
 //! `(output · grad).sum().backward()`, forms the product, and in backward a broadcast of the
 //! scalar's gradient and a second product, each a pass over the output and a buffer its size;
 //! the op here hands `grad` to `output` directly. The trained products' weight gradients skip
-//! candle's zeroed buffer and add (`ff_model::weight_grads`) and join the store here.
+//! candle's zeroed buffer and add (`ff_kernels::weight_grads`) and join the store here.
 
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use ff_model::weight_grads;
+use ff_kernels::weight_grads;
 
 /// The gradients of the graph behind `output` when the gradient reaching `output` is `grad`
 /// (of `output`'s shape and dtype).
@@ -60,8 +60,8 @@ impl CustomOp1 for SeedGradient {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
-    use ff_model::linear::Output;
-    use ff_model::trained_product::trained_product;
+    use ff_kernels::trained_product::trained_product;
+    use ff_kernels::Output;
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)

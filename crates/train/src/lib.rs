@@ -11,7 +11,6 @@
 mod backward;
 pub mod batch;
 pub mod checkpoint;
-mod cross_entropy;
 pub mod engine;
 pub mod error;
 #[doc = include_str!("../GLOSSARY.md")]

@@ -5,14 +5,14 @@
 //! float32 logits of a batch the largest tensor of the whole step.
 
 use candle_core::{backprop::GradStore, DType, Result, Tensor, Var, D};
-use ff_model::bf16_product::{self, PackedWeight};
-use ff_model::frozen_product::{frozen_input_grad, matmul_frozen_t, matmul_frozen_t_values};
-use ff_model::strided_product::{add_transposed_product, transposed_product};
+use ff_kernels::bf16_product::{self, PackedWeight};
+use ff_kernels::cross_entropy::nll_and_grad;
+use ff_kernels::frozen_product::{frozen_input_grad, matmul_frozen_t, matmul_frozen_t_values};
+use ff_kernels::transposed_product::{add_transposed_product, transposed_product};
 use ff_model::CausalLm;
 
 use crate::backward::backward_from;
 use crate::batch::{Batch, IGNORE_INDEX};
-use crate::cross_entropy::nll_and_grad;
 
 /// The bound for [`HeadMemory::Peak`] on logits held at once (rows × vocabulary) by one walk:
 /// row groups running side by side each hold a chunk, so where the head is the step's peak a

@@ -247,9 +247,9 @@ impl Residency for GroupGrads<'_, '_> {
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Tensor};
+    use ff_kernels::weight_grads::store_of;
     use ff_model::load::load_model_dir;
     use ff_model::table_grad::RowSums;
-    use ff_model::weight_grads::store_of;
 
     fn tiny_trainables() -> (CausalLm, Trainables) {
         let dir =

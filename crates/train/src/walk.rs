@@ -11,9 +11,9 @@
 use std::time::Instant;
 
 use candle_core::{Tensor, Var};
+use ff_kernels::weight_grads::store_of;
 use ff_model::layers::KeptLayer;
 use ff_model::table_grad::TableGrad;
-use ff_model::weight_grads::store_of;
 use ff_model::{CausalLm, ForwardCtx};
 use ff_walk::{BackwardExtent, Part, Pass, Residency, Walk};
 

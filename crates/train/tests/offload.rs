@@ -2,10 +2,10 @@
 //! chunks, and gradients summed on disk, a table's dense values and rows in memory's order.
 
 use candle_core::{DType, Device, Tensor};
+use ff_kernels::weight_grads::store_of;
 use ff_model::finetune::make_all_trainable;
 use ff_model::load::load_model_dir;
 use ff_model::table_grad::{RowSums, TableGrad};
-use ff_model::weight_grads::store_of;
 use ff_train::offload::{chunk_ranges, Chunk, DirectFile, OffloadedGrads, CHUNK_FLOATS};
 use ff_train::{AdamWConfig, Trainables};
 use ff_walk::{Part, Residency};

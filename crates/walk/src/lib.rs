@@ -14,8 +14,8 @@ pub use ff_model::Part;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+use ff_kernels::weight_grads::store_of;
 use ff_model::table_grad::TableGrad;
-use ff_model::weight_grads::store_of;
 use ff_model::CausalLm;
 
 /// Which half of the walk a part is used in. The head's forward and backward run together and

@@ -11,10 +11,10 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use candle_core::{DType, Device, Tensor, Var};
+use ff_kernels::lora_product::lora_product;
+use ff_kernels::trained_product::trained_product;
+use ff_kernels::Output;
 use ff_model::layers::attention;
-use ff_model::linear::Output;
-use ff_model::lora_product::lora_product;
-use ff_model::trained_product::trained_product;
 use ff_model::{ForwardCtx, ModelConfig};
 use ff_train::{backward_from, Checkpointing, StepPhases};
 

@@ -15,7 +15,7 @@ use ff_config::{AutoWrapPolicy, BackwardPrefetch, FsdpConfig, ShardingStrategy};
 use ff_dist::{init_from_env, ProcessGroup};
 use ff_fsdp::plan::plan_units;
 use ff_fsdp::{Sharded, ShardedSetup};
-use ff_model::weight_grads::store_of;
+use ff_kernels::weight_grads::store_of;
 use ff_model::CausalLm;
 use ff_walk::{BackwardExtent, Part, Pass, Residency, Walk};
 

@@ -109,29 +109,9 @@ impl FourBit {
 
     /// Values `start..end` as float32: `code[index] · absmax`, as bitsandbytes dequantizes.
     pub fn dequantize_range(&self, packed: &[u8], start: usize, end: usize, out: &mut Vec<f32>) {
+        let absmax = |block| self.block_absmax(block);
         let code = self.kind.code();
-        let mut i = start;
-        while i < end {
-            let block = i / BLOCKSIZE;
-            let block_end = ((block + 1) * BLOCKSIZE).min(end);
-            // The 16 products of this block, each the same float32 product as per value.
-            let absmax = self.block_absmax(block);
-            let value = code.map(|c| c * absmax);
-            if i % 2 == 1 {
-                out.push(value[(packed[i / 2] & 0x0F) as usize]);
-                i += 1;
-            }
-            while i + 1 < block_end {
-                let byte = packed[i / 2];
-                out.push(value[(byte >> 4) as usize]);
-                out.push(value[(byte & 0x0F) as usize]);
-                i += 2;
-            }
-            if i < block_end {
-                out.push(value[(packed[i / 2] >> 4) as usize]);
-                i += 1;
-            }
-        }
+        ff_kernels::dequantize::four_bit(packed, code, BLOCKSIZE, absmax, start..end, out);
     }
 }
 

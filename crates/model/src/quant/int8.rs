@@ -39,10 +39,8 @@ impl RowwiseInt8 {
 
     /// Values `start..end` (flat, row-major) as float32: `code · absmax · (1/127)`.
     pub fn dequantize_range(&self, codes: &[u8], start: usize, end: usize, out: &mut Vec<f32>) {
-        const INV_127: f32 = 7.874_016e-3;
-        out.extend(
-            (start..end).map(|i| codes[i] as i8 as f32 * self.row_absmax[i / self.cols] * INV_127),
-        );
+        let range = start..end;
+        ff_kernels::dequantize::int8_rowwise(codes, &self.row_absmax, self.cols, range, out);
     }
 }
 

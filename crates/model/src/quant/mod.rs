@@ -1,17 +1,18 @@
 //! Frozen weights kept quantized in memory (QLoRA): bitsandbytes' 4-bit NF4/FP4 blockwise layout
-//! with optional double quantization, and row-wise absmax int8. The matrix product dequantizes a
-//! chunk of rows at a time, in the forward pass and again in the backward pass, so a whole float
-//! copy of the weight never exists.
+//! with optional double quantization, and row-wise absmax int8. The formats live here (code
+//! tables, encoding, the arrays a weight is stored as); decoding and the matrix product, which
+//! dequantizes a chunk of rows at a time in the forward pass and again in the backward pass, are
+//! kernels (`ff_kernels::dequantize`, `ff_kernels::quantized_product`).
 
 pub mod blockwise;
 pub mod codes;
 pub mod int8;
-mod matmul;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Error, Result, Storage, Tensor};
+use ff_kernels::quantized_product::DequantizeRows;
 
 pub use blockwise::{BlockScales, DoubleQuantized, FourBit, FourBitType, BLOCKSIZE};
 pub use int8::RowwiseInt8;
@@ -67,9 +68,6 @@ pub struct QuantizedWeight {
     codes: Tensor,
     scales: Arc<Scales>,
 }
-
-/// Weight rows dequantized together inside a product: about 1 MiB of float32 scratch per chunk.
-const CHUNK_ELEMENTS: usize = 1 << 18;
 
 impl QuantizedWeight {
     /// Quantizes a 2-D float tensor (any float dtype; read as float32).
@@ -261,21 +259,25 @@ impl QuantizedWeight {
     }
 
     /// The whole matrix in `dtype`: for export and tests. The forward and backward passes never
-    /// call it; they go through [`QuantizedWeight::matmul_t`].
+    /// call it; the quantized product dequantizes a chunk of rows at a time.
     pub fn dequantize(&self, dtype: DType, device: &Device) -> Result<Tensor> {
         self.dequantize_rows(0, self.rows, dtype, device)
     }
+}
 
-    /// Row ranges dequantized together by the products.
-    fn row_chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        let step = (CHUNK_ELEMENTS / self.cols.max(1)).max(1);
-        (0..self.rows)
-            .step_by(step)
-            .map(move |start| (start, (start + step).min(self.rows)))
+/// What the quantized product reads: rows dequantized a chunk at a time.
+impl DequantizeRows for QuantizedWeight {
+    fn dims(&self) -> [usize; 2] {
+        QuantizedWeight::dims(self)
     }
 
-    /// `x Wᵀ` for `x` `[n, cols]`, in `x`'s dtype; differentiable with respect to `x`.
-    pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        matmul::matmul_t(self, x)
+    fn dequantize_rows(
+        &self,
+        start: usize,
+        end: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        QuantizedWeight::dequantize_rows(self, start, end, dtype, device)
     }
 }

@@ -8,15 +8,17 @@
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use crate::narrow::{narrow, widen};
-use crate::strided_product::{contiguous, written};
 use candle_core::{CpuStorage, CustomOp3, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cast::{to_dtype, to_f32};
+use crate::values::{contiguous, written};
+
 /// `x` is `[batch, seq, heads, head_dim]`, or `[batch, seq, heads · head_dim]` as a projection
 /// leaves it (no reshape in the graph), `cos` and `sin` are `[positions, head_dim]` for at least
-/// `seq` positions (the halves repeated, as [`crate::layers::Rope`] builds them); returns the
-/// rotated `[batch, heads, seq, head_dim]`, contiguous, in `x`'s dtype, computed in float32.
+/// `seq` positions (each row's two halves the same angles, as the model's rotary tables are);
+/// returns the rotated `[batch, heads, seq, head_dim]`, contiguous, in `x`'s dtype, computed in
+/// float32.
 /// `None` off the CPU, where the op has no kernel and the caller uses candle's ops.
 pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
     if !x.device().is_cpu() {
@@ -40,9 +42,9 @@ pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tenso
         x_shape: x.shape().clone(),
     };
     let op = Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>);
-    let f32 = |t: &Tensor| widen(t)?.contiguous();
+    let f32 = |t: &Tensor| to_f32(t)?.contiguous();
     let rotated = f32(x)?.apply_op3_arc(&f32(cos)?, &f32(sin)?, op)?;
-    Ok(Some(narrow(&rotated, x.dtype())?))
+    Ok(Some(to_dtype(&rotated, x.dtype())?))
 }
 
 /// Forward: `[b, s, h, d]` (or `[b, s, h · d]`) in, rotated by +angle, `[b, h, s, d]` out.

@@ -13,12 +13,12 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Storage, Tensor, D};
 
 use crate::bf16_product::{self, LowRank};
-use crate::linear::Output;
-use crate::narrow::{narrow, to_bf16, widen};
-use crate::strided_product::{
-    contiguous, cpu_values, float32_values, kept_values, overwritten, product, readable_as_matrix,
-    rows_and_width, with_width, Operand, Threads,
+use crate::cast::{rounded_to_bf16, to_dtype, to_f32};
+use crate::strided::{
+    overwritten, product, readable_as_matrix, rows_and_width, with_width, Operand, Threads,
 };
+use crate::values::{contiguous, cpu_values, float32_values, kept_values};
+use crate::Output;
 
 /// `x` is `[..., k]`, `w` the frozen `[n, k]`, `a` the adapter's float32 `[r, k]` and `b` its
 /// `[n, r]`; returns `x wᵀ + scale · (x aᵀ) bᵀ` as `[..., n]` in `x`'s dtype. The leading
@@ -71,9 +71,9 @@ pub fn lora_product(
         output,
         down: OnceLock::new(),
     };
-    let x_in = readable_as_matrix(widen(x)?)?;
+    let x_in = readable_as_matrix(to_f32(x)?)?;
     let y = x_in.apply_op3_arc(a, b, Arc::new(Box::new(op)))?;
-    Ok(Some(narrow(&y, x.dtype())?))
+    Ok(Some(to_dtype(&y, x.dtype())?))
 }
 
 struct LoraProduct {
@@ -84,8 +84,8 @@ struct LoraProduct {
     /// bfloat16 (as a bfloat16 model's activations and gradients are).
     on_bf16_product: bool,
     output: Output,
-    /// `x aᵀ` as the forward computed it, for the backward (`m × r`, 16 KB for 512 rows at rank
-    /// 8); absent when the forward handed on other values.
+    /// `x aᵀ` as the forward computed it, for the backward (`m × r`, small at a LoRA rank);
+    /// absent when the forward handed on other values.
     down: OnceLock<Vec<f32>>,
 }
 
@@ -123,7 +123,7 @@ impl LoraProduct {
         right: Operand,
     ) -> Result<Vec<f32>> {
         if self.on_bf16_product {
-            let lhs = to_bf16(contiguous(lhs_values, lhs_layout)?);
+            let lhs = rounded_to_bf16(contiguous(lhs_values, lhs_layout)?);
             // SAFETY: right is r × cols as its view says.
             let right = unsafe { right.scaled_copy((r, cols), self.scale) };
             let adapter = Some(LowRank {
@@ -245,7 +245,7 @@ impl CustomOp3 for LoraProduct {
                 product((r, k, m), out, k, false, dy_b, x_op, s, Threads::Pool)
             });
             // dB = s · dyᵀ (x Aᵀ), formed as its transpose s · (x Aᵀ)ᵀ dy: gemm reads dy by
-            // rows that way, three times faster here than down its columns.
+            // rows that way, much faster here than down its columns.
             let db_t = overwritten(r * n, |out| {
                 let xa = Operand::rows(&xa, r).t();
                 product((r, n, m), out, n, false, xa, dy, s, Threads::Pool)

@@ -1,11 +1,10 @@
 //! A bfloat16 matrix product on the CPU's bf16 dot-product instruction (AVX512_BF16's
 //! `vdpbf16ps`), accumulating in float32.
 //!
-//! candle multiplies bfloat16 at about a third of its float32 speed here; converting to float32
-//! and using the float32 product reaches float32's speed. `vdpbf16ps` multiplies two pairs of
-//! bfloat16 into each float32 lane per instruction, twice float32's rate: on the 2-core
-//! development machine a 1024 × 576 × 1536 product ran at 830 GFLOP/s against 436 for gemm's
-//! float32 product in the same run.
+//! candle multiplies bfloat16 far below its float32 speed here; converting to float32 and using
+//! the float32 product reaches float32's speed. `vdpbf16ps` multiplies two pairs of bfloat16
+//! into each float32 lane per instruction, twice float32's rate, and the product runs well
+//! above gemm's float32 product.
 //!
 //! `c = a · bᵀ` where each row of `a` and each row of `b` is contiguous along the summed axis:
 //! a pair of neighbouring bfloat16 is then one 32-bit word, broadcast from `a`'s row or packed
@@ -22,7 +21,7 @@ const PANEL: usize = 32;
 const TILE_ROWS: usize = 8;
 
 /// Whether this CPU has the instruction (checked once).
-pub fn available() -> bool {
+pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -35,8 +34,8 @@ pub fn available() -> bool {
 }
 
 /// Rows of the left operand below which packing `w` for every product costs more than the
-/// instruction saves (the LM head's chunks of 85 logit rows against a 49k-row head ran slower
-/// than converting the head to float32 block by block).
+/// instruction saves (the LM head's short chunks of logit rows against a whole vocabulary ran
+/// slower than converting the head to float32 block by block).
 const MIN_ROWS: usize = 256;
 
 /// Whether a product of `rows` rows by the frozen weight `w` (as `times_transposed` and
@@ -141,14 +140,14 @@ impl PackedWeight {
                 a.shape()
             )));
         }
-        let a16 = crate::narrow::narrow(a, DType::BF16)?;
+        let a16 = crate::cast::to_dtype(a, DType::BF16)?;
         with_values(&a16, |a| Ok(product(a, m, packed, None)))
     }
 }
 
 /// The right operand packed for [`product`]: `n` columns of `c`, `pairs` pairs along the summed
 /// axis, panel by panel.
-pub struct Packed {
+pub(crate) struct Packed {
     words: Vec<u32>,
     n: usize,
     pairs: usize,

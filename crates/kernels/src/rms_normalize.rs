@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Te
 use rayon::prelude::*;
 
 use crate::lanes;
-use crate::strided_product::{contiguous, cpu_values, written};
+use crate::values::{contiguous, cpu_values, written};
 
 /// `x` is float32 `[..., width]`, `weight` float32 `[width]`; `weight_trains` says whether the
 /// backward forms the weight's gradient.

@@ -1,10 +1,10 @@
 //! `exp` over a slice of float32 as a plain loop the compiler vectorizes.
 //!
 //! Softmax rows (attention's scores, the 49k logits of every label position) and SiLU call
-//! `exp` for every element; the C library's `expf` is a call per element, 4% of a step. This is Cephes'
-//! single-precision exp: a degree-7 polynomial on the remainder after taking out powers of two,
-//! within two units in the last place of `f32::exp`, branch-free so that it runs 4 or more
-//! lanes at a time.
+//! `exp` for every element; the C library's `expf` is a call per element, which no loop can
+//! vectorize. This is Cephes' single-precision exp: a degree-7 polynomial on the remainder after
+//! taking out powers of two, within two units in the last place of `f32::exp`, branch-free so
+//! that it runs 4 or more lanes at a time.
 
 /// `values[i] = exp(values[i] − shift)`, exactly 0 where that is below float32's smallest
 /// normal exponent (as for masked scores).

@@ -9,12 +9,11 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, D};
 
-use crate::linear::Output;
-use crate::strided_product::{
-    cpu_values, kept_values, overwritten, product, readable_as_matrix, rows_and_width, with_width,
-    Operand, Threads,
+use crate::strided::{
+    overwritten, product, readable_as_matrix, rows_and_width, with_width, Operand, Threads,
 };
-use crate::weight_grads;
+use crate::values::{cpu_values, kept_values};
+use crate::{weight_grads, Output};
 
 /// `x` is `[..., k]` and `w` the trained float32 `[n, k]`; returns `x wᵀ` as `[..., n]`.
 /// `None` when the op has no kernel for these tensors (off the CPU, or not float32), and the

@@ -2,13 +2,14 @@
 //!
 //! Written with candle's ops this took about a dozen passes over the `[rows, vocabulary]` logits
 //! (max, subtract, exp, sum, log, gather, divide, scatter, scale, and the autograd of a
-//! surrogate product); the head was a fifth of a LoRA step. Here each row is read and written
-//! once more after the logits exist, rows in parallel.
+//! surrogate product), a large share of a LoRA step. Here each row is read and written once more
+//! after the logits exist, rows in parallel.
 
 use candle_core::{Device, Error, Result, Tensor};
-use ff_model::fast_exp::exp_shifted;
-use ff_model::lanes;
 use rayon::prelude::*;
+
+use crate::fast_exp::exp_shifted;
+use crate::lanes;
 
 /// For `logits`, float32 rows of `vocab` values, and each row's target: the sum over rows of
 /// `logsumexp(row) − row[target]`, and the gradient of that sum divided by `denominator` with

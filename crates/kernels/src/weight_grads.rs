@@ -1,8 +1,8 @@
 //! Weight gradients handed past candle's gradient store.
 //!
 //! candle's backward adds every gradient an op returns into a zeroed buffer of its own: one pass
-//! to zero it and one to add, over 14 MB of weight gradients per SmolLM2 layer and row group in
-//! full fine-tuning. A weight used once in a backward needs neither. While [`collect`] runs on a
+//! to zero it and one to add, over every weight gradient of a layer in full fine-tuning. A weight
+//! used once in a backward needs neither. While [`collect`] runs on a
 //! thread, the trained product hands its weight's gradient here instead of to candle, and the
 //! caller puts it into the store afterwards.
 

@@ -3,7 +3,16 @@
 
 use candle_core::{backprop::GradStore, Device, Shape, Tensor};
 
-use crate::dropout::derive_seed;
+/// The same 64-bit value for the same `(seed, site)`, well mixed: splitmix64, as the model's
+/// dropout derives its seeds, so the tests' inputs are the values they were in the model crate.
+fn derive_seed(seed: u64, site: u64) -> u64 {
+    let state =
+        (seed ^ site.wrapping_mul(0xD6E8_FEB8_6659_FD93)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
 
 /// Normally distributed values that are the same in every run, so a test that passes once passes
 /// always and a failure repeats (candle's CPU `randn` cannot be seeded). Box–Muller over uniforms

@@ -1,21 +1,20 @@
 //! Casts between the model's bfloat16 and the fused kernels' float32, both ways, with gradients.
 //!
 //! candle casts float32 to bfloat16 one element at a time through a call to the CPU's
-//! conversion instruction that cannot be inlined; in a bfloat16 LoRA step that call took 7% of
-//! the time, most of it in the backward of casts into the kernels. Round-to-nearest-even on the
+//! conversion instruction that cannot be inlined; in a bfloat16 LoRA step that call showed in
+//! profiles, most of it in the backward of casts into the kernels. Round-to-nearest-even on the
 //! bits is a plain loop the compiler vectorizes, and widening is a shift.
 
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
-use rayon::prelude::*;
 
-use crate::strided_product::contiguous;
+use crate::values::{contiguous, convert};
 
 /// `x` (float32) in `dtype`; bfloat16 on the CPU through the loop here, anything else through
 /// candle's cast. The gradient is widened back to float32.
-pub fn narrow(x: &Tensor, dtype: DType) -> Result<Tensor> {
+pub fn to_dtype(x: &Tensor, dtype: DType) -> Result<Tensor> {
     if dtype == DType::BF16 && x.dtype() == DType::F32 && x.device().is_cpu() {
         x.contiguous()?.apply_op1_arc(Arc::new(Box::new(ToBf16)))
     } else {
@@ -23,9 +22,9 @@ pub fn narrow(x: &Tensor, dtype: DType) -> Result<Tensor> {
     }
 }
 
-/// `x` in float32; from bfloat16 on the CPU through [`widen`]'s op, whose backward narrows the
-/// gradient with [`narrow`]; anything else through candle's cast.
-pub fn widen(x: &Tensor) -> Result<Tensor> {
+/// `x` in float32; from bfloat16 on the CPU through the loop here, whose backward rounds the
+/// gradient to bfloat16 with [`to_dtype`]; anything else through candle's cast.
+pub fn to_f32(x: &Tensor) -> Result<Tensor> {
     if x.dtype() == DType::BF16 && x.device().is_cpu() {
         x.contiguous()?.apply_op1_arc(Arc::new(Box::new(FromBf16)))
     } else {
@@ -44,26 +43,8 @@ fn round_to_bf16(value: f32) -> bf16 {
 }
 
 /// `values` rounded to bfloat16.
-pub(crate) fn to_bf16(values: &[f32]) -> Vec<bf16> {
+pub(crate) fn rounded_to_bf16(values: &[f32]) -> Vec<bf16> {
     convert(values, round_to_bf16)
-}
-
-/// `values` converted one by one by `f`, in parallel runs of a plain loop (which the compiler
-/// vectorizes; an element-wise parallel collect was ten times slower).
-pub(crate) fn convert<T: Copy + Sync, U: Copy + Default + Send>(
-    values: &[T],
-    f: impl Fn(T) -> U + Sync,
-) -> Vec<U> {
-    const RUN: usize = 1 << 15;
-    let mut out = vec![U::default(); values.len()];
-    out.par_chunks_mut(RUN)
-        .zip(values.par_chunks(RUN))
-        .for_each(|(out, values)| {
-            for (o, &v) in out.iter_mut().zip(values) {
-                *o = f(v);
-            }
-        });
-    out
 }
 
 struct ToBf16;
@@ -75,7 +56,7 @@ impl CustomOp1 for ToBf16 {
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous(x.as_slice::<f32>()?, layout)?;
-        Ok((CpuStorage::BF16(to_bf16(x)), layout.shape().clone()))
+        Ok((CpuStorage::BF16(rounded_to_bf16(x)), layout.shape().clone()))
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -99,7 +80,7 @@ impl CustomOp1 for FromBf16 {
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(narrow(grad, DType::BF16)?))
+        Ok(Some(to_dtype(grad, DType::BF16)?))
     }
 }
 
@@ -123,7 +104,7 @@ mod tests {
             -0.0,
         ]);
         let x = Var::from_tensor(&Tensor::new(values.as_slice(), &dev).unwrap()).unwrap();
-        let ours = narrow(x.as_tensor(), DType::BF16).unwrap();
+        let ours = to_dtype(x.as_tensor(), DType::BF16).unwrap();
         let expected: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
         assert_eq!(ours.to_vec1::<bf16>().unwrap(), expected);
         assert!(round_to_bf16(f32::NAN).is_nan());
@@ -139,10 +120,10 @@ mod tests {
     }
 
     #[test]
-    fn widens_exactly_and_narrows_the_gradient() {
+    fn casts_to_f32_exactly_and_rounds_the_gradient_to_bf16() {
         let values = normal(1000, 0.0, 10.0, 1);
         let x = Var::from_tensor(&values.to_dtype(DType::BF16).unwrap()).unwrap();
-        let wide = widen(x.as_tensor()).unwrap();
+        let wide = to_f32(x.as_tensor()).unwrap();
         assert_eq!(
             wide.to_vec1::<f32>().unwrap(),
             x.as_tensor()

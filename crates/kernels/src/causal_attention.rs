@@ -2,9 +2,9 @@
 //! multiplies only the keys a causal mask lets each block of queries see.
 //!
 //! Built from candle's ops (a batched product, a fused masked softmax, a second product and the
-//! transposing copies around them) the core ran at about 30 GFLOP/s on SmolLM2's shapes: every
-//! product covered the whole square that the mask then zeroes, and every head's small product
-//! paid the batched product's setup. Here each head is one task on rayon's pool, its products
+//! transposing copies around them) the core ran far below the products' speed: every product
+//! covered the whole square that the mask then zeroes, and every head's small product paid the
+//! batched product's setup. Here each head is one task on rayon's pool, its products
 //! go to `gemm` directly over strided views, and a block of queries multiplies the keys up to
 //! its last unmasked one only.
 
@@ -13,10 +13,11 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cast::{to_dtype, to_f32};
 use crate::fast_exp::exp_shifted;
 use crate::lanes;
-use crate::narrow::{narrow, widen};
-use crate::strided_product::{contiguous, cpu_values, kept_values, product, Operand, Threads};
+use crate::strided::{product, Operand, Threads};
+use crate::values::{contiguous, cpu_values, kept_values};
 
 /// Queries whose scores are computed together: small enough that the keys a block needs are
 /// close to the causal triangle, large enough for the products to run at speed.
@@ -25,11 +26,12 @@ const QUERY_BLOCK: usize = 64;
 /// `q` is `[batch, heads, seq, head_dim]`, `k` is `[batch, kv_heads, seq, head_dim]` (any
 /// strides; query head `h` uses key-value head `h / (heads / kv_heads)`), `v` the same or
 /// `[batch, seq, kv_heads · head_dim]` as its projection leaves it, `mask` the additive float32
-/// `[batch, 1, 1, seq, seq]` of [`crate::ForwardCtx`]. Returns `softmax(q kᵀ / √head_dim +
-/// mask) v` as `[batch, seq, heads · head_dim]` (positions before heads, as the output
-/// projection reads them) in `q`'s dtype, computed in float32. Taking and giving the
-/// projections' shapes keeps reshapes out of the graph, each of which would cost a zeroed
-/// buffer and an add in backward. `None` off the CPU, where the op has no kernel.
+/// `[batch, 1, 1, seq, seq]` (0 where a query may attend, float32's lowest value elsewhere).
+/// Returns `softmax(q kᵀ / √head_dim + mask) v` as `[batch, seq, heads · head_dim]` (positions
+/// before heads, as the output projection reads them) in `q`'s dtype, computed in float32.
+/// Taking and giving the projections' shapes keeps reshapes out of the graph, each of which
+/// would cost a zeroed buffer and an add in backward. `None` off the CPU, where the op has no
+/// kernel.
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -106,13 +108,13 @@ fn attention_op(
     }
     // Rows of positions are read in place only when contiguous.
     let values = |v: &Tensor| match v.rank() {
-        3 => widen(v)?.contiguous(),
-        _ => widen(v),
+        3 => to_f32(v)?.contiguous(),
+        _ => to_f32(v),
     };
     let kept = match kept {
         Some(kept) => Some(AttentionValues {
-            q: widen(&kept.q)?,
-            k: widen(&kept.k)?,
+            q: to_f32(&kept.q)?,
+            k: to_f32(&kept.k)?,
             v: values(&kept.v)?,
             out: kept.out.clone(),
         }),
@@ -122,8 +124,8 @@ fn attention_op(
         mask: mask.to_dtype(DType::F32)?.contiguous()?,
         kept,
     };
-    let out = widen(q)?.apply_op3_arc(&widen(k)?, &values(v)?, Arc::new(Box::new(op)))?;
-    Ok(Some(narrow(&out, q.dtype())?))
+    let out = to_f32(q)?.apply_op3_arc(&to_f32(k)?, &values(v)?, Arc::new(Box::new(op)))?;
+    Ok(Some(to_dtype(&out, q.dtype())?))
 }
 
 /// The backward recomputes a block's probabilities instead of keeping `[batch, heads, seq,
@@ -553,7 +555,6 @@ fn backward(
 mod tests {
     use super::*;
     use crate::test_util::{grads_of, max_abs_diff, normal};
-    use crate::ForwardCtx;
     use candle_core::{Device, Var, D};
 
     /// The same attention from candle's ops: keys and values repeated per query head, the mask
@@ -644,20 +645,11 @@ mod tests {
         };
         let (q, k) = (var((b, h, s, d), 1), var((b, kv, s, d), 2));
         let v = Var::from_tensor(&normal((b, s, kv * d), 0.0, 1.0, 3)).unwrap();
-        let mask = ForwardCtx::new(
-            &crate::ModelConfig::from_json_str(
-                r#"{"model_type":"llama","vocab_size":8,"hidden_size":32,"intermediate_size":8,
-                "num_hidden_layers":1,"num_attention_heads":4}"#,
-                std::path::Path::new("config.json"),
-            )
-            .unwrap(),
-            &vec![vec![1u8; s]; b],
-            DType::F32,
-            0,
-            &dev,
-        )
-        .unwrap()
-        .mask;
+        // The causal mask of unpadded sequences, as the model builds it: query i sees keys 0..=i.
+        let mask: Vec<f32> = (0..b * s * s)
+            .map(|at| if at % s > (at / s) % s { f32::MIN } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, 1, 1, s, s), &dev).unwrap();
         let upstream = normal((b, s, h * d), 0.0, 1.0, 4);
         let (q, k, v) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
         let out = causal_attention(q, k, v, &mask).unwrap().unwrap();

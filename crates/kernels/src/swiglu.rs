@@ -9,9 +9,9 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cast::{to_dtype, to_f32};
 use crate::fast_exp::exp;
-use crate::narrow::{narrow, widen};
-use crate::strided_product::{contiguous, cpu_values, written};
+use crate::values::{contiguous, cpu_values, written};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -22,9 +22,9 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !gate.device().is_cpu() {
         return gate.silu()? * up;
     }
-    let f32 = |t: &Tensor| widen(t)?.contiguous();
+    let f32 = |t: &Tensor| to_f32(t)?.contiguous();
     let out = f32(gate)?.apply_op2_arc(&f32(up)?, Arc::new(Box::new(SwiGlu)))?;
-    narrow(&out, gate.dtype())
+    to_dtype(&out, gate.dtype())
 }
 
 /// Refuses inputs of different lengths, part of whose outputs would go unwritten.

@@ -4,10 +4,10 @@
 //! candle's matmul backward always computes both operands' gradients; for a frozen weight the
 //! weight gradient `xᵀ · dy` costs as much as the forward product and is thrown away. LoRA
 //! training multiplies by frozen weights everywhere (every Linear and the LM head), so that
-//! waste was a third of a step's matrix products. candle's bfloat16 product ran at about a third
-//! of its float32 speed here; converting `W` a block of rows at a time keeps the float32
-//! product's speed without a float32 copy of the weight, and where the CPU has AVX512_BF16 a
-//! bfloat16 `W` times enough rows runs on [`crate::bf16_product`] instead.
+//! waste was a large share of a step's matrix products. candle's bfloat16 product ran far below
+//! its float32 speed here; converting `W` a block of rows at a time keeps the float32 product's
+//! speed without a float32 copy of the weight, and where the CPU has AVX512_BF16 a bfloat16 `W`
+//! times enough rows runs on [`crate::bf16_product`] instead.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -16,10 +16,12 @@ use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, St
 use rayon::prelude::*;
 
 use crate::bf16_product;
-use crate::narrow::{convert, narrow, to_bf16, widen};
-use crate::strided_product::{contiguous, cpu_values, product, Operand, Threads};
+use crate::cast::{rounded_to_bf16, to_dtype, to_f32};
+use crate::strided::{product, Operand, Threads};
+use crate::values::{contiguous, convert, cpu_values};
 
-/// Rows of a half-precision `W` converted to float32 at a time (9 MB for a 576-wide weight).
+/// Rows of a half-precision `W` converted to float32 at a time: a block's float32 copy stays a
+/// small fraction of a large weight.
 const BLOCK_ROWS: usize = 4096;
 
 /// `x` is `[m, k]`, `w` is `[n, k]` and never trains; returns `[m, n]` in `x`'s dtype. On the
@@ -36,8 +38,8 @@ pub fn matmul_frozen_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             w: w.detach().contiguous()?,
         })
     };
-    let y = widen(x)?.contiguous()?.apply_op1_arc(Arc::new(op))?;
-    narrow(&y, x.dtype())
+    let y = to_f32(x)?.contiguous()?.apply_op1_arc(Arc::new(op))?;
+    to_dtype(&y, x.dtype())
 }
 
 /// `dy · W` for `dy` `[m, n]` and the frozen `w` `[n, k]`, without a graph: what the backward
@@ -111,7 +113,7 @@ pub fn matmul_frozen_t_values(x: &Tensor, w: &Tensor) -> Result<Vec<f32>> {
     }
     let (m, k) = x.dims2()?;
     check_shapes(k, w)?;
-    let x = widen(x)?.contiguous()?;
+    let x = to_f32(x)?.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
     times_transposed(
         contiguous(cpu_values(&storage)?, layout)?,
@@ -240,14 +242,14 @@ impl CustomOp1 for FrozenMatmulBf16 {
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let m = x_layout.shape().dims2()?.0;
-        let x = to_bf16(contiguous(x.as_slice::<f32>()?, x_layout)?);
+        let x = rounded_to_bf16(contiguous(x.as_slice::<f32>()?, x_layout)?);
         let y = bf16_product::times_transposed(&x, m, &self.w, None)?;
         Ok((CpuStorage::F32(y), Shape::from((m, self.w.dim(0)?))))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
         let m = x.dim(0)?;
-        let grad_y = narrow(grad_y, DType::BF16)?;
+        let grad_y = to_dtype(grad_y, DType::BF16)?;
         let dx =
             bf16_product::with_values(&grad_y, |dy| bf16_product::times(dy, m, &self.w, None))?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
