@@ -54,8 +54,8 @@ impl CausalLm {
     /// The rows of the embedding table's gradient when `grad` (`[batch, seq, hidden]`) reaches
     /// `embed(input_ids)`: each position's row added, in order, to its token's sum, as
     /// autograd's `index_add` adds them, and lookups of the padding token adding nothing. Only
-    /// the tokens' rows: autograd would hold a table of zeros and the sum at once (for SmolLM2
-    /// each is 113 MB).
+    /// the tokens' rows: autograd would hold a table of zeros and the sum at once, each the
+    /// size of the whole table.
     pub fn embedding_row_sums(&self, input_ids: &Tensor, grad: &Tensor) -> Result<RowSums> {
         let vocab = self.config.vocab_size;
         let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;

@@ -416,8 +416,7 @@ impl DecoderLayer {
 
     /// [`Self::forward`], keeping what `keep` names for [`Self::forward_for_gradients`]:
     /// attention's results only where the layer can replay attention (no per-head norms, on the
-    /// CPU). For SmolLM2-135M's layer at 4 × 256 tokens, about 8.6 MB for attention and 12.6 MB
-    /// for the MLP.
+    /// CPU). [`Self::kept_values_per_token`] says how much that is.
     pub fn forward_keeping(
         &self,
         x: &Tensor,

@@ -1,8 +1,8 @@
 //! A table's gradient as dense values with a few rows added after them.
 //!
-//! An embedding's backward reaches only the rows of the batch's tokens, a few hundred of
-//! SmolLM2's 49152; as a table of its own it is zeroed, filled and added to the sum whole (113 MB
-//! each time). A head tied to the embedding has a dense gradient of that table already: the
+//! An embedding's backward reaches only the rows of the batch's tokens, a few hundred of a
+//! vocabulary of tens of thousands; as a table of its own it is zeroed, filled and added to the
+//! sum whole each time. A head tied to the embedding has a dense gradient of that table already: the
 //! rows go onto it instead. Whoever sums gradients adds the dense values first and the rows
 //! after, so that the sum has the bits of two hand-overs, the head's and the embedding's.
 
