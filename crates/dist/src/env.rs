@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::env_error::EnvError;
 use crate::process_group::{
     DistError, GlooOptions, GlooProcessGroup, GlooTransport, ProcessGroup, SingleProcessGroup,
 };
@@ -16,23 +17,6 @@ pub const LAUNCHED_MARKER_VAR: &str = "FERROFACTORY_LAUNCHED";
 
 /// MASTER_ADDR when unset, as in torchrun.
 pub const DEFAULT_MASTER_ADDR: &str = "127.0.0.1";
-
-/// A malformed or inconsistent launch variable.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EnvError {
-    #[error("{var}='{value}' is not {expected}; set {var} to {expected} or unset it")]
-    Malformed {
-        var: &'static str,
-        value: String,
-        expected: &'static str,
-    },
-
-    #[error("{var} is not set but {reason}; set {var}")]
-    Missing { var: &'static str, reason: String },
-
-    #[error("{0}")]
-    Inconsistent(String),
-}
 
 /// The torchrun variables a worker runs under.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,6 +10,7 @@
 
 mod duration_text;
 mod env;
+mod env_error;
 mod gloo;
 mod launcher;
 mod process_group;
@@ -18,9 +19,8 @@ pub mod store;
 pub mod testing;
 mod wire;
 
-pub use env::{
-    init_from_env, init_with_env, EnvError, WorkerEnv, DEFAULT_MASTER_ADDR, LAUNCHED_MARKER_VAR,
-};
+pub use env::{init_from_env, init_with_env, WorkerEnv, DEFAULT_MASTER_ADDR, LAUNCHED_MARKER_VAR};
+pub use env_error::EnvError;
 pub use launcher::{
     launch, LaunchError, LaunchSpec, WorkerExit, WorkerFailure, DEFAULT_RENDEZVOUS_TIMEOUT,
     DEFAULT_STOP_GRACE, RENDEZVOUS_TIMEOUT_VAR,

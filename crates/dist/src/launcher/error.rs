@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::duration_text::duration_text;
-use crate::env::EnvError;
+use crate::env_error::EnvError;
 use crate::store::StoreError;
 
 /// How a worker process ended, when it did not succeed.

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::error::LaunchError;
-use crate::env::{parse_count, parse_index, parse_port, EnvError, DEFAULT_MASTER_ADDR};
+use crate::env::{parse_count, parse_index, parse_port, DEFAULT_MASTER_ADDR};
+use crate::env_error::EnvError;
 
 /// How long launchers wait for each other by default (joining the store, the node check).
 pub const DEFAULT_RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(600);

@@ -29,7 +29,7 @@ mod single;
 pub use gloo::{GlooOptions, GlooProcessGroup, GlooTransport};
 pub use single::SingleProcessGroup;
 
-use crate::env::EnvError;
+use crate::env_error::EnvError;
 use crate::store::StoreError;
 
 /// A set of processes that run collectives together. Ranks are `0..world_size()`.
