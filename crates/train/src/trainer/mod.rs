@@ -334,25 +334,71 @@ impl LossSinceLog {
     }
 }
 
-/// The training record of the step just taken: to the observer, the log history and (rank 0)
-/// `trainer_log.jsonl`. `times` are the seconds elapsed and remaining.
+/// The training record of the step just taken, written where [`log_record`] writes.
 fn log_training(
     run: &mut Run<'_>,
     plan: &RunPlan,
     state: &mut TrainerState,
     loss: f64,
     stats: &StepStats,
-    (elapsed, remaining): (f64, f64),
+    times: (f64, f64),
 ) -> TrainResult<()> {
-    let step = state.global_step;
     let mut record = Map::new();
     record.insert("loss".into(), json!(loss));
     record.insert("grad_norm".into(), json!(stats.grad_norm));
-    record.insert("learning_rate".into(), json!(plan.schedule.lr(step)));
+    record.insert(
+        "learning_rate".into(),
+        json!(plan.schedule.lr(state.global_step)),
+    );
     record.insert("epoch".into(), json!(state.epoch));
+    let line_keys = [("loss", "loss"), ("lr", "learning_rate")];
+    log_record(run, plan, state, record, &line_keys, times)
+}
+
+/// An evaluation during training and its record.
+fn evaluate_and_log(
+    model: &mut CausalLm,
+    run: &mut Run<'_>,
+    plan: &RunPlan,
+    setup: &mut Setup,
+    state: &mut TrainerState,
+    times: (f64, f64),
+) -> TrainResult<()> {
+    let evaluation = evaluate_where_needed(model, &mut setup.engine, run)?;
+    let (Some(evaluation), 0) = (evaluation, run.group.rank()) else {
+        return Ok(());
+    };
+    let mut record = evaluation.metrics(run);
+    record.insert("epoch".into(), json!(state.epoch));
+    log_record(
+        run,
+        plan,
+        state,
+        record,
+        &[("eval_loss", "eval_loss")],
+        times,
+    )
+}
+
+/// A record of the step just taken: to the observer, to the log history (with the step), and,
+/// on rank 0, to `trainer_log.jsonl` as a progress line holding the record's values that
+/// `line_keys` names (the line's key, the record's key). `times` are the seconds elapsed and
+/// remaining.
+fn log_record(
+    run: &mut Run<'_>,
+    plan: &RunPlan,
+    state: &mut TrainerState,
+    mut record: Map<String, Value>,
+    line_keys: &[(&str, &str)],
+    (elapsed, remaining): (f64, f64),
+) -> TrainResult<()> {
+    let step = state.global_step;
     run.observer.on_log(&record);
     if run.group.rank() == 0 {
-        let values = [("loss", &record["loss"]), ("lr", &record["learning_rate"])];
+        let values: Vec<(&str, &Value)> = line_keys
+            .iter()
+            .map(|&(line_key, key)| (line_key, &record[key]))
+            .collect();
         let line = progress_line(
             step,
             plan.total_steps,
@@ -363,38 +409,6 @@ fn log_training(
         );
         append_log_line(&run.output_dir, &line)?;
     }
-    record.insert("step".into(), json!(step));
-    state.log_history.push(Value::Object(record));
-    Ok(())
-}
-
-/// An evaluation during training and its record, as [`log_training`] writes one.
-fn evaluate_and_log(
-    model: &mut CausalLm,
-    run: &mut Run<'_>,
-    plan: &RunPlan,
-    setup: &mut Setup,
-    state: &mut TrainerState,
-    (elapsed, remaining): (f64, f64),
-) -> TrainResult<()> {
-    let evaluation = evaluate_where_needed(model, &mut setup.engine, run)?;
-    let (Some(evaluation), 0) = (evaluation, run.group.rank()) else {
-        return Ok(());
-    };
-    let step = state.global_step;
-    let mut record = evaluation.metrics(run);
-    record.insert("epoch".into(), json!(state.epoch));
-    run.observer.on_log(&record);
-    let values = [("eval_loss", &json!(evaluation.loss))];
-    let line = progress_line(
-        step,
-        plan.total_steps,
-        &values,
-        state.epoch,
-        elapsed,
-        remaining,
-    );
-    append_log_line(&run.output_dir, &line)?;
     record.insert("step".into(), json!(step));
     state.log_history.push(Value::Object(record));
     Ok(())
