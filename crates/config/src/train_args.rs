@@ -294,16 +294,22 @@ impl TrainArgs {
 
     /// Checks every value on its own and against the others, before any work starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let range = |key: &str, v: f64, ok: bool, what: &str| -> Result<(), ConfigError> {
-            if ok {
-                Ok(())
-            } else {
-                Err(ConfigError::OutOfRange {
-                    key: key.into(),
-                    got: v.to_string(),
-                    range: what.into(),
-                })
-            }
+        self.validate_unsupported()?;
+        self.validate_quantization()?;
+        self.validate_ranges()?;
+        if self.bf16 && self.fp16 {
+            return Err(ConfigError::Invalid(
+                "bf16 and fp16 are both true; choose one compute precision".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// LLaMA-Factory features this build does not have, set by the user.
+    fn validate_unsupported(&self) -> Result<(), ConfigError> {
+        let unsupported = |key: &str, hint: &str| ConfigError::UnsupportedKey {
+            key: key.into(),
+            hint: hint.into(),
         };
         for (key, on) in [
             ("use_dora", self.use_dora),
@@ -313,142 +319,103 @@ impl TrainArgs {
             ("packing", self.packing == Some(true)),
         ] {
             if on {
-                return Err(ConfigError::UnsupportedKey {
-                    key: key.into(),
-                    hint: "set it to false".into(),
-                });
+                return Err(unsupported(key, "set it to false"));
             }
         }
-        for (key, set) in [("tokenized_path", self.tokenized_path.is_some())] {
-            if set {
-                return Err(ConfigError::UnsupportedKey {
-                    key: key.into(),
-                    hint: "remove it".into(),
-                });
-            }
+        if self.tokenized_path.is_some() {
+            return Err(unsupported("tokenized_path", "remove it"));
         }
         if !self.additional_target.is_empty() {
-            return Err(ConfigError::UnsupportedKey {
-                key: "additional_target".into(),
-                hint: "remove it; only Linear layers inside decoder layers take adapters".into(),
-            });
-        }
-        self.validate_quantization()?;
-        range(
-            "export_size",
-            self.export_size as f64,
-            self.export_size >= 1,
-            "at least 1 (GB)",
-        )?;
-        range(
-            "lora_rank",
-            self.lora_rank as f64,
-            self.lora_rank >= 1,
-            "at least 1",
-        )?;
-        range(
-            "lora_dropout",
-            self.lora_dropout,
-            (0.0..1.0).contains(&self.lora_dropout),
-            "in [0, 1)",
-        )?;
-        if let Some(alpha) = self.lora_alpha {
-            range("lora_alpha", alpha, alpha > 0.0, "positive")?;
-        }
-        range(
-            "cutoff_len",
-            self.cutoff_len as f64,
-            self.cutoff_len >= 1,
-            "at least 1",
-        )?;
-        range("val_size", self.val_size, self.val_size >= 0.0, "0 or more")?;
-        for (key, v) in [
-            (
-                "per_device_train_batch_size",
-                self.per_device_train_batch_size,
-            ),
-            (
-                "per_device_eval_batch_size",
-                self.per_device_eval_batch_size,
-            ),
-            (
-                "gradient_accumulation_steps",
-                self.gradient_accumulation_steps,
-            ),
-        ] {
-            range(key, v as f64, v >= 1, "at least 1")?;
-        }
-        range(
-            "learning_rate",
-            self.learning_rate,
-            self.learning_rate >= 0.0,
-            "0 or more",
-        )?;
-        if self.max_steps <= 0 {
-            range(
-                "num_train_epochs",
-                self.num_train_epochs,
-                self.num_train_epochs > 0.0,
-                "positive when max_steps is not set",
-            )?;
-        }
-        range(
-            "warmup_ratio",
-            self.warmup_ratio,
-            (0.0..=1.0).contains(&self.warmup_ratio),
-            "in [0, 1]",
-        )?;
-        range(
-            "weight_decay",
-            self.weight_decay,
-            self.weight_decay >= 0.0,
-            "0 or more",
-        )?;
-        for (key, v) in [
-            ("adam_beta1", self.adam_beta1),
-            ("adam_beta2", self.adam_beta2),
-        ] {
-            range(key, v, (0.0..1.0).contains(&v), "in [0, 1)")?;
-        }
-        range(
-            "adam_epsilon",
-            self.adam_epsilon,
-            self.adam_epsilon > 0.0,
-            "positive",
-        )?;
-        range(
-            "max_grad_norm",
-            self.max_grad_norm,
-            self.max_grad_norm >= 0.0,
-            "0 (no clipping) or more",
-        )?;
-        range(
-            "logging_steps",
-            self.logging_steps,
-            self.logging_steps > 0.0,
-            "positive",
-        )?;
-        range(
-            "save_steps",
-            self.save_steps,
-            self.save_steps > 0.0,
-            "positive",
-        )?;
-        if let Some(e) = self.eval_steps {
-            range("eval_steps", e, e > 0.0, "positive")?;
-        }
-        range(
-            "ddp_timeout",
-            self.ddp_timeout as f64,
-            self.ddp_timeout >= 1,
-            "at least 1 second",
-        )?;
-        if self.bf16 && self.fp16 {
-            return Err(ConfigError::Invalid(
-                "bf16 and fp16 are both true; choose one compute precision".into(),
+            return Err(unsupported(
+                "additional_target",
+                "remove it; only Linear layers inside decoder layers take adapters",
             ));
         }
         Ok(())
+    }
+
+    /// Every number within its range, checked in the order of the keys.
+    fn validate_ranges(&self) -> Result<(), ConfigError> {
+        let at_least_1 = |v: u64| (v as f64, v >= 1, "at least 1");
+        let positive = |v: f64| (v, v > 0.0, "positive");
+        let non_negative = |v: f64| (v, v >= 0.0, "0 or more");
+        let below_1 = |v: f64| (v, (0.0..1.0).contains(&v), "in [0, 1)");
+        let mut checks: Vec<(&str, (f64, bool, &str))> = vec![
+            (
+                "export_size",
+                (
+                    self.export_size as f64,
+                    self.export_size >= 1,
+                    "at least 1 (GB)",
+                ),
+            ),
+            ("lora_rank", at_least_1(self.lora_rank)),
+            ("lora_dropout", below_1(self.lora_dropout)),
+        ];
+        if let Some(alpha) = self.lora_alpha {
+            checks.push(("lora_alpha", positive(alpha)));
+        }
+        checks.extend([
+            ("cutoff_len", at_least_1(self.cutoff_len)),
+            ("val_size", non_negative(self.val_size)),
+            (
+                "per_device_train_batch_size",
+                at_least_1(self.per_device_train_batch_size),
+            ),
+            (
+                "per_device_eval_batch_size",
+                at_least_1(self.per_device_eval_batch_size),
+            ),
+            (
+                "gradient_accumulation_steps",
+                at_least_1(self.gradient_accumulation_steps),
+            ),
+            ("learning_rate", non_negative(self.learning_rate)),
+        ]);
+        if self.max_steps <= 0 {
+            let epochs = self.num_train_epochs;
+            checks.push((
+                "num_train_epochs",
+                (epochs, epochs > 0.0, "positive when max_steps is not set"),
+            ));
+        }
+        let warmup = self.warmup_ratio;
+        checks.extend([
+            (
+                "warmup_ratio",
+                (warmup, (0.0..=1.0).contains(&warmup), "in [0, 1]"),
+            ),
+            ("weight_decay", non_negative(self.weight_decay)),
+            ("adam_beta1", below_1(self.adam_beta1)),
+            ("adam_beta2", below_1(self.adam_beta2)),
+            ("adam_epsilon", positive(self.adam_epsilon)),
+            (
+                "max_grad_norm",
+                (
+                    self.max_grad_norm,
+                    self.max_grad_norm >= 0.0,
+                    "0 (no clipping) or more",
+                ),
+            ),
+            ("logging_steps", positive(self.logging_steps)),
+            ("save_steps", positive(self.save_steps)),
+        ]);
+        if let Some(steps) = self.eval_steps {
+            checks.push(("eval_steps", positive(steps)));
+        }
+        let timeout = self.ddp_timeout;
+        checks.push((
+            "ddp_timeout",
+            (timeout as f64, timeout >= 1, "at least 1 second"),
+        ));
+        match checks.into_iter().find(|(_, (_, ok, _))| !ok) {
+            Some((key, (got, _, range))) => Err(ConfigError::OutOfRange {
+                key: key.into(),
+                got: got.to_string(),
+                range: range.into(),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// quantization_bit as LLaMA-Factory accepts it with bitsandbytes: 4 (nf4 or fp4) or 8, on
